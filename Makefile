@@ -1,0 +1,33 @@
+# Every target sets up .venv first when needed; pins come from constraints.txt.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := offline
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test quickstart bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade setuptools wheel -c constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e ".[all]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+quickstart: setup
+	$(BIN)/python -m detectkit.quickstart
+
+bench: setup
+	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
+
+lint: setup
+	$(BIN)/ruff check detectkit callbacks tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

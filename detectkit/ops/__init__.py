@@ -1,0 +1,17 @@
+"""Pure functions on boxes: geometry, decoding and post-processing."""
+
+from detectkit.ops.boxes import (
+    bbox2distance,
+    clip_boxes,
+    cxcywh_to_xyxy,
+    distance2bbox,
+    make_anchors,
+    paired_iou,
+    xyxy_to_cxcywh,
+)
+from detectkit.ops.nms import postprocess
+
+__all__ = [
+    "bbox2distance", "clip_boxes", "cxcywh_to_xyxy", "distance2bbox", "make_anchors",
+    "paired_iou", "postprocess", "xyxy_to_cxcywh",
+]

@@ -1,0 +1,43 @@
+"""timm-style model registry: one place that maps a name to a builder."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None):
+    """Register a builder ``fn(num_classes=..., **kwargs) -> nn.Module`` under its function name."""
+
+    def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or f.__name__
+        if key in _MODELS and _MODELS[key] is not f:
+            raise ValueError(f"model {key!r} is registered twice")
+        _MODELS[key] = f
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a glob pattern, sorted."""
+    _import_families()
+    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+
+
+def create_model(name: str, num_classes: int = 80, checkpoint: str | None = None, **kwargs: Any) -> nn.Module:
+    """Build a registered model; ``checkpoint`` (a path) is loaded strictly by the family's weight loader."""
+    _import_families()
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
+    return _MODELS[name](num_classes=num_classes, checkpoint=checkpoint, **kwargs)
+
+
+def _import_families() -> None:
+    # Importing the family packages runs their @register_model decorators.
+    import detectkit.models  # noqa: F401
