@@ -22,6 +22,8 @@ class Detector(nn.Module):
     num_classes: int
     class_names: list[str]
     strides: tuple[int, ...] = (8, 16, 32)
+    #: name of the training loss in detectkit.losses that matches the reference recipe
+    default_loss: str = "ppyoloe"
 
     def __init__(self, num_classes: int, bins: int) -> None:
         super().__init__()
