@@ -1,0 +1,109 @@
+"""Weight cache resolution and the atomic, hash-checked download (file:// URLs, no network)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from detectkit.models.pretrained import PRETRAINED, download, resolve_pretrained, weights_dir
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("DETECTKIT_WEIGHTS", str(folder))
+    return folder
+
+
+@pytest.fixture()
+def payload(tmp_path) -> tuple[Path, str]:
+    src = tmp_path / "served" / "weights.pth"
+    src.parent.mkdir()
+    src.write_bytes(bytes(range(256)) * 1000)
+    return src, hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_cache_folder_env_and_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("DETECTKIT_WEIGHTS", str(tmp_path / "w"))
+    assert weights_dir() == tmp_path / "w"
+    monkeypatch.delenv("DETECTKIT_WEIGHTS")
+    assert weights_dir() == Path.home() / ".cache" / "detectkit" / "weights"
+
+
+def test_known_checkpoints_use_super_gradients_urls():
+    for v in "sml":
+        entry = PRETRAINED[f"yolo_nas_{v}"]["coco"]
+        assert entry.file_name == f"yolo_nas_{v}_coco.pth"
+        assert entry.url == f"https://sg-hub-nv.s3.amazonaws.com/models/yolo_nas_{v}_coco.pth"
+        assert entry.num_classes == 80 and "Deci" in entry.license
+
+
+def test_missing_tag_error_names_full_path_url_and_license(cache):
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_pretrained("yolo_nas_s", "coco")
+    msg = str(err.value)
+    assert str(cache / "yolo_nas_s_coco.pth") in msg
+    assert "https://sg-hub-nv.s3.amazonaws.com/models/yolo_nas_s_coco.pth" in msg
+    assert "download=True" in msg and "DETECTKIT_WEIGHTS" in msg and "license" in msg.lower()
+    assert not cache.exists() or not any(cache.iterdir())  # nothing was fetched
+
+
+def test_tag_found_in_cache(cache):
+    cache.mkdir()
+    (cache / "yolo_nas_m_coco.pth").write_bytes(b"x")
+    assert resolve_pretrained("yolo_nas_m", "coco") == cache / "yolo_nas_m_coco.pth"
+
+
+def test_path_and_unknown_inputs(cache, payload):
+    src, _ = payload
+    assert resolve_pretrained("yolo_nas_s", src) == src
+    assert resolve_pretrained("yolo_nas_s", str(src)) == src
+    with pytest.raises(FileNotFoundError, match="known tags: coco"):
+        resolve_pretrained("yolo_nas_s", "imagenet")
+    with pytest.raises(FileNotFoundError, match="no_such.pth"):
+        resolve_pretrained("yolo_nas_s", str(src.parent / "no_such.pth"))
+
+
+def test_url_is_downloaded_into_cache_once(cache, payload):
+    src, digest = payload
+    got = resolve_pretrained("yolo_nas_s", src.as_uri())
+    assert got == cache / "weights.pth"
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == digest
+    src.unlink()  # a second call must use the cached copy, not the URL
+    assert resolve_pretrained("yolo_nas_s", src.as_uri()) == got
+
+
+def test_download_sha256_ok(tmp_path, payload):
+    src, digest = payload
+    dest = download(src.as_uri(), tmp_path / "out" / "w.pth", sha256=digest.upper(), progress=False)
+    assert dest.read_bytes() == src.read_bytes()
+    assert [p.name for p in dest.parent.iterdir()] == ["w.pth"]
+
+
+def test_download_sha256_mismatch_leaves_nothing(tmp_path, payload):
+    src, digest = payload
+    out = tmp_path / "out"
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        download(src.as_uri(), out / "w.pth", sha256=wrong, progress=False)
+    assert list(out.iterdir()) == []  # no partial or final file
+
+
+def test_download_keeps_existing_file_on_failure(tmp_path, payload):
+    src, _ = payload
+    dest = tmp_path / "w.pth"
+    dest.write_bytes(b"old good copy")
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        download(src.as_uri(), dest, sha256="f" * 64, progress=False)
+    assert dest.read_bytes() == b"old good copy"
+    with pytest.raises(OSError, match="cannot download"):
+        download((tmp_path / "absent.pth").as_uri(), dest, progress=False)
+    assert dest.read_bytes() == b"old good copy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served", "w.pth"]
+
+
+def test_download_rejects_malformed_digest(tmp_path, payload):
+    with pytest.raises(ValueError, match="64 hex digits"):
+        download(payload[0].as_uri(), tmp_path / "w.pth", sha256="abc")
