@@ -1,0 +1,143 @@
+"""COCO JSON (also Roboflow's per-split ``_annotations.coco.json``) -> records.
+
+Category ids can be anything; they map to contiguous indices in id order. A category that
+other categories name as their ``supercategory`` and that no annotation uses is a grouping
+node (Roboflow writes the dataset name as id 0), not a class.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, Problem, clean_boxes, log_problems
+
+__all__ = ["load_coco_json", "coco_categories", "load_coco"]
+
+
+def load_coco_json(path: str | Path) -> dict:
+    """Parse and shape-check a COCO file; a broken file is a :class:`DatasetError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: COCO annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: a COCO file holds a JSON object, found {type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{path}: missing the '{key}' list of a COCO file")
+    if not isinstance(data.get("annotations", []), list):
+        raise DatasetError(f"{path}: 'annotations' must be a list")
+    return data
+
+
+def coco_categories(data: dict, path: str | Path = "") -> tuple[list[str], dict[int, int]]:
+    """(class names, category id -> contiguous index), grouping-only categories removed."""
+    cats = []
+    for c in data["categories"]:
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise DatasetError(f"{path}: malformed category entry {c!r} (needs 'id' and 'name')")
+        cats.append(c)
+    cats.sort(key=lambda c: int(c["id"]))
+    used = {a.get("category_id") for a in data.get("annotations", []) if isinstance(a, dict)}
+    supers = {c.get("supercategory") for c in cats}
+    classes = [c for c in cats if not (c["name"] in supers and c["id"] not in used and len(cats) > 1)]
+    names = [str(c["name"]) for c in classes]
+    return names, {int(c["id"]): i for i, c in enumerate(classes)}
+
+
+def load_coco(
+    json_path: str | Path,
+    image_dir: str | Path | None = None,
+    split: str = "train",
+    class_names: list[str] | None = None,
+    format_name: str = "coco",
+) -> DetectionSplit:
+    """Read one COCO annotation file; images are looked up under ``image_dir`` (default: the
+    JSON's folder). ``class_names`` (e.g. from another split) must match the file's classes."""
+    json_path = Path(json_path)
+    image_dir = Path(image_dir) if image_dir is not None else json_path.parent
+    data = load_coco_json(json_path)
+    names, cat_to_idx = coco_categories(data, json_path)
+    if class_names is not None and list(class_names) != names:
+        raise DatasetError(f"{json_path}: classes {names} differ from the dataset's classes {list(class_names)}")
+    problems: list[Problem] = []
+    file = str(json_path)
+
+    images: dict[int, dict] = {}
+    for im in data["images"]:
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            problems.append(Problem("bad_entry", file, f"image entry {im!r} lacks 'id' or 'file_name'", "fatal"))
+            continue
+        iid = int(im["id"])
+        if iid in images:
+            problems.append(
+                Problem(
+                    "duplicate_id",
+                    file,
+                    f"image id {iid} used by both {images[iid]['file_name']!r} and {im['file_name']!r}",
+                    "fatal",
+                )
+            )
+            continue
+        images[iid] = im
+
+    anns_by_image: dict[int, list[dict]] = defaultdict(list)
+    seen_ann_ids: set = set()
+    for a in data.get("annotations", []):
+        if not isinstance(a, dict) or "image_id" not in a:
+            problems.append(Problem("bad_entry", file, f"annotation {a!r} lacks 'image_id'"))
+            continue
+        aid = a.get("id")
+        if aid is not None:
+            if aid in seen_ann_ids:
+                problems.append(Problem("duplicate_id", file, f"annotation id {aid} appears more than once"))
+            seen_ann_ids.add(aid)
+        if int(a["image_id"]) not in images:
+            problems.append(Problem("unknown_image", file, f"annotation {aid} refers to unknown image id {a['image_id']}"))
+            continue
+        anns_by_image[int(a["image_id"])].append(a)
+
+    records = []
+    for iid, im in images.items():
+        img_file = f"{file} (image {im['file_name']})"
+        boxes, labels, crowd, where = [], [], [], []
+        for a in anns_by_image.get(iid, []):
+            aid = a.get("id")
+            cid = a.get("category_id")
+            if cid not in cat_to_idx:
+                problems.append(Problem("unknown_class", img_file, f"annotation {aid}: category id {cid} is not a class"))
+                continue
+            bb = a.get("bbox")
+            if not isinstance(bb, (list, tuple)) or len(bb) != 4:
+                problems.append(Problem("bad_entry", img_file, f"annotation {aid}: bbox {bb!r} is not [x, y, w, h]"))
+                continue
+            x, y, w, h = (float(v) for v in bb)
+            boxes.append([x, y, x + w, y + h])
+            labels.append(cat_to_idx[cid])
+            crowd.append(bool(a.get("iscrowd", 0)))
+            where.append(f"annotation {aid}")
+        width, height = int(im.get("width") or 0), int(im.get("height") or 0)
+        path = image_dir / im["file_name"]
+        if width < 1 or height < 1:
+            from detectkit.data.images import ImageReadError, image_size
+
+            try:
+                width, height = image_size(path)
+            except ImageReadError:
+                width = height = 0  # reported by the image check; boxes cannot be validated yet
+        if width > 0 and height > 0:
+            b, lab, (cr,) = clean_boxes(np.array(boxes), np.array(labels), width, height, img_file, problems, [np.array(crowd, bool)], where)
+        else:
+            b, lab, cr = np.array(boxes, np.float32), np.array(labels, np.int64), np.array(crowd, bool)
+        records.append(ImageRecord(path, iid, width, height, b, lab, iscrowd=cr))
+    records.sort(key=lambda r: r.image_id)
+    log_problems(problems, f"{json_path} ({split})")
+    return DetectionSplit(format_name, split, names, records, problems, str(json_path))

@@ -1,0 +1,72 @@
+"""Apple CreateML JSON (Roboflow export): a list of ``{image, annotations: [{label,
+coordinates: {x, y, width, height}}]}`` with box CENTRES in pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from detectkit.data.images import ImageReadError, image_size
+from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, Problem, clean_boxes, log_problems
+
+__all__ = ["read_createml", "createml_labels", "load_createml"]
+
+
+def read_createml(path: str | Path) -> list:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read CreateML JSON ({e})") from e
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: a CreateML file holds a JSON list, found {type(data).__name__}")
+    return data
+
+
+def createml_labels(paths: list[Path]) -> list[str]:
+    """The class list: CreateML stores names only, so classes are the sorted union over files."""
+    names = set()
+    for p in paths:
+        for entry in read_createml(p):
+            for a in (entry or {}).get("annotations", []) or []:
+                if isinstance(a, dict) and "label" in a:
+                    names.add(str(a["label"]))
+    return sorted(names)
+
+
+def load_createml(path: str | Path, split: str, class_names: list[str], start_id: int = 0) -> DetectionSplit:
+    path = Path(path)
+    index = {n: i for i, n in enumerate(class_names)}
+    problems: list[Problem] = []
+    records = []
+    for k, entry in enumerate(read_createml(path)):
+        if not isinstance(entry, dict) or "image" not in entry:
+            problems.append(Problem("bad_entry", str(path), f"entry {k} lacks 'image'", "fatal"))
+            continue
+        img = path.parent / entry["image"]
+        where_file = f"{path} (image {entry['image']})"
+        boxes, labels, where = [], [], []
+        for j, a in enumerate(entry.get("annotations") or []):
+            c = a.get("coordinates") if isinstance(a, dict) else None
+            if not isinstance(c, dict) or not all(key in c for key in ("x", "y", "width", "height")):
+                problems.append(Problem("bad_entry", where_file, f"annotation {j}: missing coordinates"))
+                continue
+            if a.get("label") not in index:
+                problems.append(Problem("unknown_class", where_file, f"annotation {j}: label {a.get('label')!r} is not a class"))
+                continue
+            x, y, w, h = (float(c[key]) for key in ("x", "y", "width", "height"))
+            boxes.append([x - w / 2, y - h / 2, x + w / 2, y + h / 2])
+            labels.append(index[a["label"]])
+            where.append(f"annotation {j}")
+        try:
+            width, height = image_size(img)
+        except ImageReadError:
+            records.append(ImageRecord(img, start_id + len(records), 0, 0, np.zeros((0, 4)), np.zeros(0)))
+            continue
+        b, lab, _ = clean_boxes(np.array(boxes), np.array(labels), width, height, where_file, problems, where=where)
+        records.append(ImageRecord(img, start_id + len(records), width, height, b, lab))
+    log_problems(problems, f"{path} ({split})")
+    return DetectionSplit("createml", split, list(class_names), records, problems, str(path))

@@ -1,0 +1,226 @@
+"""YOLO txt datasets (ultralytics / Roboflow ``data.yaml`` layouts) -> records.
+
+Real exports are messy: Roboflow writes ``../train/images`` relative paths, some exporters
+write absolute paths from their own machine, ``names`` is a list or a dict, label lines may
+be polygons. All of that is resolved here; anything that cannot be is a :class:`Problem`
+naming the file and line.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from detectkit.data.images import IMAGE_EXTENSIONS, ImageReadError, image_size
+from detectkit.data.records import (
+    SPLIT_ALIASES,
+    DatasetError,
+    DetectionSplit,
+    ImageRecord,
+    Problem,
+    clean_boxes,
+    log_problems,
+)
+
+__all__ = ["read_data_yaml", "yolo_splits", "load_yolo", "label_path_for", "yolo_class_names"]
+
+log = logging.getLogger("detectkit.data")
+
+
+def read_data_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise DatasetError(f"{path}: cannot read the YOLO data.yaml ({e})") from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a mapping with 'names', found {type(data).__name__}")
+    return data
+
+
+def _names_from(data: dict, path: Path) -> tuple[list[str], dict[int, int]]:
+    """(names, label id -> contiguous index)."""
+    names = data.get("names")
+    if isinstance(names, dict):
+        try:
+            keys = sorted(int(k) for k in names)
+        except (TypeError, ValueError) as e:
+            raise DatasetError(f"{path}: 'names' keys must be integers, found {list(names)}") from e
+        lookup = {int(k): str(v) for k, v in names.items()}
+        result = [lookup[k] for k in keys], {k: i for i, k in enumerate(keys)}
+    elif isinstance(names, (list, tuple)):
+        result = [str(n) for n in names], {i: i for i in range(len(names))}
+    elif names is None and isinstance(data.get("nc"), int):
+        result = [str(i) for i in range(data["nc"])], {i: i for i in range(data["nc"])}
+    else:
+        raise DatasetError(f"{path}: 'names' must be a list or a dict of class names, found {names!r}")
+    nc = data.get("nc")
+    if nc is not None and int(nc) != len(result[0]):
+        log.warning("%s: nc=%s but %d names given; using the names", path, nc, len(result[0]))
+    return result
+
+
+def yolo_class_names(yaml_path: str | Path) -> list[str]:
+    yaml_path = Path(yaml_path)
+    return _names_from(read_data_yaml(yaml_path), yaml_path)[0]
+
+
+def _resolve_split_path(value: str, yaml_path: Path, root: Path | None, split: str) -> Path | None:
+    """Find a split folder however the exporter wrote it."""
+    yaml_dir = yaml_path.parent
+    p = Path(value)
+    candidates: list[Path] = []
+    if p.is_absolute():
+        candidates.append(p)
+        parts = p.parts[1:]
+        # exporter's absolute path: try its tails next to data.yaml, most specific first
+        candidates += [yaml_dir.joinpath(*parts[-k:]) for k in range(len(parts), 0, -1)]
+    else:
+        for base in [b for b in (root, yaml_dir) if b is not None]:
+            candidates.append(base / p)
+            stripped = value
+            while stripped.startswith("../"):
+                stripped = stripped[3:]
+                candidates.append(base / stripped)
+    aliases = next((a for a in SPLIT_ALIASES.values() if split in a), (split,))
+    for alias in aliases:
+        candidates += [yaml_dir / alias / "images", yaml_dir / "images" / alias]
+    for c in candidates:
+        if c.exists():
+            if c != candidates[0]:
+                log.info("%s: %s path %r not found; using %s", yaml_path, split, value, c)
+            return c.resolve()
+    return None
+
+
+def yolo_splits(yaml_path: str | Path) -> dict[str, list[Path]]:
+    """Split name (as written in data.yaml) -> image folders or list files."""
+    yaml_path = Path(yaml_path)
+    data = read_data_yaml(yaml_path)
+    root = None
+    if data.get("path"):
+        root = Path(data["path"])
+        if not root.is_absolute():
+            root = yaml_path.parent / root
+        if not root.exists():
+            root = None
+    out: dict[str, list[Path]] = {}
+    for split in ("train", "val", "test"):
+        value = data.get(split)
+        if not value:
+            continue
+        values = value if isinstance(value, list) else [value]
+        paths = []
+        for v in values:
+            found = _resolve_split_path(str(v), yaml_path, root, split)
+            if found is None:
+                raise DatasetError(f"{yaml_path}: {split} path {v!r} does not exist (also not relative to data.yaml)")
+            paths.append(found)
+        out[split] = paths
+    return out
+
+
+def label_path_for(image: Path) -> Path:
+    """ultralytics convention: the last ``/images/`` in the path becomes ``/labels/``."""
+    s = image.as_posix()
+    i = s.rfind("/images/")
+    if i < 0:
+        return image.with_suffix(".txt")
+    return Path(s[:i] + "/labels/" + s[i + len("/images/") :]).with_suffix(".txt")
+
+
+def _list_images(src: Path) -> list[Path]:
+    if src.is_file() and src.suffix == ".txt":
+        base = src.parent
+        out = []
+        for line in src.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line:
+                p = Path(line)
+                out.append(p if p.is_absolute() else (base / p).resolve())
+        return out
+    return sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def parse_label_file(
+    label: Path, id_map: dict[int, int], width: int, height: int, problems: list[Problem]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Boxes in pixels of a ``width x height`` image; polygon lines become their bounding box."""
+    boxes, labels, where = [], [], []
+    try:
+        text = label.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(Problem("bad_label_file", str(label), f"cannot read ({e})", "error"))
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.int64), []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        try:
+            cls_f = float(tokens[0])
+            coords = [float(t) for t in tokens[1:]]
+        except ValueError:
+            problems.append(Problem("bad_line", str(label), f"line {lineno}: not numbers: {line[:60]!r}, skipped"))
+            continue
+        if cls_f != int(cls_f) or int(cls_f) not in id_map:
+            problems.append(
+                Problem("unknown_class", str(label), f"line {lineno}: class id {tokens[0]} not in data.yaml names, skipped")
+            )
+            continue
+        if len(coords) == 4:
+            cx, cy, w, h = coords
+            box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+        elif len(coords) >= 6 and len(coords) % 2 == 0:
+            xs, ys = coords[0::2], coords[1::2]
+            box = [min(xs), min(ys), max(xs), max(ys)]
+        else:
+            problems.append(
+                Problem("bad_line", str(label), f"line {lineno}: {len(coords)} coordinates (need 4 or a polygon), skipped")
+            )
+            continue
+        boxes.append([box[0] * width, box[1] * height, box[2] * width, box[3] * height])
+        labels.append(id_map[int(cls_f)])
+        where.append(f"line {lineno}")
+    return np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64), where
+
+
+def load_yolo(yaml_path: str | Path, split: str = "train", start_id: int = 0) -> DetectionSplit:
+    """One split of a YOLO dataset; ``split`` is a data.yaml key or an alias (``valid`` -> ``val``)."""
+    yaml_path = Path(yaml_path)
+    data = read_data_yaml(yaml_path)
+    names, id_map = _names_from(data, yaml_path)
+    splits = yolo_splits(yaml_path)
+    key = split if split in splits else next(
+        (k for k, aliases in SPLIT_ALIASES.items() if split in aliases and k in splits), None
+    )
+    if key is None:
+        raise DatasetError(f"{yaml_path}: no '{split}' split (has {sorted(splits)})")
+    problems: list[Problem] = []
+    records: list[ImageRecord] = []
+    seen_labels: dict[Path, Path] = {}
+    images = [p for src in splits[key] for p in _list_images(src)]
+    for img in images:
+        label = label_path_for(img)
+        if label in seen_labels:
+            problems.append(
+                Problem("duplicate_id", str(img), f"shares its label file {label.name} with {seen_labels[label].name}")
+            )
+        seen_labels[label] = img
+        try:
+            width, height = image_size(img)
+        except ImageReadError:
+            # the image check reports it (missing/unreadable); keep the record so it is counted
+            records.append(ImageRecord(img, start_id + len(records), 0, 0, np.zeros((0, 4)), np.zeros(0)))
+            continue
+        if label.is_file():
+            boxes, labels, where = parse_label_file(label, id_map, width, height, problems)
+            boxes, labels, _ = clean_boxes(boxes, labels, width, height, str(label), problems, where=where)
+        else:
+            boxes, labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)  # negative image
+        records.append(ImageRecord(img, start_id + len(records), width, height, boxes, labels))
+    log_problems(problems, f"{yaml_path} ({key})")
+    return DetectionSplit("yolo", key, names, records, problems, str(yaml_path))

@@ -1,0 +1,100 @@
+"""Robust image reading: every image becomes 8-bit RGB in its displayed orientation.
+
+Annotation tools draw boxes on the image as displayed, i.e. after the EXIF orientation is
+applied, so both the pixel data and the size used for normalised coordinates go through
+``ImageOps.exif_transpose``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageReadError", "read_image", "image_size", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+# EXIF orientations 5..8 swap width and height when displayed.
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+class ImageReadError(OSError):
+    """An image that is missing or cannot be decoded; the message names the file."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_EXIF_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # broken EXIF blocks must not make a good image unreadable
+        return 1
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as displayed, from the header only (no decoding)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "image file not found")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if _orientation(img) in _SWAPPING_ORIENTATIONS:
+                w, h = h, w
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(path, f"not a readable image ({e.__class__.__name__}: {e})") from e
+    if w < 1 or h < 1:
+        raise ImageReadError(path, f"image has size {w}x{h}")
+    return int(w), int(h)
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating):
+        hi = float(np.nanmax(arr)) if arr.size else 1.0
+        scale = 255.0 if hi <= 1.0 else 255.0 / hi
+        return np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
+    # integer images: 16-bit data keeps its absolute scale (65535 -> 255)
+    hi = int(arr.max()) if arr.size else 0
+    if hi <= 255:
+        return arr.astype(np.uint8)
+    if hi <= 65535:
+        return (arr.astype(np.uint32) // 257).astype(np.uint8)
+    return (arr.astype(np.float64) * (255.0 / hi)).astype(np.uint8)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """HWC uint8 RGB array of the displayed image; grayscale, palette, RGBA, CMYK and 16-bit
+    inputs are converted. Raises :class:`ImageReadError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "image file not found")
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = _to_uint8(np.asarray(img))
+                return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
+            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+                # composite on the padding grey so transparent areas look like background
+                rgba = img.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (114, 114, 114, 255))
+                img = Image.alpha_composite(bg, rgba)
+            arr = np.asarray(img.convert("RGB"))
+    except ImageReadError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(path, f"cannot decode image ({e.__class__.__name__}: {e})") from e
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageReadError(path, f"decoded to an unexpected shape {arr.shape}")
+    return np.ascontiguousarray(arr)
