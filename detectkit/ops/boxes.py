@@ -71,25 +71,35 @@ def clip_boxes(boxes: torch.Tensor, height: float, width: float) -> torch.Tensor
 
 
 def paired_iou(box1: torch.Tensor, box2: torch.Tensor, kind: str = "iou", eps: float = 1e-7) -> torch.Tensor:
-    """Element-wise IoU / GIoU / CIoU of two ``[..., 4]`` xyxy tensors.
+    """Element-wise (broadcasting) IoU / GIoU / CIoU of two ``[..., 4]`` xyxy tensors.
 
-    Written out rather than calling torchvision's ``*_box_iou_loss`` because the losses must
-    match the reference implementations' epsilon placement to 1e-5 (parity fixtures), and
-    torchvision places eps differently. ``torchvision.ops.box_iou`` (pairwise) is used where
-    a full matrix is wanted.
+    Written out rather than calling torchvision because the losses must match the reference
+    implementations' epsilon placement (parity fixtures at 1e-5) and because broadcasting
+    ``[B,n,1,4]`` against ``[B,1,A,4]`` gives the assigner's batched matrices directly.
+    Conventions (all verified against the fixtures):
+
+    * ``"iou"``: super-gradients' assigner IoU: widths/heights clipped at 0, ``eps`` added to
+      the union (so zero-area padding rows give 0, never NaN).
+    * ``"giou"``: super-gradients' ``GIoULoss``: ``eps`` added to the union and to the enclosing
+      area.
+    * ``"ciou"``: ultralytics' ``bbox_iou(CIoU=True)``: heights clamped at ``eps``, ``eps`` added
+      to the union and the enclosing diagonal, the aspect term's ``alpha`` computed without grad.
     """
     x1, y1, x2, y2 = box1.unbind(-1)
     a1, b1, a2, b2 = box2.unbind(-1)
     w1, h1 = x2 - x1, y2 - y1
     w2, h2 = a2 - a1, b2 - b1
+    if kind == "iou":
+        w1, h1, w2, h2 = w1.clamp(min=0), h1.clamp(min=0), w2.clamp(min=0), h2.clamp(min=0)
+    elif kind == "ciou":
+        h1, h2 = h1.clamp(min=eps), h2.clamp(min=eps)
+    elif kind != "giou":
+        raise ValueError(f"unknown IoU kind {kind!r}; use 'iou', 'giou' or 'ciou'")
     inter = (torch.minimum(x2, a2) - torch.maximum(x1, a1)).clamp(min=0) * (
         torch.minimum(y2, b2) - torch.maximum(y1, b1)
     ).clamp(min=0)
-    if kind == "ciou":
-        union = w1 * h1 + w2 * h2 - inter + eps
-    else:
-        union = w1 * h1 + w2 * h2 - inter
-    iou = inter / (union if kind == "ciou" else union + eps)
+    union = w1 * h1 + w2 * h2 - inter + eps
+    iou = inter / union
     if kind == "iou":
         return iou
     cw = torch.maximum(x2, a2) - torch.minimum(x1, a1)
@@ -97,11 +107,9 @@ def paired_iou(box1: torch.Tensor, box2: torch.Tensor, kind: str = "iou", eps: f
     if kind == "giou":
         enclose = cw * ch + eps
         return iou - (enclose - union) / enclose
-    if kind == "ciou":
-        c2 = cw.pow(2) + ch.pow(2) + eps
-        rho2 = ((a1 + a2 - x1 - x2).pow(2) + (b1 + b2 - y1 - y2).pow(2)) / 4
-        v = (4 / math.pi**2) * (torch.atan(w2 / (h2 + eps)) - torch.atan(w1 / (h1 + eps))).pow(2)
-        with torch.no_grad():
-            alpha = v / (v - iou + (1 + eps))
-        return iou - (rho2 / c2 + v * alpha)
-    raise ValueError(f"unknown IoU kind {kind!r}; use 'iou', 'giou' or 'ciou'")
+    c2 = cw.pow(2) + ch.pow(2) + eps
+    rho2 = ((a1 + a2 - x1 - x2).pow(2) + (b1 + b2 - y1 - y2).pow(2)) / 4
+    v = (4 / math.pi**2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)).pow(2)
+    with torch.no_grad():
+        alpha = v / (v - iou + (1 + eps))
+    return iou - (rho2 / c2 + v * alpha)
