@@ -77,7 +77,9 @@ class ImageRecord:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         n = len(self.boxes)
-        self.iscrowd = np.zeros(n, bool) if self.iscrowd is None else np.asarray(self.iscrowd, bool).reshape(-1)
+        self.iscrowd = (
+            np.zeros(n, bool) if self.iscrowd is None else np.asarray(self.iscrowd, bool).reshape(-1)
+        )
         self.difficult = (
             np.zeros(n, bool) if self.difficult is None else np.asarray(self.difficult, bool).reshape(-1)
         )
@@ -149,12 +151,17 @@ def clean_boxes(
     keep = np.ones(n, bool)
     finite = np.isfinite(boxes).all(1)
     for i in np.flatnonzero(~finite):
-        problems.append(Problem("degenerate_box", file, f"{where[i]}: non-finite coordinates {boxes[i].tolist()}"))
+        problems.append(
+            Problem("degenerate_box", file, f"{where[i]}: non-finite coordinates {boxes[i].tolist()}")
+        )
         keep[i] = False
     if n:
         tol = OUTSIDE_TOLERANCE_PX
         outside = finite & (
-            (boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > width + tol) | (boxes[:, 3] > height + tol)
+            (boxes[:, 0] < -tol)
+            | (boxes[:, 1] < -tol)
+            | (boxes[:, 2] > width + tol)
+            | (boxes[:, 3] > height + tol)
         )
         raw = boxes.copy()
         boxes = boxes.copy()
@@ -172,7 +179,11 @@ def clean_boxes(
             )
         for i in np.flatnonzero(degenerate & ~outside):
             problems.append(
-                Problem("degenerate_box", file, f"{where[i]}: zero or negative size {np.round(raw[i], 2).tolist()}, dropped")
+                Problem(
+                    "degenerate_box",
+                    file,
+                    f"{where[i]}: zero or negative size {np.round(raw[i], 2).tolist()}, dropped",
+                )
             )
         keep &= ~degenerate
     return boxes[keep], labels[keep], [np.asarray(e)[keep] for e in extra]
@@ -188,4 +199,6 @@ def log_problems(problems: list[Problem], context: str, max_lines: int = 5) -> N
     for p in problems[:max_lines]:
         log.warning("  %s", p)
     if len(problems) > max_lines:
-        log.warning("  ... %d more (run `detectkit data inspect` for the full list)", len(problems) - max_lines)
+        log.warning(
+            "  ... %d more (run `detectkit data inspect` for the full list)", len(problems) - max_lines
+        )

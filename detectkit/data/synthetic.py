@@ -22,7 +22,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-__all__ = ["SyntheticConfig", "SHAPES", "generate_synthetic", "synthetic_dataset", "synthetic_class_names", "default_cache_dir"]
+__all__ = [
+    "SyntheticConfig",
+    "SHAPES",
+    "generate_synthetic",
+    "synthetic_dataset",
+    "synthetic_class_names",
+    "default_cache_dir",
+]
 
 log = logging.getLogger("detectkit.data")
 
@@ -70,7 +77,9 @@ class SyntheticConfig:
         if self.size < 32:
             raise ValueError(f"size must be at least 32, got {self.size}")
         if not 0 < self.min_objects <= self.max_objects:
-            raise ValueError(f"need 0 < min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+            raise ValueError(
+                f"need 0 < min_objects <= max_objects, got {self.min_objects}, {self.max_objects}"
+            )
         self.object_size = tuple(float(v) for v in self.object_size)
         self.small_size = tuple(float(v) for v in self.small_size)
 
@@ -86,18 +95,29 @@ def synthetic_class_names(num_classes: int = 3) -> list[str]:
 def _background(rng: np.random.Generator, size: int, texture: float) -> np.ndarray:
     """Muted low-frequency colour field + grain + faint strokes: clutter without class colours."""
     base = rng.uniform(70, 180)
-    low = cv2.resize(rng.normal(0, 1, (6, 6, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    low = cv2.resize(
+        rng.normal(0, 1, (6, 6, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC
+    )
     low = low.mean(axis=2, keepdims=True) * 0.7 + low * 0.3  # mostly grey-ish tones
     img = base + low * 40 * texture + rng.normal(0, 12 * texture, (size, size, 3))
     img = np.clip(img, 0, 255).astype(np.uint8)
     for _ in range(int(rng.integers(0, 1 + round(8 * texture)))):
         grey = int(rng.uniform(40, 220))
         p1, p2 = rng.integers(0, size, 2), rng.integers(0, size, 2)
-        cv2.line(img, tuple(int(v) for v in p1), tuple(int(v) for v in p2), (grey,) * 3, int(rng.integers(1, 4)), cv2.LINE_AA)
+        cv2.line(
+            img,
+            tuple(int(v) for v in p1),
+            tuple(int(v) for v in p2),
+            (grey,) * 3,
+            int(rng.integers(1, 4)),
+            cv2.LINE_AA,
+        )
     return img
 
 
-def _polygon(shape: str, rng: np.random.Generator, cx: float, cy: float, w: float, h: float) -> list[np.ndarray]:
+def _polygon(
+    shape: str, rng: np.random.Generator, cx: float, cy: float, w: float, h: float
+) -> list[np.ndarray]:
     """Outline point sets (a ring is two) in pixel coordinates."""
     if shape in ("ellipse", "ring"):
         angle = int(rng.uniform(0, 180))
@@ -114,7 +134,22 @@ def _polygon(shape: str, rng: np.random.Generator, cx: float, cy: float, w: floa
         theta = 0.0
     elif shape == "cross":
         a, b = 0.5, 0.17
-        base = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]])
+        base = np.array(
+            [
+                [-b, -a],
+                [b, -a],
+                [b, -b],
+                [a, -b],
+                [a, b],
+                [b, b],
+                [b, a],
+                [-b, a],
+                [-b, b],
+                [-a, b],
+                [-a, -b],
+                [-b, -b],
+            ]
+        )
         theta = np.deg2rad(rng.uniform(-20, 20))
     elif shape == "hexagon":
         t = np.arange(6) * np.pi / 3
@@ -153,12 +188,21 @@ def render_image(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[np.nda
         lo, hi = cfg.small_size if rng.random() < cfg.small_fraction else cfg.object_size
         for _attempt in range(20):
             side = rng.uniform(lo, hi) * s
-            aspect = rng.uniform(0.7, 1.4) if shape in ("rectangle", "ellipse", "ring", "diamond") else rng.uniform(0.85, 1.15)
+            aspect = (
+                rng.uniform(0.7, 1.4)
+                if shape in ("rectangle", "ellipse", "ring", "diamond")
+                else rng.uniform(0.85, 1.15)
+            )
             w, h = side * np.sqrt(aspect), side / np.sqrt(aspect)
-            cx, cy = rng.uniform(w / 2, s - w / 2) if w < s else s / 2, rng.uniform(h / 2, s - h / 2) if h < s else s / 2
+            cx, cy = (
+                rng.uniform(w / 2, s - w / 2) if w < s else s / 2,
+                rng.uniform(h / 2, s - h / 2) if h < s else s / 2,
+            )
             polys = _polygon(shape, rng, cx, cy, w, h)
             pts = np.concatenate(polys)
-            box = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1], np.float32)
+            box = np.array(
+                [pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1], np.float32
+            )
             box = np.clip(box, 0, s)
             if (box[2] - box[0]) < 3 or (box[3] - box[1]) < 3:
                 continue
@@ -205,10 +249,15 @@ def _write_split(cfg: SyntheticConfig, out: Path, split: str, split_id: int, cou
                 }
             )
     coco = {
-        "info": {"description": "detectkit synthetic shapes", "config": asdict(cfg), "generator_version": GENERATOR_VERSION},
+        "info": {
+            "description": "detectkit synthetic shapes",
+            "config": asdict(cfg),
+            "generator_version": GENERATOR_VERSION,
+        },
         "licenses": [],
         "categories": [
-            {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(synthetic_class_names(cfg.num_classes))
+            {"id": k + 1, "name": name, "supercategory": "shape"}
+            for k, name in enumerate(synthetic_class_names(cfg.num_classes))
         ],
         "images": images,
         "annotations": annotations,

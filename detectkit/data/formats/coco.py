@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, Problem, clean_boxes, log_problems
+from detectkit.data.records import (
+    DatasetError,
+    DetectionSplit,
+    ImageRecord,
+    Problem,
+    clean_boxes,
+    log_problems,
+)
 
 __all__ = ["load_coco_json", "coco_categories", "load_coco"]
 
@@ -67,14 +74,18 @@ def load_coco(
     data = load_coco_json(json_path)
     names, cat_to_idx = coco_categories(data, json_path)
     if class_names is not None and list(class_names) != names:
-        raise DatasetError(f"{json_path}: classes {names} differ from the dataset's classes {list(class_names)}")
+        raise DatasetError(
+            f"{json_path}: classes {names} differ from the dataset's classes {list(class_names)}"
+        )
     problems: list[Problem] = []
     file = str(json_path)
 
     images: dict[int, dict] = {}
     for im in data["images"]:
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-            problems.append(Problem("bad_entry", file, f"image entry {im!r} lacks 'id' or 'file_name'", "fatal"))
+            problems.append(
+                Problem("bad_entry", file, f"image entry {im!r} lacks 'id' or 'file_name'", "fatal")
+            )
             continue
         iid = int(im["id"])
         if iid in images:
@@ -101,7 +112,9 @@ def load_coco(
                 problems.append(Problem("duplicate_id", file, f"annotation id {aid} appears more than once"))
             seen_ann_ids.add(aid)
         if int(a["image_id"]) not in images:
-            problems.append(Problem("unknown_image", file, f"annotation {aid} refers to unknown image id {a['image_id']}"))
+            problems.append(
+                Problem("unknown_image", file, f"annotation {aid} refers to unknown image id {a['image_id']}")
+            )
             continue
         anns_by_image[int(a["image_id"])].append(a)
 
@@ -113,11 +126,15 @@ def load_coco(
             aid = a.get("id")
             cid = a.get("category_id")
             if cid not in cat_to_idx:
-                problems.append(Problem("unknown_class", img_file, f"annotation {aid}: category id {cid} is not a class"))
+                problems.append(
+                    Problem("unknown_class", img_file, f"annotation {aid}: category id {cid} is not a class")
+                )
                 continue
             bb = a.get("bbox")
             if not isinstance(bb, (list, tuple)) or len(bb) != 4:
-                problems.append(Problem("bad_entry", img_file, f"annotation {aid}: bbox {bb!r} is not [x, y, w, h]"))
+                problems.append(
+                    Problem("bad_entry", img_file, f"annotation {aid}: bbox {bb!r} is not [x, y, w, h]")
+                )
                 continue
             x, y, w, h = (float(v) for v in bb)
             boxes.append([x, y, x + w, y + h])
@@ -134,7 +151,16 @@ def load_coco(
             except ImageReadError:
                 width = height = 0  # reported by the image check; boxes cannot be validated yet
         if width > 0 and height > 0:
-            b, lab, (cr,) = clean_boxes(np.array(boxes), np.array(labels), width, height, img_file, problems, [np.array(crowd, bool)], where)
+            b, lab, (cr,) = clean_boxes(
+                np.array(boxes),
+                np.array(labels),
+                width,
+                height,
+                img_file,
+                problems,
+                [np.array(crowd, bool)],
+                where,
+            )
         else:
             b, lab, cr = np.array(boxes, np.float32), np.array(labels, np.int64), np.array(crowd, bool)
         records.append(ImageRecord(path, iid, width, height, b, lab, iscrowd=cr))

@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from detectkit.data.images import ImageReadError, image_size
-from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, Problem, clean_boxes, log_problems
+from detectkit.data.records import (
+    DatasetError,
+    DetectionSplit,
+    ImageRecord,
+    Problem,
+    clean_boxes,
+    log_problems,
+)
 
 __all__ = ["read_createml", "createml_labels", "load_createml"]
 
@@ -55,7 +62,13 @@ def load_createml(path: str | Path, split: str, class_names: list[str], start_id
                 problems.append(Problem("bad_entry", where_file, f"annotation {j}: missing coordinates"))
                 continue
             if a.get("label") not in index:
-                problems.append(Problem("unknown_class", where_file, f"annotation {j}: label {a.get('label')!r} is not a class"))
+                problems.append(
+                    Problem(
+                        "unknown_class",
+                        where_file,
+                        f"annotation {j}: label {a.get('label')!r} is not a class",
+                    )
+                )
                 continue
             x, y, w, h = (float(c[key]) for key in ("x", "y", "width", "height"))
             boxes.append([x - w / 2, y - h / 2, x + w / 2, y + h / 2])
@@ -66,7 +79,9 @@ def load_createml(path: str | Path, split: str, class_names: list[str], start_id
         except ImageReadError:
             records.append(ImageRecord(img, start_id + len(records), 0, 0, np.zeros((0, 4)), np.zeros(0)))
             continue
-        b, lab, _ = clean_boxes(np.array(boxes), np.array(labels), width, height, where_file, problems, where=where)
+        b, lab, _ = clean_boxes(
+            np.array(boxes), np.array(labels), width, height, where_file, problems, where=where
+        )
         records.append(ImageRecord(img, start_id + len(records), width, height, b, lab))
     log_problems(problems, f"{path} ({split})")
     return DetectionSplit("createml", split, list(class_names), records, problems, str(path))

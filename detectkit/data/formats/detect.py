@@ -105,13 +105,19 @@ def _coco_source(files: dict[str, Path], root: Path, fmt: str) -> DatasetSource:
 
 def _createml_source(files: dict[str, Path], root: Path) -> DatasetSource:
     classes = _classes_once(lambda: createml_labels(list(files.values())))
-    return DatasetSource("createml", root, list(files), classes, lambda s: load_createml(files[s], s, classes()))
+    return DatasetSource(
+        "createml", root, list(files), classes, lambda s: load_createml(files[s], s, classes())
+    )
 
 
 def _yolo_source(yaml_path: Path) -> DatasetSource:
     splits = list(yolo_splits(yaml_path))
     return DatasetSource(
-        "yolo", yaml_path.parent, splits, _classes_once(lambda: yolo_class_names(yaml_path)), lambda s: load_yolo(yaml_path, s)
+        "yolo",
+        yaml_path.parent,
+        splits,
+        _classes_once(lambda: yolo_class_names(yaml_path)),
+        lambda s: load_yolo(yaml_path, s),
     )
 
 
@@ -166,7 +172,10 @@ def open_dataset(path: str | Path) -> DatasetSource:
     if createml:
         return _createml_source(createml, path)
     if (path / "annotations").is_dir():
-        files = sorted((path / "annotations").glob("*.json"), key=lambda f: _split_order(f.stem.replace("instances_", "")))
+        files = sorted(
+            (path / "annotations").glob("*.json"),
+            key=lambda f: _split_order(f.stem.replace("instances_", "")),
+        )
         files = [f for f in files if f.stem.startswith("instances_")] or files
         if files:
             return _coco_source({f.stem.replace("instances_", ""): f for f in files}, path, "coco")
@@ -176,8 +185,12 @@ def open_dataset(path: str | Path) -> DatasetSource:
     if (path / "images").is_dir() and (path / "labels").is_dir():
         raise DatasetError(f"{path}: YOLO images/ and labels/ but no data.yaml with the class names")
     if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()):
-        raise DatasetError(f"{path}: a folder of images without annotations (no COCO JSON, data.yaml, VOC XML or CreateML)")
-    raise DatasetError(f"{path}: no supported dataset found (COCO JSON, Roboflow export, YOLO data.yaml, Pascal VOC, CreateML)")
+        raise DatasetError(
+            f"{path}: a folder of images without annotations (no COCO JSON, data.yaml, VOC XML or CreateML)"
+        )
+    raise DatasetError(
+        f"{path}: no supported dataset found (COCO JSON, Roboflow export, YOLO data.yaml, Pascal VOC, CreateML)"
+    )
 
 
 def load_dataset(path: str | Path, split: str | None = None) -> DetectionSplit:

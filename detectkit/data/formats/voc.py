@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from detectkit.data.images import IMAGE_EXTENSIONS, ImageReadError, image_size
-from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, Problem, clean_boxes, log_problems
+from detectkit.data.records import (
+    DatasetError,
+    DetectionSplit,
+    ImageRecord,
+    Problem,
+    clean_boxes,
+    log_problems,
+)
 
 __all__ = ["voc_root", "voc_splits", "voc_class_names", "load_voc"]
 
@@ -79,7 +86,11 @@ def load_voc(root: str | Path, split: str = "train", class_names: list[str] | No
     for stem in stems:
         xml_path = root / "Annotations" / f"{stem}.xml"
         if not xml_path.is_file():
-            problems.append(Problem("missing_annotation", str(xml_path), f"listed in {list_file.name} but missing", "error"))
+            problems.append(
+                Problem(
+                    "missing_annotation", str(xml_path), f"listed in {list_file.name} but missing", "error"
+                )
+            )
             continue
         try:
             node = _parse(xml_path)
@@ -91,13 +102,17 @@ def load_voc(root: str | Path, split: str = "train", class_names: list[str] | No
         for j, obj in enumerate(node.iter("object")):
             name = (obj.findtext("name") or "").strip()
             if name not in index:
-                problems.append(Problem("unknown_class", str(xml_path), f"object {j}: class {name!r} not in {names}"))
+                problems.append(
+                    Problem("unknown_class", str(xml_path), f"object {j}: class {name!r} not in {names}")
+                )
                 continue
             bb = obj.find("bndbox")
             try:
                 x1, y1, x2, y2 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
             except (AttributeError, TypeError, ValueError):
-                problems.append(Problem("bad_entry", str(xml_path), f"object {j}: missing or non-numeric bndbox"))
+                problems.append(
+                    Problem("bad_entry", str(xml_path), f"object {j}: missing or non-numeric bndbox")
+                )
                 continue
             boxes.append([x1 - 1, y1 - 1, x2, y2])
             labels.append(index[name])
@@ -115,7 +130,14 @@ def load_voc(root: str | Path, split: str = "train", class_names: list[str] | No
                 records.append(ImageRecord(img, len(records), 0, 0, np.zeros((0, 4)), np.zeros(0)))
                 continue
         b, lab, (dif,) = clean_boxes(
-            np.array(boxes), np.array(labels), width, height, str(xml_path), problems, [np.array(difficult, bool)], where
+            np.array(boxes),
+            np.array(labels),
+            width,
+            height,
+            str(xml_path),
+            problems,
+            [np.array(difficult, bool)],
+            where,
         )
         records.append(ImageRecord(img, len(records), width, height, b, lab, difficult=dif))
     log_problems(problems, f"{root} ({split})")

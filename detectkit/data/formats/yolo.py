@@ -118,7 +118,9 @@ def yolo_splits(yaml_path: str | Path) -> dict[str, list[Path]]:
         for v in values:
             found = _resolve_split_path(str(v), yaml_path, root, split)
             if found is None:
-                raise DatasetError(f"{yaml_path}: {split} path {v!r} does not exist (also not relative to data.yaml)")
+                raise DatasetError(
+                    f"{yaml_path}: {split} path {v!r} does not exist (also not relative to data.yaml)"
+                )
             paths.append(found)
         out[split] = paths
     return out
@@ -164,11 +166,17 @@ def parse_label_file(
             cls_f = float(tokens[0])
             coords = [float(t) for t in tokens[1:]]
         except ValueError:
-            problems.append(Problem("bad_line", str(label), f"line {lineno}: not numbers: {line[:60]!r}, skipped"))
+            problems.append(
+                Problem("bad_line", str(label), f"line {lineno}: not numbers: {line[:60]!r}, skipped")
+            )
             continue
         if cls_f != int(cls_f) or int(cls_f) not in id_map:
             problems.append(
-                Problem("unknown_class", str(label), f"line {lineno}: class id {tokens[0]} not in data.yaml names, skipped")
+                Problem(
+                    "unknown_class",
+                    str(label),
+                    f"line {lineno}: class id {tokens[0]} not in data.yaml names, skipped",
+                )
             )
             continue
         if len(coords) == 4:
@@ -179,7 +187,11 @@ def parse_label_file(
             box = [min(xs), min(ys), max(xs), max(ys)]
         else:
             problems.append(
-                Problem("bad_line", str(label), f"line {lineno}: {len(coords)} coordinates (need 4 or a polygon), skipped")
+                Problem(
+                    "bad_line",
+                    str(label),
+                    f"line {lineno}: {len(coords)} coordinates (need 4 or a polygon), skipped",
+                )
             )
             continue
         boxes.append([box[0] * width, box[1] * height, box[2] * width, box[3] * height])
@@ -194,8 +206,10 @@ def load_yolo(yaml_path: str | Path, split: str = "train", start_id: int = 0) ->
     data = read_data_yaml(yaml_path)
     names, id_map = _names_from(data, yaml_path)
     splits = yolo_splits(yaml_path)
-    key = split if split in splits else next(
-        (k for k, aliases in SPLIT_ALIASES.items() if split in aliases and k in splits), None
+    key = (
+        split
+        if split in splits
+        else next((k for k, aliases in SPLIT_ALIASES.items() if split in aliases and k in splits), None)
     )
     if key is None:
         raise DatasetError(f"{yaml_path}: no '{split}' split (has {sorted(splits)})")
@@ -207,7 +221,11 @@ def load_yolo(yaml_path: str | Path, split: str = "train", start_id: int = 0) ->
         label = label_path_for(img)
         if label in seen_labels:
             problems.append(
-                Problem("duplicate_id", str(img), f"shares its label file {label.name} with {seen_labels[label].name}")
+                Problem(
+                    "duplicate_id",
+                    str(img),
+                    f"shares its label file {label.name} with {seen_labels[label].name}",
+                )
             )
         seen_labels[label] = img
         try:

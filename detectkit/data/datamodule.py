@@ -1,0 +1,405 @@
+"""DetectionDataModule: any supported dataset (or the embedded synthetic one) -> batches.
+
+``num_classes`` / ``class_names`` are known right after ``__init__`` (annotation files only,
+no images), so LightningCLI can link ``data.num_classes -> model.num_classes``. The train
+loader's sampler is wrapped so that Lightning's per-epoch ``set_epoch`` also reaches the
+dataset (shared memory, works with persistent workers): that drives per-epoch augmentation
+seeds and ``close_mosaic``. Another component may supply the train sampler
+(``train_sampler``: a Sampler or ``callable(dataset) -> Sampler``; run the Trainer with
+``use_distributed_sampler=False`` then) and a ``batch_transform`` applied on device after the
+uint8 -> float /255 conversion.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from detectkit.data.collate import collate
+from detectkit.data.dataset import DetectionDataset
+from detectkit.data.formats.detect import DatasetSource, canonical_split, open_dataset
+from detectkit.data.records import DatasetError, DetectionSplit
+from detectkit.data.synthetic import SyntheticConfig, synthetic_class_names, synthetic_dataset
+from detectkit.data.transforms import AugmentConfig
+
+__all__ = ["DetectionDataModule", "EpochRelaySampler", "SeededRandomSampler"]
+
+log = logging.getLogger("detectkit.data")
+
+
+class SeededRandomSampler(Sampler[int]):
+    """A shuffle that is a pure function of (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class EpochRelaySampler(Sampler[int]):
+    """Wraps a sampler; ``set_epoch`` (called by Lightning before each epoch's iterator is
+    created) goes to the inner sampler AND to ``on_epoch``."""
+
+    def __init__(self, inner: Sampler, on_epoch: Callable[[int], None]):
+        self.inner, self.on_epoch = inner, on_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.inner, "set_epoch", None)):
+            self.inner.set_epoch(epoch)
+        self.on_epoch(int(epoch))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class DistributedEpochRelaySampler(EpochRelaySampler, DistributedSampler):
+    """The relay around a sampler that shards itself (``CurriculumSampler``): being a
+    ``DistributedSampler``, Lightning's ``use_distributed_sampler`` leaves it unwrapped."""
+
+
+def _worker_init(worker_id: int) -> None:
+    # library-level randomness (anything outside our per-sample generators) differs per worker
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class DetectionDataModule(L.LightningDataModule):
+    """Train/val/test loaders for any supported dataset format.
+
+    Args:
+        data_dir: a dataset root holding splits (Roboflow export, data.yaml, COCO, VOC).
+        train, val, test: per-split paths (any format); override ``data_dir``'s splits.
+        image_size: square input side (multiple of 32).
+        mosaic_prob ... flip_prob: augmentation (see :class:`AugmentConfig`; defaults follow
+            super-gradients' YOLO-NAS COCO recipe).
+        close_mosaic: turn mosaic and mixup off for the last N epochs (needs the Trainer's
+            ``max_epochs`` or ``max_epochs`` here).
+        val_center: centre the validation letterbox (False pads bottom/right only).
+        skip_bad_images: skip (count, log) missing/corrupt images instead of failing setup.
+        synthetic: options of the generated dataset used when no path is given.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        image_size: int = 640,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        mosaic_prob: float = 0.0,
+        mixup_prob: float = 0.5,
+        degrees: float = 0.0,
+        translate: float = 0.25,
+        scale: tuple[float, float] = (0.5, 1.5),
+        shear: float = 0.0,
+        hsv_prob: float = 0.5,
+        hsv_h: float = 18.0,
+        hsv_s: float = 30.0,
+        hsv_v: float = 30.0,
+        flip_prob: float = 0.5,
+        close_mosaic: int = 0,
+        max_epochs: int | None = None,
+        val_center: bool = True,
+        skip_bad_images: bool = False,
+        seed: int = 0,
+        synthetic: SyntheticConfig | None = None,
+        cache_dir: str | None = None,
+        pin_memory: bool = False,
+        drop_last: bool | None = None,
+    ):
+        super().__init__()
+        if image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
+        self.save_hyperparameters(ignore=["synthetic"])
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.augment = AugmentConfig(
+            mosaic_prob=mosaic_prob,
+            mixup_prob=mixup_prob,
+            degrees=degrees,
+            translate=translate,
+            scale=tuple(scale),
+            shear=shear,
+            hsv_prob=hsv_prob,
+            hsv_h=hsv_h,
+            hsv_s=hsv_s,
+            hsv_v=hsv_v,
+            flip_prob=flip_prob,
+        )
+        self.close_mosaic = close_mosaic
+        self.max_epochs = max_epochs
+        self.val_center = val_center
+        self.skip_bad_images = skip_bad_images
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.synthetic = synthetic
+        self.is_synthetic = not (data_dir or train or val or test)
+        if self.is_synthetic:
+            self.synthetic = synthetic or SyntheticConfig()
+        self.data_dir = data_dir
+        self.paths = {"train": train, "val": val, "test": test}
+        # set by other components (curriculum sampler, progressive resizing)
+        self.train_sampler: Sampler | Callable[[DetectionDataset], Sampler] | None = None
+        self.batch_transform: Callable[[dict], dict] | None = None
+        self.datasets: dict[str, DetectionDataset] = {}
+        self._epoch = 0
+        self._state: dict[str, Any] = {}
+        self._class_names: list[str] | None = None
+
+    # ---- where the data is -----------------------------------------------------------------
+    def _root(self) -> str | None:
+        if self.is_synthetic:
+            return None
+        return self.data_dir
+
+    def _source_for(self, role: str) -> tuple[DatasetSource, str | None] | None:
+        path = self.paths.get(role)
+        if path:
+            src = open_dataset(path)
+            return src, (None if len(src.splits) == 1 else role)
+        root = self._root()
+        if root is None:
+            return None
+        src = open_dataset(root)
+        if any(canonical_split(s) == role for s in src.splits):
+            return src, role
+        if role == "train" and len(src.splits) == 1:
+            return src, None
+        return None
+
+    @property
+    def class_names(self) -> list[str]:
+        """From annotation files only (no images decoded, nothing generated)."""
+        if self._class_names is None:
+            if self.is_synthetic:
+                self._class_names = synthetic_class_names(self.synthetic.num_classes)
+            else:
+                for role in ("train", "val", "test"):
+                    found = self._source_for(role)
+                    if found is not None:
+                        self._class_names = found[0].class_names
+                        break
+                else:
+                    raise DatasetError(f"no dataset found in {self.data_dir or self.paths}")
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def prepare_data(self) -> None:
+        if self.is_synthetic:
+            self.data_dir_resolved = synthetic_dataset(self.synthetic, self.cache_dir)
+
+    def _load_split(self, role: str) -> DetectionSplit | None:
+        if self.is_synthetic:
+            root = synthetic_dataset(self.synthetic, self.cache_dir)  # cached: cheap if prepared
+            src = open_dataset(root)
+            return src.load(role) if any(canonical_split(s) == role for s in src.splits) else None
+        found = self._source_for(role)
+        if found is None:
+            return None
+        split = found[0].load(found[1])
+        if split.fatal_problems():
+            raise DatasetError("; ".join(str(p) for p in split.fatal_problems()[:5]))
+        if split.class_names != self.class_names:
+            raise DatasetError(f"{split.source}: classes {split.class_names} differ from {self.class_names}")
+        return split
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
+        roles = wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test")
+        for role in roles:
+            if role in self.datasets:
+                continue
+            split = self._load_split(role)
+            if split is None:
+                if (
+                    role == "train"
+                    or (role == "val" and stage == "validate")
+                    or (role == "test" and stage == "test")
+                ):
+                    raise DatasetError(f"no '{role}' split found in {self.data_dir or self.paths.get(role)}")
+                continue
+            ds = DetectionDataset(
+                split,
+                self.image_size,
+                train=role == "train",
+                augment=self.augment,
+                seed=self.seed,
+                center=self.val_center,
+                skip_bad_images=self.skip_bad_images,
+            )
+            self.datasets[role] = ds
+            log.info("%s: %s", role, ds)
+        if "train" in self.datasets:
+            self._apply_epoch_state(self._epoch)
+            for key, value in self._state.items():
+                if key == "magnitude":
+                    self.datasets["train"].set_magnitude(value)
+
+    # ---- epoch-dependent state ------------------------------------------------------------
+    def _total_epochs(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and getattr(trainer, "max_epochs", None) not in (None, -1):
+            return int(trainer.max_epochs)
+        return self.max_epochs
+
+    def mix_enabled_at(self, epoch: int) -> bool:
+        """Mosaic/mixup are on unless within the last ``close_mosaic`` epochs."""
+        if self.close_mosaic <= 0:
+            return True
+        total = self._total_epochs()
+        if total is None:
+            log.warning(
+                "close_mosaic=%d needs max_epochs (Trainer or DataModule); mosaic stays on", self.close_mosaic
+            )
+            return True
+        return epoch < total - self.close_mosaic
+
+    def _apply_epoch_state(self, epoch: int) -> None:
+        ds = self.datasets.get("train")
+        if ds is None:
+            return
+        ds.set_epoch(epoch)
+        on = self.mix_enabled_at(epoch)
+        if on != ds.mix_enabled:
+            log.info("epoch %d: mosaic/mixup %s", epoch, "on" if on else "off (close_mosaic)")
+        ds.set_mix_enabled(on)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called through the train sampler by Lightning before each epoch (or by hand)."""
+        self._epoch = int(epoch)
+        self._apply_epoch_state(self._epoch)
+
+    def set_magnitude(self, magnitude: float) -> None:
+        """Augmentation strength 0..1; reaches persistent workers (shared memory)."""
+        self._state["magnitude"] = float(magnitude)
+        if "train" in self.datasets:
+            self.datasets["train"].set_magnitude(magnitude)
+
+    @property
+    def magnitude(self) -> float:
+        return float(self._state.get("magnitude", 1.0))
+
+    @magnitude.setter
+    def magnitude(self, value: float) -> None:
+        self.set_magnitude(value)
+
+    def set_train_sampler(self, sampler: Sampler | Callable[[DetectionDataset], Sampler] | None) -> None:
+        """Use ``sampler`` for training (e.g. a curriculum); takes effect at the next ``train_dataloader()``."""
+        self.train_sampler = sampler
+
+    @property
+    def train_dataset(self) -> DetectionDataset | None:
+        return self.datasets.get("train")
+
+    @property
+    def train_records(self) -> list | None:
+        ds = self.datasets.get("train")
+        return ds.records if ds is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        ds = self.datasets.get("train")
+        return {
+            "epoch": self._epoch,
+            "magnitude": ds.magnitude if ds is not None else self._state.get("magnitude", 1.0),
+            "class_names": self.class_names,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("class_names") not in (None, self.class_names):
+            raise DatasetError(
+                f"checkpoint was trained on classes {state_dict['class_names']}, this dataset has {self.class_names}"
+            )
+        self._epoch = int(state_dict.get("epoch", 0))
+        if "magnitude" in state_dict:
+            self._state["magnitude"] = float(state_dict["magnitude"])
+        if "train" in self.datasets:
+            self._apply_epoch_state(self._epoch)
+            self.datasets["train"].set_magnitude(self._state.get("magnitude", 1.0))
+
+    # ---- loaders ---------------------------------------------------------------------------
+    def _loader(
+        self, ds: DetectionDataset, batch_size: int, sampler: Sampler | None, drop_last: bool
+    ) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            drop_last=drop_last,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=_worker_init if self.num_workers > 0 else None,
+        )
+
+    def _dataset(self, role: str) -> DetectionDataset:
+        if role not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[role])
+        if role not in self.datasets:
+            raise DatasetError(f"no '{role}' split available")
+        return self.datasets[role]
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._dataset("train")
+        inner = self.train_sampler
+        if inner is None:
+            inner = SeededRandomSampler(len(ds), self.seed)
+        elif not isinstance(inner, Sampler) and callable(inner):
+            inner = inner(ds)
+        drop_last = self.drop_last if self.drop_last is not None else len(inner) > self.batch_size
+        relay = DistributedEpochRelaySampler if isinstance(inner, DistributedSampler) else EpochRelaySampler
+        return self._loader(ds, self.batch_size, relay(inner, self.set_epoch), drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("val"), self.val_batch_size, None, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test"), self.val_batch_size, None, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 -> float [0, 1] on the device, then the optional ``batch_transform`` (resize)."""
+        if isinstance(batch, dict) and isinstance(batch.get("images"), torch.Tensor):
+            if batch["images"].dtype == torch.uint8:
+                batch["images"] = batch["images"].float().div_(255.0)
+            if self.batch_transform is not None and self.trainer is not None and self.trainer.training:
+                batch = self.batch_transform(batch)
+        return batch
+
+    @property
+    def resolved_data_dir(self) -> Path | None:
+        if self.is_synthetic:
+            return synthetic_dataset(self.synthetic, self.cache_dir)
+        return Path(self.data_dir) if self.data_dir else None

@@ -1,0 +1,289 @@
+"""Records -> model-ready samples (uint8 CHW image, boxes in input pixels, labels, meta).
+
+Train samples go through mosaic / affine / mixup / HSV / flip at ``image_size`` x
+``image_size``; validation samples are letterboxed. Everything random comes from
+``(seed, epoch, index)``, so the same seed gives the same batches whatever the number of
+workers. ``epoch``, ``magnitude``, ``image_size`` and the mosaic/mixup switch live in shared
+memory so persistent workers see changes made in the main process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from detectkit.data.images import ImageReadError, image_size, read_image
+from detectkit.data.mosaic import mixup, mosaic4
+from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, Problem, log_problems
+from detectkit.data.transforms import (
+    AugmentConfig,
+    apply,
+    build_geometric,
+    build_photometric,
+    letterbox_sample,
+)
+
+__all__ = ["DetectionDataset", "check_images"]
+
+log = logging.getLogger("detectkit.data")
+
+_EPOCH, _MAGNITUDE, _MIX_ON, _SIZE = range(4)
+
+
+def check_images(split: DetectionSplit, decode: bool = False, progress: bool = False) -> list[Problem]:
+    """Find missing/unreadable images and size mismatches (header reads unless ``decode``).
+
+    Returns the problems (also appended to ``split.problems``); ``problem.file`` is the image.
+    """
+    from tqdm import tqdm
+
+    found = []
+    for rec in tqdm(
+        split.records, desc=f"checking {split.split} images", unit="img", disable=not progress, leave=False
+    ):
+        try:
+            if decode:
+                arr = read_image(rec.path)
+                w, h = arr.shape[1], arr.shape[0]
+            else:
+                w, h = image_size(rec.path)
+        except ImageReadError as e:
+            kind = "missing_image" if "not found" in e.reason else "unreadable_image"
+            found.append(Problem(kind, str(rec.path), e.reason, "error"))
+            continue
+        if rec.width and rec.height and (w, h) != (rec.width, rec.height):
+            found.append(
+                Problem(
+                    "size_mismatch",
+                    str(rec.path),
+                    f"annotations say {rec.width}x{rec.height} but the (EXIF-rotated) image is {w}x{h}",
+                    "error",
+                )
+            )
+    split.problems.extend(found)
+    return found
+
+
+class DetectionDataset(Dataset):
+    """One split as a torch dataset; ``train=True`` enables augmentation."""
+
+    def __init__(
+        self,
+        split: DetectionSplit,
+        image_size: int = 640,
+        train: bool = False,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        center: bool = True,
+        skip_bad_images: bool = False,
+        check: bool = True,
+    ):
+        self.split = split
+        self.class_names = list(split.class_names)
+        self.train = train
+        self.augment = augment or AugmentConfig()
+        self.seed = int(seed)
+        self.center = center
+        self.skip_bad_images = skip_bad_images
+        records = list(split.records)
+        if check:
+            bad = check_images(split)
+            if bad:
+                listing = "; ".join(f"{p.file}: {p.message}" for p in bad[:5]) + (
+                    f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+                )
+                if not skip_bad_images:
+                    raise DatasetError(
+                        f"{len(bad)} unusable image(s) in {split.source} ({split.split}): {listing}. "
+                        "Fix them or pass skip_bad_images=True to skip them."
+                    )
+                bad_paths = {p.file for p in bad}
+                records = [r for r in records if str(r.path) not in bad_paths]
+                log.warning(
+                    "skipping %d unusable image(s) of %s (%s): %s",
+                    len(bad),
+                    split.source,
+                    split.split,
+                    listing,
+                )
+        if not records:
+            raise DatasetError(f"{split.source} ({split.split}): no usable images")
+        self.records: list[ImageRecord] = records
+        self.skipped_at_setup = len(split.records) - len(records)
+        self._shared = mp.RawArray("d", [0.0, 1.0, 1.0, float(image_size)])
+        self._bad_count = mp.RawValue("i", 0)
+        self._pipelines: dict[float, tuple] = {}
+
+    # ---- state shared with (persistent) workers ------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self._shared[_EPOCH] = float(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[_EPOCH])
+
+    def set_magnitude(self, magnitude: float) -> None:
+        """Augmentation strength 0..1 (affine and HSV ranges scale with it)."""
+        self._shared[_MAGNITUDE] = float(np.clip(magnitude, 0.0, 1.0))
+
+    @property
+    def magnitude(self) -> float:
+        return float(self._shared[_MAGNITUDE])
+
+    def set_mix_enabled(self, enabled: bool) -> None:
+        """Mosaic and mixup on/off (``close_mosaic`` turns them off for the last epochs)."""
+        self._shared[_MIX_ON] = 1.0 if enabled else 0.0
+
+    @property
+    def mix_enabled(self) -> bool:
+        return bool(self._shared[_MIX_ON])
+
+    def set_image_size(self, size: int) -> None:
+        if size % 32:
+            raise ValueError(f"image size must be a multiple of 32, got {size}")
+        self._shared[_SIZE] = float(size)
+
+    @property
+    def image_size(self) -> int:
+        return int(self._shared[_SIZE])
+
+    @property
+    def bad_images_skipped(self) -> int:
+        """Images skipped while loading (decode failures after setup), over all workers."""
+        return int(self._bad_count.value)
+
+    # ---- cheap statistics for curriculum / inspection -------------------------------------
+    def box_stats(self) -> dict[str, np.ndarray | list]:
+        """Per-image difficulty inputs from the annotations only: ``num_boxes`` [N],
+        ``rel_areas`` (list of [n] box area / image area), ``mean_rel_area`` and
+        ``min_rel_area`` [N] (1.0 for images without boxes)."""
+        num, rel = [], []
+        for r in self.records:
+            b, _ = r.train_targets()
+            area = max(r.width * r.height, 1)
+            a = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / area).astype(np.float32)
+            num.append(len(b))
+            rel.append(a)
+        return {
+            "num_boxes": np.array(num, np.int64),
+            "rel_areas": rel,
+            "mean_rel_area": np.array([a.mean() if len(a) else 1.0 for a in rel], np.float32),
+            "min_rel_area": np.array([a.min() if len(a) else 1.0 for a in rel], np.float32),
+        }
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # ---- loading -------------------------------------------------------------------------
+    def _read(self, index: int) -> tuple[int, np.ndarray]:
+        """(index actually used, image); a bad image is an error naming it, or with
+        ``skip_bad_images`` a counted, logged substitution by the next good one."""
+        n = len(self.records)
+        for step in range(n):
+            i = (index + step) % n
+            rec = self.records[i]
+            try:
+                img = read_image(rec.path)
+                if (img.shape[1], img.shape[0]) != (rec.width, rec.height):
+                    raise ImageReadError(
+                        rec.path,
+                        f"annotations say {rec.width}x{rec.height} but the image is {img.shape[1]}x{img.shape[0]}",
+                    )
+                return i, img
+            except ImageReadError as e:
+                if not self.skip_bad_images:
+                    raise DatasetError(f"{e} (pass skip_bad_images=True to skip such images)") from e
+                with self._bad_count.get_lock() if hasattr(self._bad_count, "get_lock") else _nullcontext():
+                    self._bad_count.value += 1
+                log.warning("skipping unreadable image %s (%s); using the next one", rec.path, e.reason)
+        raise DatasetError(f"{self.split.source}: no readable image left")
+
+    def _load_train(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        i, img = self._read(index)
+        boxes, labels = self.records[i].train_targets()
+        return i, img, boxes, labels
+
+    def _pipelines_for(self, magnitude: float) -> tuple:
+        key = round(magnitude, 4)
+        if key not in self._pipelines:
+            self._pipelines[key] = (build_geometric(self.augment, key), build_photometric(self.augment, key))
+        return self._pipelines[key]
+
+    def _train_sample(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, object]:
+        cfg, size = self.augment, self.image_size
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        geometric, photometric = self._pipelines_for(self.magnitude)
+        mix = self.mix_enabled
+
+        def single(idx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, object]:
+            used, img, boxes, labels = self._load_train(idx)
+            img, boxes, info = letterbox_sample(img, boxes, size, center=False, pad_value=cfg.pad_value)
+            return img, boxes, labels, used, info
+
+        if mix and rng.random() < cfg.mosaic_prob:
+            others = rng.integers(0, len(self), 3)
+            parts = [self._load_train(int(j)) for j in (index, *others)]
+            used, info = parts[0][0], None
+            img, boxes, labels = mosaic4([p[1:] for p in parts], size, rng, cfg.pad_value, cfg.min_visibility)
+        else:
+            img, boxes, labels, used, info = single(index)
+        img, boxes, labels = apply(geometric, img, boxes, labels, int(rng.integers(2**31)))
+        if mix and rng.random() < cfg.mixup_prob:
+            o_img, o_boxes, o_labels, _, _ = single(int(rng.integers(len(self))))
+            o = apply(geometric, o_img, o_boxes, o_labels, int(rng.integers(2**31)))
+            img, boxes, labels = mixup((img, boxes, labels), o)
+        img, boxes, labels = apply(photometric, img, boxes, labels, int(rng.integers(2**31)))
+        return img, boxes, labels, used, info
+
+    def __getitem__(self, index: int) -> dict:
+        if self.train:
+            img, boxes, labels, used, info = self._train_sample(int(index))
+        else:
+            used, img = self._read(int(index))
+            rec = self.records[used]
+            b, labels = rec.train_targets()
+            img, boxes, info = letterbox_sample(
+                img, b, self.image_size, center=self.center, pad_value=self.augment.pad_value
+            )
+        rec = self.records[used]
+        scale, pad = (info.scale, info.pad) if info is not None else (1.0, (0, 0))
+        meta = {
+            "image_id": int(rec.image_id),
+            "index": int(used),
+            "path": str(rec.path),
+            "orig_size": (int(rec.height), int(rec.width)),
+            "scale": float(scale),
+            "pad": (int(pad[0]), int(pad[1])),
+            "boxes": torch.from_numpy(rec.boxes.copy()),
+            "labels": torch.from_numpy(rec.labels.copy()),
+            "iscrowd": torch.from_numpy(rec.iscrowd.astype(np.int64)),
+        }
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "boxes": torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)),
+            "labels": torch.from_numpy(np.asarray(labels, np.int64).reshape(-1)),
+            "meta": meta,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"DetectionDataset({Path(self.split.source).name}:{self.split.split}, images={len(self)}, "
+            f"classes={len(self.class_names)}, train={self.train}, size={self.image_size})"
+        )
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def summarize_problems(split: DetectionSplit) -> None:
+    log_problems(split.problems, f"{split.source} ({split.split})")
