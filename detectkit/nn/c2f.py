@@ -35,7 +35,9 @@ class Bottleneck(nn.Module):
 class C2f(nn.Module):
     """Split in two, chain ``n`` bottlenecks on one half, concatenate every intermediate."""
 
-    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = False, expansion: float = 0.5) -> None:
+    def __init__(
+        self, cin: int, cout: int, n: int = 1, shortcut: bool = False, expansion: float = 0.5
+    ) -> None:
         super().__init__()
         self.c = int(cout * expansion)
         self.cv1 = conv_silu(cin, 2 * self.c, 1)

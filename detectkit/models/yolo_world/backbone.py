@@ -49,9 +49,15 @@ class CSPDarknet(nn.Module):
         ch = scale.channels
         self.out_channels = (ch(256), ch(512), ch(1024))
         self.stem = conv_silu(3, ch(64), 3, 2)
-        self.stage1 = nn.Sequential(conv_silu(ch(64), ch(128), 3, 2), C2f(ch(128), ch(128), scale.repeats(3), True))
-        self.stage2 = nn.Sequential(conv_silu(ch(128), ch(256), 3, 2), C2f(ch(256), ch(256), scale.repeats(6), True))
-        self.stage3 = nn.Sequential(conv_silu(ch(256), ch(512), 3, 2), C2f(ch(512), ch(512), scale.repeats(6), True))
+        self.stage1 = nn.Sequential(
+            conv_silu(ch(64), ch(128), 3, 2), C2f(ch(128), ch(128), scale.repeats(3), True)
+        )
+        self.stage2 = nn.Sequential(
+            conv_silu(ch(128), ch(256), 3, 2), C2f(ch(256), ch(256), scale.repeats(6), True)
+        )
+        self.stage3 = nn.Sequential(
+            conv_silu(ch(256), ch(512), 3, 2), C2f(ch(512), ch(512), scale.repeats(6), True)
+        )
         self.stage4 = nn.Sequential(
             conv_silu(ch(512), ch(1024), 3, 2),
             C2f(ch(1024), ch(1024), scale.repeats(3), True),

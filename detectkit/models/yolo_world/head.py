@@ -52,7 +52,9 @@ class WorldDetectHead(nn.Module):
     Names follow ultralytics ``WorldDetect`` (``cv2``/``cv3``/``cv4``) so checkpoints map 1:1.
     """
 
-    def __init__(self, in_channels: tuple[int, ...], num_classes: int = 80, embed: int = 512, bins: int = 16) -> None:
+    def __init__(
+        self, in_channels: tuple[int, ...], num_classes: int = 80, embed: int = 512, bins: int = 16
+    ) -> None:
         super().__init__()
         self.bins = bins
         c_box = max(16, in_channels[0] // 4, bins * 4)

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from detectkit.models.base import Detector
@@ -64,7 +63,9 @@ class YoloWorld(Detector):
         if self.reparameterized:
             raise RuntimeError("the vocabulary is baked in (reparameterize); build a new model to change it")
         if embeddings.ndim != 2 or embeddings.shape[1] != self.text_dim or embeddings.shape[0] < 1:
-            raise ValueError(f"text embeddings must be [K>=1, {self.text_dim}], got {tuple(embeddings.shape)}")
+            raise ValueError(
+                f"text embeddings must be [K>=1, {self.text_dim}], got {tuple(embeddings.shape)}"
+            )
         if names is not None and len(names) != embeddings.shape[0]:
             raise ValueError(f"{len(names)} names for {embeddings.shape[0]} embeddings")
         self.txt_feats = embeddings.detach().to(self.txt_feats.device, self.txt_feats.dtype).clone()
@@ -97,9 +98,15 @@ class YoloWorld(Detector):
         # a checkpoint trained on another vocabulary size carries its own txt_feats: adopt its K
         key = prefix + "txt_feats"
         incoming = state_dict.get(key)
-        if isinstance(incoming, torch.Tensor) and incoming.shape != self.txt_feats.shape and not self.reparameterized:
+        if (
+            isinstance(incoming, torch.Tensor)
+            and incoming.shape != self.txt_feats.shape
+            and not self.reparameterized
+        ):
             if incoming.ndim == 2 and incoming.shape[1] == self.text_dim:
-                self.txt_feats = torch.empty_like(incoming, device=self.txt_feats.device, dtype=self.txt_feats.dtype)
+                self.txt_feats = torch.empty_like(
+                    incoming, device=self.txt_feats.device, dtype=self.txt_feats.dtype
+                )
                 self.num_classes = incoming.shape[0]
                 self.class_names = [str(i) for i in range(self.num_classes)]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
@@ -119,11 +126,15 @@ class YoloWorld(Detector):
         if text.ndim == 2:
             text = text.unsqueeze(0).expand(batch, -1, -1)
         if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.text_dim:
-            raise ValueError(f"text embeddings must be [K,{self.text_dim}] or [B={batch},K,{self.text_dim}], "
-                             f"got {tuple(text.shape)}")
+            raise ValueError(
+                f"text embeddings must be [K,{self.text_dim}] or [B={batch},K,{self.text_dim}], "
+                f"got {tuple(text.shape)}"
+            )
         if text_mask is not None:
             if text_mask.shape != text.shape[:2]:
-                raise ValueError(f"text_mask must be [B,K]={tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+                raise ValueError(
+                    f"text_mask must be [B,K]={tuple(text.shape[:2])}, got {tuple(text_mask.shape)}"
+                )
             text_mask = text_mask.to(torch.bool)
         return text, text_mask
 
@@ -164,8 +175,14 @@ class YoloWorld(Detector):
         return self
 
 
-def _build(variant: str, num_classes: int, checkpoint: str | None, class_names: Sequence[str] | None,
-           text_encoder: Any, kwargs: dict[str, Any]) -> YoloWorld:
+def _build(
+    variant: str,
+    num_classes: int,
+    checkpoint: str | None,
+    class_names: Sequence[str] | None,
+    text_encoder: Any,
+    kwargs: dict[str, Any],
+) -> YoloWorld:
     if kwargs:
         raise TypeError(f"yolo_world_v2_{variant}: unexpected arguments {sorted(kwargs)}")
     if class_names is not None:
@@ -186,28 +203,48 @@ def _build(variant: str, num_classes: int, checkpoint: str | None, class_names: 
 
 
 @register_model
-def yolo_world_v2_s(num_classes: int = 80, checkpoint: str | None = None, class_names: Sequence[str] | None = None,
-                    text_encoder: Any = None, **kwargs: Any) -> YoloWorld:
+def yolo_world_v2_s(
+    num_classes: int = 80,
+    checkpoint: str | None = None,
+    class_names: Sequence[str] | None = None,
+    text_encoder: Any = None,
+    **kwargs: Any,
+) -> YoloWorld:
     """YOLO-World v2 S (12.76 M parameters)."""
     return _build("s", num_classes, checkpoint, class_names, text_encoder, kwargs)
 
 
 @register_model
-def yolo_world_v2_m(num_classes: int = 80, checkpoint: str | None = None, class_names: Sequence[str] | None = None,
-                    text_encoder: Any = None, **kwargs: Any) -> YoloWorld:
+def yolo_world_v2_m(
+    num_classes: int = 80,
+    checkpoint: str | None = None,
+    class_names: Sequence[str] | None = None,
+    text_encoder: Any = None,
+    **kwargs: Any,
+) -> YoloWorld:
     """YOLO-World v2 M (28.38 M parameters)."""
     return _build("m", num_classes, checkpoint, class_names, text_encoder, kwargs)
 
 
 @register_model
-def yolo_world_v2_l(num_classes: int = 80, checkpoint: str | None = None, class_names: Sequence[str] | None = None,
-                    text_encoder: Any = None, **kwargs: Any) -> YoloWorld:
+def yolo_world_v2_l(
+    num_classes: int = 80,
+    checkpoint: str | None = None,
+    class_names: Sequence[str] | None = None,
+    text_encoder: Any = None,
+    **kwargs: Any,
+) -> YoloWorld:
     """YOLO-World v2 L (46.83 M parameters)."""
     return _build("l", num_classes, checkpoint, class_names, text_encoder, kwargs)
 
 
 @register_model
-def yolo_world_v2_x(num_classes: int = 80, checkpoint: str | None = None, class_names: Sequence[str] | None = None,
-                    text_encoder: Any = None, **kwargs: Any) -> YoloWorld:
+def yolo_world_v2_x(
+    num_classes: int = 80,
+    checkpoint: str | None = None,
+    class_names: Sequence[str] | None = None,
+    text_encoder: Any = None,
+    **kwargs: Any,
+) -> YoloWorld:
     """YOLO-World v2 X (72.89 M parameters)."""
     return _build("x", num_classes, checkpoint, class_names, text_encoder, kwargs)

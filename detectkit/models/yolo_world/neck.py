@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from detectkit.models.yolo_world.backbone import WorldScale
-from detectkit.nn.c2f import Bottleneck, C2f, conv_silu
+from detectkit.nn.c2f import Bottleneck, conv_silu
 
 
 class MaxSigmoidAttn(nn.Module):
@@ -25,7 +25,9 @@ class MaxSigmoidAttn(nn.Module):
     def __init__(self, cin: int, cout: int, heads: int, embed: int, text_dim: int = 512) -> None:
         super().__init__()
         if cout % heads or embed != cout:
-            raise ValueError(f"attention needs embed == cout divisible by heads, got {embed=}, {cout=}, {heads=}")
+            raise ValueError(
+                f"attention needs embed == cout divisible by heads, got {embed=}, {cout=}, {heads=}"
+            )
         self.heads = heads
         self.head_dim = cout // heads
         self.ec = conv_silu(cin, embed, 1, act=False) if cin != embed else None
@@ -40,11 +42,15 @@ class MaxSigmoidAttn(nn.Module):
         with torch.no_grad():
             self.guide = self.gl(text).detach().clone()
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor | None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, _, h, w = x.shape
         if text is None:
             if self.guide is None:
-                raise RuntimeError("no text embeddings given and no vocabulary baked in (call reparameterize)")
+                raise RuntimeError(
+                    "no text embeddings given and no vocabulary baked in (call reparameterize)"
+                )
             guide = self.guide.unsqueeze(0).expand(b, -1, -1)
         else:
             guide = self.gl(text)  # [B, K, embed]
@@ -71,7 +77,9 @@ class C2fAttn(nn.Module):
         self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut=False, expansion=1.0) for _ in range(n))
         self.attn = MaxSigmoidAttn(self.c, self.c, heads, embed, text_dim)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor | None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         ys = list(self.cv1(x).chunk(2, 1))
         for block in self.m:
             ys.append(block(ys[-1]))

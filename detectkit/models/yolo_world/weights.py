@@ -81,7 +81,7 @@ def to_ultralytics(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix = next((p for p in sorted(inverse, key=len, reverse=True) if key.startswith(p + ".")), None)
         if prefix is None:
             raise KeyError(f"{key} has no ultralytics counterpart")
-        out[f"model.{inverse[prefix]}.{key[len(prefix) + 1:]}"] = value
+        out[f"model.{inverse[prefix]}.{key[len(prefix) + 1 :]}"] = value
     out[_DFL_KEY] = torch.arange(16.0).reshape(1, 16, 1, 1)
     return out
 
@@ -94,7 +94,8 @@ def load_ultralytics_state_dict(model: nn.Module, state: dict[str, torch.Tensor]
     unexpected += sorted(k for k in mapped if k not in own)
     shapes = sorted(
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in mapped.items() if k in own and v.shape != own[k].shape
+        for k, v in mapped.items()
+        if k in own and v.shape != own[k].shape
     )
     if missing or unexpected or shapes:
         raise CheckpointMismatchError(_mismatch_message(missing, unexpected, shapes))
@@ -125,7 +126,11 @@ class _Inert:
         self.__dict__["_args"] = args
 
     def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+        if (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and all(s is None or isinstance(s, dict) for s in state)
+        ):
             for part in state:
                 self.__dict__.update(part or {})
         elif isinstance(state, dict):
@@ -147,15 +152,27 @@ class _Inert:
         return f"<inert {self._foreign}>"
 
 
-_STAND_IN_PACKAGES = ("ultralytics", "torch.nn.modules", "clip", "open_clip", "mobileclip", "numpy",
-                      "pathlib", "types", "argparse", "datetime")
+_STAND_IN_PACKAGES = (
+    "ultralytics",
+    "torch.nn.modules",
+    "clip",
+    "open_clip",
+    "mobileclip",
+    "numpy",
+    "pathlib",
+    "types",
+    "argparse",
+    "datetime",
+)
 _stand_ins: dict[tuple[str, str], type] = {}
 
 
 def _stand_in(module: str, name: str) -> type:
     key = (module, name)
     if key not in _stand_ins:
-        _stand_ins[key] = type(name, (_Inert,), {"__module__": "detectkit.inert", "_foreign": f"{module}.{name}"})
+        _stand_ins[key] = type(
+            name, (_Inert,), {"__module__": "detectkit.inert", "_foreign": f"{module}.{name}"}
+        )
     return _stand_ins[key]
 
 
@@ -171,7 +188,9 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: tuple, state: Any) -> 
     return tensor
 
 
-def _rebuild_parameter(data: torch.Tensor, requires_grad: bool, backward_hooks: Any, *state: Any) -> nn.Parameter:
+def _rebuild_parameter(
+    data: torch.Tensor, requires_grad: bool, backward_hooks: Any, *state: Any
+) -> nn.Parameter:
     return nn.Parameter(data, requires_grad=requires_grad)
 
 
@@ -293,8 +312,10 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if any(_KEY.match(k) for k in data):
         return load_ultralytics_state_dict(model, data)
     if all(k.startswith("model.") for k in data):
-        data = {k[len("model."):]: v for k, v in data.items()}
+        data = {k[len("model.") :]: v for k, v in data.items()}
     result = model.load_state_dict(data, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise CheckpointMismatchError(_mismatch_message(list(result.missing_keys), list(result.unexpected_keys), []))
+        raise CheckpointMismatchError(
+            _mismatch_message(list(result.missing_keys), list(result.unexpected_keys), [])
+        )
     return model
