@@ -172,11 +172,8 @@ class _Record:
 
 class _DataModule:
     def __init__(self, n: int):
-        self.train_dataset = SimpleNamespace(records=[_Record(i % 5) for i in range(n)])
-        self.sampler = None
-
-    def set_train_sampler(self, sampler):
-        self.sampler = sampler
+        self.datasets = {"train": SimpleNamespace(records=[_Record(i % 5) for i in range(n)])}
+        self.train_sampler = None
 
 
 def _trainer(dm, epoch=0, batches=3):
@@ -209,7 +206,7 @@ def test_callback_box_score_installs_sampler():
     dm = _DataModule(10)
     cb = CurriculumCallback(score="objects", start_fraction=0.4, end_epoch=2)
     cb.setup(_trainer(dm), None, "fit")
-    assert dm.sampler is cb.sampler
+    assert dm.train_sampler is cb.sampler
     # objects = i % 5: the 4 easiest are indices 0, 5 (0 boxes), 1, 6 (1 box)
     assert set(cb.sampler) == {0, 1, 5, 6}
 

@@ -149,16 +149,34 @@ def test_callback_resizes_batch_in_place_and_logs():
     assert module.logged == [("train/image_size", 96.0)]
 
 
-def test_callback_sets_magnitude_from_schedule():
+def test_callback_sets_magnitude_and_loader_size_per_epoch():
+    class Train:
+        size = None
+
+        def set_image_size(self, size):
+            self.size = size
+
     class DM:
         magnitude = None
 
+        def __init__(self):
+            self.datasets = {"train": Train()}
+
+        def set_magnitude(self, value):
+            self.magnitude = value
+
     dm = DM()
     cb = ProgressiveResizing(start_size=320, end_size=640, start_epoch=0, end_epoch=4, magnitude=(0.0, 1.0))
+    cb.on_fit_start(_FakeTrainer(0, dm), None)
+    assert (dm.magnitude, dm.datasets["train"].size) == (0.0, 320)
     cb.on_train_epoch_start(_FakeTrainer(2, dm), None)
-    assert dm.magnitude == pytest.approx(0.5)
+    assert (dm.magnitude, dm.datasets["train"].size) == (pytest.approx(0.5), 480)
     cb.on_train_epoch_start(_FakeTrainer(9, dm), None)
-    assert dm.magnitude == 1.0
+    assert (dm.magnitude, dm.datasets["train"].size) == (1.0, 640)
+    off = ProgressiveResizing(start_size=320, end_size=640, end_epoch=4, resize_in_loader=False)
+    dm = DM()
+    off.on_train_epoch_start(_FakeTrainer(2, dm), None)
+    assert (dm.magnitude, dm.datasets["train"].size) == (None, None)
 
 
 def test_callback_state_round_trip_continues_sequence():

@@ -372,13 +372,41 @@ def _all_gather_pairs(index: torch.Tensor, value: torch.Tensor) -> tuple[np.ndar
 
 
 def _train_records(datamodule: Any) -> Sequence[Any]:
-    for owner in (datamodule, getattr(datamodule, "train_dataset", None)):
-        records = getattr(owner, "train_records", None) or getattr(owner, "records", None)
+    """The training records, read from the annotations only (no image is decoded)."""
+    datasets = getattr(datamodule, "datasets", None)
+    owners = [datasets.get("train")] if isinstance(datasets, dict) else []
+    owners += [getattr(datamodule, "train_dataset", None), datamodule]
+    for owner in owners:
+        records = getattr(owner, "records", None)
         if records is not None:
             return records
-    raise TypeError(
-        "CurriculumCallback needs the datamodule's training records (a `train_dataset` with `records`)"
-    )
+    raise TypeError("CurriculumCallback needs the datamodule's training records (DetectionDataModule)")
+
+
+def _install_sampler(datamodule: Any, sampler: CurriculumSampler) -> None:
+    if callable(getattr(datamodule, "set_train_sampler", None)):
+        datamodule.set_train_sampler(sampler)
+    elif hasattr(datamodule, "train_sampler"):
+        datamodule.train_sampler = sampler
+    else:
+        raise TypeError("CurriculumCallback needs a DataModule that accepts a `train_sampler`")
+
+
+def _find_wrapping(sampler: Any, target: CurriculumSampler) -> bool:
+    """Whether ``target`` sits inside a Lightning ``DistributedSamplerWrapper`` (double sharding)."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    seen = 0
+    while sampler is not None and seen < 8:
+        if isinstance(sampler, DistributedSamplerWrapper):
+            return True
+        if sampler is target:
+            return False
+        sampler = getattr(sampler, "inner", None) or getattr(
+            getattr(sampler, "dataset", None), "_sampler", None
+        )
+        seen += 1
+    return False
 
 
 class CurriculumCallback(Callback):
@@ -386,9 +414,9 @@ class CurriculumCallback(Callback):
 
     At ``setup`` it scores the training records (``score``: ``objects``, ``small``, ``area``,
     or ``loss``, whose first epoch uses ``prior``), builds the sampler for this rank and hands it
-    to the DataModule (``set_train_sampler``). Lightning then leaves it unwrapped (it is a
-    ``DistributedSampler``). With ``score="loss"`` each step's ``outputs["image_losses"]`` are
-    all-gathered with their dataset indices (``meta[i]["index"]``), so every rank holds the same
+    to the DataModule (``train_sampler``). Lightning then leaves it unwrapped (it is a
+    ``DistributedSampler``; ``on_train_start`` fails loudly if something wrapped it anyway).
+    With ``score="loss"`` each step's ``outputs["image_losses"]`` are all-gathered with their dataset indices (``meta[i]["index"]``), so every rank holds the same
     losses; after the epoch's last batch they become the next epoch's scores.
 
     The state (sampler epoch, position within the epoch, scores, loss buffers) is saved in
@@ -437,10 +465,8 @@ class CurriculumCallback(Callback):
         if stage != "fit" or self.sampler is not None:
             return
         datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "set_train_sampler"):
-            raise TypeError(
-                "CurriculumCallback needs a DataModule with `set_train_sampler` (DetectionDataModule)"
-            )
+        if datamodule is None:
+            raise TypeError("CurriculumCallback needs a DataModule that accepts a `train_sampler`")
         if self.sampler_kwargs["epoch_length"] == "pool" and trainer.reload_dataloaders_every_n_epochs != 1:
             raise ValueError(
                 "epoch_length='pool' changes the epoch length: set Trainer(reload_dataloaders_every_n_epochs=1)"
@@ -456,10 +482,18 @@ class CurriculumCallback(Callback):
         self.sampler = CurriculumSampler(
             self.prior, num_replicas=trainer.world_size, rank=trainer.global_rank, **self.sampler_kwargs
         )
-        datamodule.set_train_sampler(self.sampler)
+        _install_sampler(datamodule, self.sampler)
         if self._pending is not None:
             self._restore(self._pending)
             self._pending = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loader = trainer.train_dataloader
+        if self.sampler is not None and _find_wrapping(getattr(loader, "sampler", None), self.sampler):
+            raise RuntimeError(
+                "Lightning wrapped the CurriculumSampler in a DistributedSamplerWrapper, which would shard it twice: "
+                "the DataModule must hand it to the DataLoader as a DistributedSampler (DetectionDataModule does)"
+            )
 
     # -- epoch bookkeeping
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -198,9 +198,14 @@ class ProgressiveResizing(Callback):
     :func:`step_image_size` for ``(seed, current_epoch, batch_idx)``, so every DDP rank agrees.
 
     ``magnitude=(low, high)``: EfficientNetV2's pairing of weak augmentation with small images.
-    At each epoch start the callback sets ``magnitude`` on the datamodule (or the object its
-    ``augmentation_target`` names), interpolated on the schedule's progress. Workers read it when
-    they are created, so it needs ``persistent_workers=False`` (or ``num_workers=0``).
+    At each epoch start the callback calls the DataModule's ``set_magnitude`` with the value
+    interpolated on the schedule's progress (the dataset keeps it in shared memory, so
+    persistent workers see it).
+
+    ``resize_in_loader``: also set the epoch's base size on the training dataset
+    (``set_image_size``), so workers decode and augment at the small size instead of the full
+    one; the on-device resize then only applies the per-step jitter (or nothing). Batches that
+    were prefetched at another size are still resized exactly, so this is only a speed-up.
     """
 
     def __init__(
@@ -216,6 +221,7 @@ class ProgressiveResizing(Callback):
         min_size: int = 32,
         seed: int = 0,
         magnitude: tuple[float, float] | None = None,
+        resize_in_loader: bool = True,
         log_size: bool = True,
     ) -> None:
         self.schedule = SizeSchedule(
@@ -231,6 +237,7 @@ class ProgressiveResizing(Callback):
         )
         self.seed = int(seed)
         self.magnitude = None if magnitude is None else (float(magnitude[0]), float(magnitude[1]))
+        self.resize_in_loader = resize_in_loader
         self.log_size = log_size
         self.last_epoch = -1
         self.last_step = -1
@@ -245,25 +252,28 @@ class ProgressiveResizing(Callback):
         low, high = self.magnitude
         return low + (high - low) * schedule_progress(epoch, self.schedule)
 
-    def _apply_magnitude(self, trainer: Trainer, epoch: int) -> None:
+    def _apply_epoch(self, trainer: Trainer, epoch: int) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            return
         value = self.magnitude_for(epoch)
-        if value is None:
-            return
-        target = getattr(trainer, "datamodule", None)
-        if target is None:
-            return
-        target = getattr(target, "augmentation_target", target)
-        if callable(target) and not hasattr(target, "magnitude"):
-            target = target()
-        target.magnitude = value
+        if value is not None:
+            if callable(getattr(datamodule, "set_magnitude", None)):
+                datamodule.set_magnitude(value)
+            else:
+                datamodule.magnitude = value
+        datasets = getattr(datamodule, "datasets", None)
+        train = datasets.get("train") if isinstance(datasets, dict) else None
+        if self.resize_in_loader and callable(getattr(train, "set_image_size", None)):
+            train.set_image_size(epoch_image_size(epoch, self.schedule))
 
     # Dataloader workers for epoch 0 start before on_train_epoch_start (FitLoop.setup_data), so
-    # the first magnitude is set at fit start; later epochs re-create workers after the hook.
+    # the first epoch's values are set at fit start; later epochs create their iterator after it.
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply_magnitude(trainer, trainer.current_epoch)
+        self._apply_epoch(trainer, trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply_magnitude(trainer, trainer.current_epoch)
+        self._apply_epoch(trainer, trainer.current_epoch)
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
