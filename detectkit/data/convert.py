@@ -1,0 +1,138 @@
+"""`detectkit data convert`: any supported format -> COCO JSON (or YOLO txt), per split.
+
+Records are written as the readers cleaned them (clipped boxes, dropped degenerate ones) and
+images are copied, so the output is self-contained and re-reads to the same boxes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from detectkit.data.dataset import check_images
+from detectkit.data.formats.detect import canonical_split, open_dataset
+from detectkit.data.records import DatasetError, DetectionSplit
+
+__all__ = ["convert_dataset", "write_coco_split", "write_yolo_split"]
+
+
+def _unique_names(split: DetectionSplit) -> list[str]:
+    """Flat file names for the copied images; clashes (same name in two folders) get a prefix."""
+    seen: set[str] = set()
+    out = []
+    for i, r in enumerate(split.records):
+        name = r.path.name
+        if name in seen:
+            name = f"{i:06d}_{name}"
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def _copy(src: Path, dst: Path, copy_images: bool) -> None:
+    if copy_images and src.resolve() != dst.resolve():
+        shutil.copy2(src, dst)
+
+
+def write_coco_split(
+    split: DetectionSplit, out_dir: Path, copy_images: bool = True, progress: bool = True
+) -> Path:
+    """``out_dir/annotations.json`` + images; category ids are 1..C in class order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    names = _unique_names(split)
+    for rec, name in tqdm(
+        list(zip(split.records, names)), desc=f"coco {split.split}", unit="img", disable=not progress
+    ):
+        _copy(rec.path, out_dir / name, copy_images)
+        images.append(
+            {"id": int(rec.image_id), "file_name": name, "width": int(rec.width), "height": int(rec.height)}
+        )
+        for box, label, crowd in zip(rec.boxes.tolist(), rec.labels.tolist(), rec.iscrowd.tolist()):
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(rec.image_id),
+                    "category_id": int(label) + 1,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": int(crowd),
+                }
+            )
+    coco = {
+        "info": {"description": f"converted by detectkit from {split.format} ({split.source})"},
+        "licenses": [],
+        "categories": [
+            {"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(split.class_names)
+        ],
+        "images": images,
+        "annotations": annotations,
+    }
+    path = out_dir / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def write_yolo_split(
+    split: DetectionSplit, out_dir: Path, copy_images: bool = True, progress: bool = True
+) -> Path:
+    """``out_dir/images`` + ``out_dir/labels`` (normalised cx cy w h; crowd boxes are left out)."""
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "labels").mkdir(parents=True, exist_ok=True)
+    names = _unique_names(split)
+    for rec, name in tqdm(
+        list(zip(split.records, names)), desc=f"yolo {split.split}", unit="img", disable=not progress
+    ):
+        _copy(rec.path, out_dir / "images" / name, copy_images)
+        boxes, labels = rec.train_targets()
+        lines = []
+        for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()):
+            cx, cy = (x1 + x2) / 2 / rec.width, (y1 + y2) / 2 / rec.height
+            w, h = (x2 - x1) / rec.width, (y2 - y1) / rec.height
+            lines.append(f"{label} {cx:.8f} {cy:.8f} {w:.8f} {h:.8f}")
+        (out_dir / "labels" / Path(name).with_suffix(".txt")).write_text(
+            "\n".join(lines) + ("\n" if lines else "")
+        )
+    return out_dir
+
+
+def convert_dataset(
+    src: str | Path, dst: str | Path, to: str = "coco", copy_images: bool = True, progress: bool = True
+) -> dict:
+    """Convert every split of ``src``; images that cannot be read are left out and reported.
+
+    Returns ``{"format", "splits": {name: {"images", "boxes", "skipped"}}, "output"}``.
+    """
+    if to not in ("coco", "yolo"):
+        raise ValueError(f"--to must be 'coco' or 'yolo', got {to!r}")
+    source = open_dataset(src)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"format": source.format, "to": to, "splits": {}, "output": str(dst)}
+    for name in source.splits:
+        split = source.load(name)
+        if split.fatal_problems():
+            raise DatasetError("; ".join(str(p) for p in split.fatal_problems()))
+        bad = {p.file for p in check_images(split)}
+        skipped = len(bad)
+        split.records = [r for r in split.records if str(r.path) not in bad]
+        if to == "coco":
+            write_coco_split(split, dst / name, copy_images, progress)
+        else:
+            write_yolo_split(split, dst / name, copy_images, progress)
+        summary["splits"][name] = {"images": len(split.records), "boxes": split.num_boxes, "skipped": skipped}
+    if to == "yolo":
+        data = {
+            "path": ".",
+            "names": {i: n for i, n in enumerate(source.class_names)},
+            "nc": len(source.class_names),
+        }
+        for name in source.splits:
+            data[canonical_split(name)] = f"{name}/images"
+        (dst / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return summary
