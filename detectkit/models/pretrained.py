@@ -68,14 +68,19 @@ def _is_url(text: str) -> bool:
     return "://" in text and urllib.parse.urlparse(text).scheme.lower() in _URL_SCHEMES
 
 
-def resolve_pretrained(model_name: str, pretrained: str | os.PathLike, download: bool = False) -> Path:
-    """A local checkpoint file for ``pretrained``: a tag (``"coco"``), a file path, or a URL.
+def resolve_pretrained(model_name: str, pretrained: str | os.PathLike | bool, download: bool = False) -> Path:
+    """A local checkpoint file for ``pretrained``: a tag (``"coco"``; ``True`` = the first tag), a path, or a URL.
 
     Tags are looked up in the cache and fetched only with ``download=True``; URLs are always
     downloaded into the cache (once, keyed by file name).
     """
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
+    if pretrained is True:  # the model's default published weights
+        tags = list(PRETRAINED.get(model_name, {}))
+        if not tags:
+            raise ValueError(f"no published pretrained weights are known for {model_name!r}")
+        pretrained = tags[0]
     if not isinstance(pretrained, str) or not pretrained:
         raise TypeError(f"pretrained must be a tag, a path or a URL, got {pretrained!r}")
     if _is_url(pretrained):

@@ -1,0 +1,171 @@
+"""What ``model.predict`` returns: detections in original-image pixels, drawable and exportable."""
+
+from __future__ import annotations
+
+import colorsys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, overload
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from detectkit.data.letterbox import LetterboxInfo
+
+__all__ = ["ImagePrediction", "Predictions", "VIDEO_EXTENSIONS"]
+
+#: suffixes read with cv2.VideoCapture and written by Predictions.save(video_path)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+# FourCC per container for writing; mp4v/MJPG ship with opencv-python-headless's FFmpeg build.
+_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+
+
+def _color(label: int) -> tuple[int, int, int]:
+    # Golden-ratio hue walk: neighbouring class ids get clearly different, stable colours.
+    r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+@dataclass
+class ImagePrediction:
+    """Detections on one image. ``boxes [N,4]`` are xyxy in original-image pixels."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    source: str | None = None
+    letterbox: LetterboxInfo | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @property
+    def names(self) -> list[str]:
+        """Class name of every detection."""
+        return [self._name(int(c)) for c in self.labels]
+
+    def _name(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+
+    def draw(self, show_confidence: bool = True, line_width: int | None = None) -> np.ndarray:
+        """A copy of the image (RGB) with boxes and labels drawn on it."""
+        canvas = np.ascontiguousarray(self.image.copy())
+        h, w = canvas.shape[:2]
+        lw = line_width or max(1, round((h + w) / 600))
+        font_scale = max(0.35, lw / 3)
+        for box, score, label in zip(self.boxes, self.scores, self.labels):
+            color = _color(int(label))
+            x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+            cv2.rectangle(canvas, (x1, y1), (x2, y2), color, lw, cv2.LINE_AA)
+            text = self._name(int(label)) + (f" {float(score):.2f}" if show_confidence else "")
+            (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, max(1, lw - 1))
+            ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(h - 1, y1 + th + base + 2)
+            cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw, ty + base // 2), color, -1)
+            cv2.putText(canvas, text, (x1, ty - base // 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                        (255, 255, 255), max(1, lw - 1), cv2.LINE_AA)
+        return canvas
+
+    def save(self, path: str | Path, show_confidence: bool = True) -> Path:
+        """Write the drawn image (original size) to ``path``; the suffix picks the format."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self.draw(show_confidence)).save(path)
+        return path
+
+    def show(self, show_confidence: bool = True) -> None:
+        """Display with matplotlib; on a headless backend it warns instead of failing."""
+        _show([self.draw(show_confidence)], [self.source or "prediction"])
+
+    def to_coco(self, image_id: int | str, category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """COCO results rows (``bbox = [x, y, w, h]``); ``category_ids`` maps label -> COCO id."""
+        rows = []
+        for box, score, label in zip(self.boxes, self.scores, self.labels):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            cat = int(category_ids[int(label)]) if category_ids is not None else int(label)
+            rows.append({"image_id": image_id, "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                         "score": float(score)})
+        return rows
+
+
+class Predictions(Sequence[ImagePrediction]):
+    """Results for several images or the frames of a video (``fps`` set for videos)."""
+
+    def __init__(self, items: list[ImagePrediction], fps: float | None = None) -> None:
+        self._items = list(items)
+        self.fps = fps
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> ImagePrediction: ...
+    @overload
+    def __getitem__(self, index: slice) -> Predictions: ...
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Predictions(self._items[index], self.fps)
+        return self._items[index]
+
+    def __iter__(self) -> Iterator[ImagePrediction]:
+        return iter(self._items)
+
+    def __repr__(self) -> str:
+        kind = f"video frames at {self.fps:g} fps" if self.fps else "images"
+        return f"Predictions({len(self)} {kind}, {sum(len(p) for p in self)} detections)"
+
+    def show(self, show_confidence: bool = True) -> None:
+        _show([p.draw(show_confidence) for p in self], [p.source or f"#{i}" for i, p in enumerate(self)])
+
+    def save(self, path: str | Path, show_confidence: bool = True, fps: float | None = None) -> Path:
+        """A video file when ``path`` has a video suffix, else a folder of drawn images."""
+        path = Path(path)
+        if path.suffix.lower() in VIDEO_EXTENSIONS:
+            return self._save_video(path, show_confidence, fps or self.fps or 25.0)
+        path.mkdir(parents=True, exist_ok=True)
+        for i, pred in enumerate(self):
+            stem = Path(pred.source).stem if pred.source and self.fps is None else f"{i:06d}"
+            pred.save(path / f"{stem}.jpg", show_confidence)
+        return path
+
+    def _save_video(self, path: Path, show_confidence: bool, fps: float) -> Path:
+        if not self._items:
+            raise ValueError(f"cannot write {path}: there are no frames")
+        sizes = {p.image.shape[:2] for p in self}
+        if len(sizes) != 1:
+            raise ValueError(f"cannot write {path}: frames have different sizes {sorted(sizes)}")
+        (h, w), = sizes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fourcc = cv2.VideoWriter_fourcc(*_FOURCC.get(path.suffix.lower(), "mp4v"))
+        writer = cv2.VideoWriter(str(path), fourcc, float(fps), (w, h))
+        if not writer.isOpened():
+            raise RuntimeError(f"OpenCV cannot open a video writer for {path}; try a .mp4 or .avi path")
+        try:
+            for pred in self:
+                writer.write(cv2.cvtColor(pred.draw(show_confidence), cv2.COLOR_RGB2BGR))
+        finally:
+            writer.release()
+        return path
+
+
+def _show(images: list[np.ndarray], titles: list[str]) -> None:
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend().lower()
+    if backend in {"agg", "pdf", "ps", "svg", "cairo", "template"}:
+        warnings.warn(f"matplotlib backend {backend!r} cannot display images; use .save(path) instead",
+                      stacklevel=3)
+        return
+    for image, title in zip(images, titles):
+        fig = plt.figure(figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)
+        plt.imshow(image)
+        plt.title(title)
+        plt.axis("off")
+        fig.tight_layout()
+    plt.show()
