@@ -1,0 +1,259 @@
+"""Assemble the deployable graph (preprocess -> detector -> NMS), export it, check it in onnxruntime.
+
+One function, :func:`export_detector`, serves the ``ExportOnFitEnd`` callback, the QAT callback
+and ``detectkit export``. The check is part of the export: a graph that does not reproduce the
+PyTorch model in onnxruntime is an error, not a warning, because the file is what ships.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from detectkit.export.nms import OUTPUT_NAMES, DetectorWithNMS, NMSPostprocess, split_batch, split_flat
+from detectkit.export.preprocess import ImagePreprocess, WithPreprocess
+
+__all__ = ["ExportConfig", "ExportResult", "build_export_module", "export_detector", "verify_onnx", "onnx_op_counts"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportConfig:
+    """What the exported graph contains. ``nms``: ``None`` (raw boxes/scores), ``"batch"`` or ``"flat"``."""
+
+    image_size: tuple[int, int] = (640, 640)
+    batch_size: int = 1
+    dynamic_batch: bool = True
+    nms: str | None = None
+    conf: float = 0.25
+    iou: float = 0.7
+    top_k: int = 1000
+    max_det: int = 300
+    multi_label: bool = True
+    agnostic: bool = False
+    uint8_input: bool = False
+    layout: str = "nchw"
+    channel_order: str = "rgb"
+    opset: int = 17
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        self.image_size = tuple(int(s) for s in self.image_size)
+        if self.nms not in (None, "batch", "flat"):
+            raise ValueError(f"nms must be None, 'batch' or 'flat', got {self.nms!r}")
+
+
+@dataclass
+class ExportResult:
+    """Where the file is, what it expects and how close it is to PyTorch."""
+
+    path: str
+    input_name: str
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    output_names: list[str]
+    max_abs_error: float | None = None
+    detections_match: bool | None = None
+    num_detections: int | None = None
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_export_module(model: nn.Module, config: ExportConfig) -> nn.Module:
+    """The module that gets traced: ``[preprocess ->] model(eval) [-> NMS]``."""
+    module: nn.Module = model.eval()
+    if config.nms is not None:
+        post = NMSPostprocess(
+            config.conf, config.iou, config.top_k, config.max_det, config.multi_label, config.agnostic, config.nms
+        )
+        module = DetectorWithNMS(module, post)
+    if config.uint8_input:
+        module = WithPreprocess(module, ImagePreprocess(config.layout, config.channel_order))
+    return module.eval()
+
+
+def example_input(config: ExportConfig, batch_size: int | None = None, seed: int = 0) -> torch.Tensor:
+    """A deterministic input in the graph's own dtype and layout."""
+    n = batch_size or config.batch_size
+    h, w = config.image_size
+    g = torch.Generator().manual_seed(seed)
+    if config.uint8_input:
+        shape = ImagePreprocess(config.layout, config.channel_order).input_shape(n, h, w)
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    return torch.rand((n, 3, h, w), generator=g)
+
+
+def to_model_input(images: torch.Tensor, config: ExportConfig) -> torch.Tensor:
+    """Raw graph input -> the float RGB NCHW tensor the PyTorch detector takes."""
+    if config.uint8_input:
+        return ImagePreprocess(config.layout, config.channel_order)(images)
+    return images
+
+
+def export_detector(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: ExportConfig | None = None,
+    check: bool = True,
+    sample: torch.Tensor | None = None,
+    atol: float = 1e-3,
+) -> ExportResult:
+    """Export ``model`` (an eval-mode ``Detector``, fused or fake-quantized) to ONNX and check it.
+
+    ``sample`` is a graph input (uint8 when ``uint8_input``) used for the check; by default a
+    random batch of 2 (dynamic batch) is used. The model is deep-copied so export never
+    changes the caller's module (modelopt quantizers switch state while exporting).
+    """
+    config = config or ExportConfig()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).cpu().float().eval()
+    module = build_export_module(model, config)
+    dummy = example_input(config)
+    output_names = list(OUTPUT_NAMES[config.nms])
+    dynamic_axes: dict[str, dict[int, str]] | None = None
+    if config.dynamic_batch:
+        dynamic_axes = {"images": {0: "batch"}}
+        if config.nms is None:
+            dynamic_axes.update({"boxes": {0: "batch"}, "scores": {0: "batch"}})
+        elif config.nms == "batch":
+            dynamic_axes.update({n: {0: "batch"} for n in output_names})
+        else:
+            dynamic_axes["predictions"] = {0: "num_detections"}
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (dummy,),
+            str(path),
+            dynamo=False,
+            opset_version=config.opset,
+            input_names=["images"],
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
+        _set_static_output_dims(path, module(dummy), dynamic_axes or {}, output_names)
+    result = ExportResult(
+        path=str(path),
+        input_name="images",
+        input_shape=tuple(dummy.shape),
+        input_dtype=str(dummy.dtype).replace("torch.", ""),
+        output_names=output_names,
+        op_counts=onnx_op_counts(path),
+    )
+    if check:
+        if sample is None:
+            sample = example_input(config, batch_size=2 if config.dynamic_batch else config.batch_size, seed=1)
+        verify_onnx(model, path, config, sample, result, atol=atol)
+    return result
+
+
+def _set_static_output_dims(path: Path, outputs, dynamic_axes: dict, names: list[str]) -> None:
+    """Write the known static output dims (anchors, classes, max_det) into the graph's outputs.
+
+    The TorchScript exporter leaves them symbolic after Concat/Transpose; consumers such as
+    TensorRT plugins and serving configs read them from the graph.
+    """
+    import onnx
+
+    outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
+    shapes = dict(zip(names, (tuple(o.shape) for o in outputs)))
+    model = onnx.load(str(path))
+    for out in model.graph.output:
+        if out.name not in shapes:
+            continue
+        dyn = dynamic_axes.get(out.name, {})
+        for i, dim in enumerate(out.type.tensor_type.shape.dim):
+            if i in dyn:
+                dim.dim_param = dyn[i]
+            elif i < len(shapes[out.name]):
+                dim.dim_value = int(shapes[out.name][i])
+    onnx.save(model, str(path))
+
+
+def onnx_op_counts(path: str | os.PathLike) -> dict[str, int]:
+    """How many nodes of each op type the graph holds (e.g. QuantizeLinear for a Q/DQ model)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def run_onnx(path: str | os.PathLike, images: np.ndarray | torch.Tensor) -> list[np.ndarray]:
+    """Run the graph on CPU in onnxruntime."""
+    import onnxruntime as ort
+
+    if torch.is_tensor(images):
+        images = images.cpu().numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})
+
+
+def verify_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: ExportConfig,
+    sample: torch.Tensor,
+    result: ExportResult | None = None,
+    atol: float = 1e-3,
+) -> ExportResult | None:
+    """Compare onnxruntime with PyTorch on ``sample``; raise if they disagree.
+
+    Raw graphs: max abs error of boxes (relative to the image size) and scores. NMS graphs: the
+    detections must equal :func:`detectkit.ops.nms.postprocess` on the same input (same count,
+    boxes/scores within ``atol`` relative to image size, same classes).
+    """
+    from detectkit.ops.nms import postprocess
+
+    outputs = run_onnx(path, sample)
+    model = model.eval()
+    with torch.no_grad():
+        boxes, scores = model(to_model_input(sample, config).float())
+    scale = float(max(config.image_size))
+    if config.nms is None:
+        err_boxes = float(np.abs(outputs[0] - boxes.numpy()).max()) / scale
+        err_scores = float(np.abs(outputs[1] - scores.numpy()).max())
+        err = max(err_boxes, err_scores)
+        log.info("ONNX check %s: max abs error boxes %.3g px, scores %.3g", path, err_boxes * scale, err_scores)
+        if result is not None:
+            result.max_abs_error = err
+        if err > atol:
+            raise AssertionError(f"onnxruntime differs from PyTorch: boxes {err_boxes * scale:.4g} px, scores {err_scores:.4g}")
+        return result
+    ref = postprocess(
+        boxes, scores, conf=config.conf, iou=config.iou, top_k=config.top_k, max_det=config.max_det,
+        multi_label=config.multi_label, agnostic=config.agnostic,
+    )
+    got = split_flat(outputs[0], len(ref)) if config.nms == "flat" else split_batch(*outputs)
+    err = 0.0
+    for i, (r, g) in enumerate(zip(ref, got)):
+        r = r.numpy()
+        if len(r) != len(g):
+            raise AssertionError(f"image {i}: onnxruntime kept {len(g)} detections, postprocess {len(r)}")
+        if len(r) == 0:
+            continue
+        r, g = r[np.lexsort((r[:, 0], -r[:, 4]))], g[np.lexsort((g[:, 0], -g[:, 4]))]
+        if not np.array_equal(r[:, 5], g[:, 5]):
+            raise AssertionError(f"image {i}: classes differ between onnxruntime and postprocess")
+        err = max(err, float(np.abs(r[:, :4] - g[:, :4]).max()) / scale, float(np.abs(r[:, 4] - g[:, 4]).max()))
+    n = int(sum(len(r) for r in ref))
+    log.info("ONNX NMS check %s: %d detections match postprocess, max abs error %.3g", path, n, err)
+    if err > atol:
+        raise AssertionError(f"onnxruntime detections differ from postprocess by {err:.4g}")
+    if result is not None:
+        result.max_abs_error, result.detections_match, result.num_detections = err, True, n
+    return result
