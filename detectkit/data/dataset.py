@@ -214,11 +214,12 @@ class DetectionDataset(Dataset):
             self._pipelines[key] = (build_geometric(self.augment, key), build_photometric(self.augment, key))
         return self._pipelines[key]
 
-    def _train_sample(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, object]:
+    def _train_sample(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, object, dict]:
         cfg, size = self.augment, self.image_size
         rng = np.random.default_rng([self.seed, self.epoch, index])
         geometric, photometric = self._pipelines_for(self.magnitude)
         mix = self.mix_enabled
+        applied = {"mosaic": False, "mixup": False}
 
         def single(idx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, object]:
             used, img, boxes, labels = self._load_train(idx)
@@ -230,6 +231,7 @@ class DetectionDataset(Dataset):
             parts = [self._load_train(int(j)) for j in (index, *others)]
             used, info = parts[0][0], None
             img, boxes, labels = mosaic4([p[1:] for p in parts], size, rng, cfg.pad_value, cfg.min_visibility)
+            applied["mosaic"] = True
         else:
             img, boxes, labels, used, info = single(index)
         img, boxes, labels = apply(geometric, img, boxes, labels, int(rng.integers(2**31)))
@@ -237,12 +239,13 @@ class DetectionDataset(Dataset):
             o_img, o_boxes, o_labels, _, _ = single(int(rng.integers(len(self))))
             o = apply(geometric, o_img, o_boxes, o_labels, int(rng.integers(2**31)))
             img, boxes, labels = mixup((img, boxes, labels), o)
+            applied["mixup"] = True
         img, boxes, labels = apply(photometric, img, boxes, labels, int(rng.integers(2**31)))
-        return img, boxes, labels, used, info
+        return img, boxes, labels, used, info, applied
 
     def __getitem__(self, index: int) -> dict:
         if self.train:
-            img, boxes, labels, used, info = self._train_sample(int(index))
+            img, boxes, labels, used, info, applied = self._train_sample(int(index))
         else:
             used, img = self._read(int(index))
             rec = self.records[used]
@@ -250,6 +253,7 @@ class DetectionDataset(Dataset):
             img, boxes, info = letterbox_sample(
                 img, b, self.image_size, center=self.center, pad_value=self.augment.pad_value
             )
+            applied = {"mosaic": False, "mixup": False}
         rec = self.records[used]
         scale, pad = (info.scale, info.pad) if info is not None else (1.0, (0, 0))
         meta = {
@@ -262,6 +266,7 @@ class DetectionDataset(Dataset):
             "boxes": torch.from_numpy(rec.boxes.copy()),
             "labels": torch.from_numpy(rec.labels.copy()),
             "iscrowd": torch.from_numpy(rec.iscrowd.astype(np.int64)),
+            "augment": applied,  # informational: which mixing transforms made this sample
         }
         return {
             "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
