@@ -167,11 +167,11 @@ def test_no_gts_at_all_and_one_empty_image():
 @pytest.mark.parametrize("preset", ["ppyoloe", "ultralytics"])
 def test_chunked_equals_unchunked_with_300_gts(preset):
     g = torch.Generator().manual_seed(0)
-    points, strides = make_anchors([(40, 40), (20, 20), (10, 10)], (8, 16, 32))
+    points, strides = make_anchors([(32, 32), (16, 16), (8, 8)], (8, 16, 32))
     a, c, n = points.shape[0], 6, 300
-    centres = torch.rand(2, n, 2, generator=g) * 320
+    centres = torch.rand(2, n, 2, generator=g) * 256
     sizes = torch.rand(2, n, 2, generator=g) * 60 + 3
-    boxes = torch.cat([centres - sizes / 2, centres + sizes / 2], -1).clamp(0, 320)
+    boxes = torch.cat([centres - sizes / 2, centres + sizes / 2], -1).clamp(0, 256)
     labels = torch.randint(0, c, (2, n), generator=g)
     mask = torch.ones(2, n, dtype=torch.bool)
     mask[1, 120:] = False  # image 1 has 120 GTs, the rest is padding
@@ -181,8 +181,8 @@ def test_chunked_equals_unchunked_with_300_gts(preset):
     scores = torch.rand(2, a, c, generator=g)
     make = getattr(TaskAlignedAssigner, preset)
     whole = make(c)(scores, preds, points, labels, boxes, mask)
-    assert whole.fg_mask.sum() > 500  # a crowded case, with conflicts
-    for budget in (n * a, 64 * a, 7 * a):  # per image; GT blocks of 64; blocks of 7
+    assert whole.fg_mask.sum() > 400  # a crowded case, with conflicts
+    for budget in (n * a, 37 * a):  # one image per block; blocks of 37 GT rows
         chunked = make(c, max_elements=budget)(scores, preds, points, labels, boxes, mask)
         for name, x, y in zip(whole._fields, whole, chunked):
             assert torch.equal(x, y), (budget, name)

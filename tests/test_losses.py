@@ -294,3 +294,27 @@ def test_varifocal_and_iou_loss_by_hand():
     torch.testing.assert_close(varifocal_loss(logit, target, onehot), expected)
     box = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
     torch.testing.assert_close(iou_loss(box, box, "giou", 1e-10), torch.zeros(1), atol=1e-6, rtol=0)
+
+
+def test_target_class_out_of_range_raises():
+    head = random_head(bins=17)
+    bad = TARGETS.clone()
+    bad[0, 1] = 4
+    with pytest.raises(ValueError, match="target classes"):
+        PPYoloELoss(4)(head, bad, 2)
+
+
+def test_normalizer_all_reduce_under_torch_distributed(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised by another test")
+    head = random_head(bins=17)
+    ref, comp = PPYoloELoss(4)(head, TARGETS, 2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        synced, comp_synced = PPYoloELoss(4, sync_normalizer=True)(head, TARGETS, 2)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(synced, ref)  # world size 1: the average over ranks is the local sum
+    torch.testing.assert_close(comp_synced["normalizer"], comp["normalizer"])

@@ -60,7 +60,8 @@ class TaskAlignedAssigner(nn.Module):
         min_side, min_side_below: for the candidate test only, GT sides shorter than
             ``min_side_below`` are widened to ``min_side`` about the centre (ultralytics 8.4:
             8 and 16). ``min_side=0`` disables it.
-        max_elements: memory budget, in elements of one ``[b, g, A]`` block.
+        max_elements: memory budget, in elements of one ``[b, g, A]`` block (peak memory is
+            roughly a dozen fp32 tensors of that size: ~0.8 GB at the default 2**24).
     """
 
     def __init__(
@@ -75,7 +76,7 @@ class TaskAlignedAssigner(nn.Module):
         overlap_on_candidates_only: bool = False,
         min_side: float = 0.0,
         min_side_below: float | None = None,
-        max_elements: int = 1 << 25,
+        max_elements: int = 1 << 24,
     ) -> None:
         super().__init__()
         if iou_kind not in ("iou", "giou", "ciou"):

@@ -132,6 +132,11 @@ class TaskAlignedDetectionLoss(nn.Module):
     ) -> Assignment:
         stride = head.stride_tensor.float()
         labels, boxes, mask = pad_targets(targets.detach().float().to(cls_logits.device), cls_logits.shape[0])
+        real = labels[mask]
+        if real.numel() and (real.min() < 0 or real.max() >= self.num_classes):
+            raise ValueError(
+                f"target classes must lie in [0, {self.num_classes}), got [{int(real.min())}, {int(real.max())}]"
+            )
         return self.assigner(
             cls_logits.detach().sigmoid(),
             pred_grid.detach() * stride,
@@ -245,7 +250,7 @@ class PPYoloELoss(TaskAlignedDetectionLoss):
         iou_weight: float = 2.5,
         dfl_weight: float = 0.5,
         sync_normalizer: bool = True,
-        max_assign_elements: int = 1 << 25,
+        max_assign_elements: int = 1 << 24,
     ) -> None:
         assigner = TaskAlignedAssigner.ppyoloe(
             num_classes, topk=topk, alpha=alpha, beta=beta, max_elements=max_assign_elements
@@ -280,7 +285,7 @@ class V8DetectionLoss(TaskAlignedDetectionLoss):
         strides: tuple[int, ...] = (8, 16, 32),
         scale_by_batch: bool = True,
         sync_normalizer: bool = False,
-        max_assign_elements: int = 1 << 25,
+        max_assign_elements: int = 1 << 24,
     ) -> None:
         assigner = TaskAlignedAssigner.ultralytics(
             num_classes, strides=strides, topk=topk, alpha=alpha, beta=beta, max_elements=max_assign_elements
