@@ -60,27 +60,38 @@ def predict(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     fuse: bool = False,
-) -> Predictions:
+    stream: bool = False,
+) -> Predictions | Iterator[ImagePrediction]:
     """Run a detector on ``source`` and return one :class:`ImagePrediction` per image or video frame.
 
     ``source``: a file path, folder (images sorted by name), glob pattern, http(s)/file:// URL,
     PIL image, HWC RGB uint8 array (or a 4-D batch of them), uint8 tensor, video file, or a
     list of those. ``conf``/``iou``/``top_k``/``max_det``/``multi_label``/``agnostic`` are the
-    post-processing settings; ``size``/``longest`` the letterbox. The model's train/eval mode is
-    restored afterwards; ``fuse=True`` fuses a copy, never the caller's model.
+    post-processing settings; ``size``/``longest`` the letterbox. The model's train/eval mode (and
+    device, if ``device`` moves it) is restored afterwards; ``fuse=True`` fuses a copy, never the
+    caller's model. ``stream=True`` returns a generator instead of a list, so long videos do not
+    have to fit in memory.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
+    settings = dict(size=size, longest=longest, conf=conf, iou=iou, top_k=top_k, max_det=max_det,
+                    multi_label=multi_label, agnostic=agnostic)
+    gen = _predict_stream(model, source, batch_size, device, fuse, settings)
+    if stream:
+        return gen
+    results = list(gen)
+    fps = {p.fps for p in results}
+    return Predictions(results, fps=fps.pop() if len(fps) == 1 else None)
+
+
+def _predict_stream(model: nn.Module, source: Any, batch_size: int, device: str | torch.device | None,
+                    fuse: bool, settings: dict[str, Any]) -> Iterator[ImagePrediction]:
+    param = next(model.parameters(), None)
+    home = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else home
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     class_names = list(getattr(model, "class_names", None) or [])
-
     was_training = model.training
-    param = next(model.parameters(), None)
-    home = param.device if param is not None else device
     net = model
     if fuse:
         net = copy.deepcopy(model).eval()
@@ -88,31 +99,25 @@ def predict(
         net = (fused if isinstance(fused, nn.Module) else net).to(device)
     elif home != device:
         model.to(device)  # like super-gradients; moved back below
-    results: list[ImagePrediction] = []
-    fps_seen: set[float | None] = set()
     try:
         net.eval()
         batch: list[_Frame] = []
         for frame in iter_source(source):
-            fps_seen.add(frame.fps)
             batch.append(frame)
             if len(batch) == batch_size:
-                results += _run_batch(net, batch, class_names, device, dtype, size, longest, conf, iou, top_k,
-                                      max_det, multi_label, agnostic)
+                yield from _run_batch(net, batch, class_names, device, dtype, **settings)
                 batch = []
         if batch:
-            results += _run_batch(net, batch, class_names, device, dtype, size, longest, conf, iou, top_k,
-                                  max_det, multi_label, agnostic)
+            yield from _run_batch(net, batch, class_names, device, dtype, **settings)
     finally:
         if not fuse and home != device:
             model.to(home)
         model.train(was_training)
-    fps = next(iter(fps_seen)) if len(fps_seen) == 1 else None
-    return Predictions(results, fps=fps)
 
 
-def _run_batch(net, batch, class_names, device, dtype, size, longest, conf, iou, top_k, max_det,
-               multi_label, agnostic) -> list[ImagePrediction]:
+def _run_batch(net: nn.Module, batch: list[_Frame], class_names: list[str], device: torch.device,
+               dtype: torch.dtype, size: int | tuple[int, int], longest: int | None, conf: float, iou: float,
+               top_k: int, max_det: int, multi_label: bool, agnostic: bool) -> list[ImagePrediction]:
     inputs, infos = [], []
     for frame in batch:
         padded, info = letterbox(frame.image, size=size, longest=longest, center=True)
@@ -134,6 +139,7 @@ def _run_batch(net, batch, class_names, device, dtype, size, longest, conf, iou,
             class_names=class_names,
             source=frame.source,
             letterbox=info,
+            fps=frame.fps,
         ))
     return out
 

@@ -40,6 +40,7 @@ class ImagePrediction:
     class_names: list[str]
     source: str | None = None
     letterbox: LetterboxInfo | None = None
+    fps: float | None = None  # frame rate of the video this frame came from
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -128,8 +129,12 @@ class Predictions(Sequence[ImagePrediction]):
         if path.suffix.lower() in VIDEO_EXTENSIONS:
             return self._save_video(path, show_confidence, fps or self.fps or 25.0)
         path.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
         for i, pred in enumerate(self):
-            stem = Path(pred.source).stem if pred.source and self.fps is None else f"{i:06d}"
+            stem = Path(pred.source).stem if pred.source and pred.fps is None else f"{i:06d}"
+            if stem in used:  # the same file name from two folders or URLs
+                stem = f"{stem}_{i:06d}"
+            used.add(stem)
             pred.save(path / f"{stem}.jpg", show_confidence)
         return path
 

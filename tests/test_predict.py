@@ -146,8 +146,10 @@ def test_conf_filters_and_training_flag_is_restored(model, all_sources):
     thr = float(ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2  # between two detections
     model.train()
     try:
-        high = model.predict(_test_image(), conf=thr, size=SIZE, longest=LONGEST)[0]
-        assert model.training  # restored
+        stream = model.predict(_test_image(), conf=thr, size=SIZE, longest=LONGEST, stream=True)
+        assert not isinstance(stream, Predictions) and model.training  # lazy: nothing ran yet
+        (high,) = list(stream)
+        assert model.training  # restored once the generator is done
     finally:
         model.eval()
     # With top_k not binding, NMS at a higher threshold keeps exactly the survivors above it.
@@ -186,8 +188,8 @@ def test_save_draws_on_an_original_size_image_and_coco_rows(all_sources, tmp_pat
     assert rows[0]["score"] == pytest.approx(float(pred.scores[0]))
     assert pred.to_coco(1, category_ids=list(range(100, 180)))[0]["category_id"] == 100 + int(pred.labels[0])
 
-    folder = all_sources[:2].save(tmp_path / "many")
-    assert sorted(p.name for p in folder.iterdir()) == ["000001.jpg", "img.jpg"]
+    folder = Predictions([pred, all_sources[1], pred]).save(tmp_path / "many")
+    assert sorted(p.name for p in folder.iterdir()) == ["000001.jpg", "img.jpg", "img_000002.jpg"]
 
 
 def test_show_is_headless_safe(all_sources):
