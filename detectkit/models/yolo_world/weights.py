@@ -14,6 +14,7 @@ Any missing or unexpected key, or shape mismatch, raises an error listing them.
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import re
 import types
@@ -217,6 +218,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Tensors, containers and inert stand-ins for model classes; every other global is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol-2 (Python 2) spellings
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
