@@ -18,7 +18,9 @@ def write_image(path: Path, w: int = 64, h: int = 48, colour=(90, 120, 150), mod
     return path
 
 
-def write_coco(folder: Path, images: list[dict], annotations: list[dict], categories: list[dict], name="annotations.json") -> Path:
+def write_coco(
+    folder: Path, images: list[dict], annotations: list[dict], categories: list[dict], name="annotations.json"
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
@@ -41,7 +43,13 @@ def broken_coco(root: Path) -> Path:
     anns = [
         {"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 20, 20], "iscrowd": 0},  # good
         {"id": 2, "image_id": 1, "category_id": 9, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # degenerate
-        {"id": 3, "image_id": 2, "category_id": 7, "bbox": [50, 30, 30, 30], "iscrowd": 0},  # outside: clipped
+        {
+            "id": 3,
+            "image_id": 2,
+            "category_id": 7,
+            "bbox": [50, 30, 30, 30],
+            "iscrowd": 0,
+        },  # outside: clipped
         {"id": 4, "image_id": 2, "category_id": 42, "bbox": [1, 1, 5, 5], "iscrowd": 0},  # unknown class
         {"id": 4, "image_id": 2, "category_id": 9, "bbox": [2, 2, 8, 8], "iscrowd": 0},  # duplicate ann id
         {"id": 6, "image_id": 5, "category_id": 9, "bbox": [0, 0, 30, 30], "iscrowd": 1},  # crowd
@@ -49,7 +57,10 @@ def broken_coco(root: Path) -> Path:
         {"id": 8, "image_id": 3, "category_id": 7, "bbox": [1, 1, 10, 10], "iscrowd": 0},
         {"id": 9, "image_id": 4, "category_id": 7, "bbox": [1, 1, 10, 10], "iscrowd": 0},
     ]
-    cats = [{"id": 7, "name": "cat", "supercategory": "animal"}, {"id": 9, "name": "dog", "supercategory": "animal"}]
+    cats = [
+        {"id": 7, "name": "cat", "supercategory": "animal"},
+        {"id": 9, "name": "dog", "supercategory": "animal"},
+    ]
     return write_coco(folder, images, anns, cats)
 
 

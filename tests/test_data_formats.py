@@ -76,8 +76,12 @@ def test_coco_duplicate_image_id_is_fatal(tmp_path):
 def test_coco_category_ids_map_in_id_order(tmp_path):
     write_image(tmp_path / "a.jpg")
     cats = [{"id": 30, "name": "c"}, {"id": 5, "name": "a"}, {"id": 12, "name": "b"}]
-    anns = [{"id": i, "image_id": 1, "category_id": c, "bbox": [1, 1, 5, 5]} for i, c in enumerate((30, 5, 12))]
-    split = open_dataset(write_coco(tmp_path, [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}], anns, cats)).load()
+    anns = [
+        {"id": i, "image_id": 1, "category_id": c, "bbox": [1, 1, 5, 5]} for i, c in enumerate((30, 5, 12))
+    ]
+    split = open_dataset(
+        write_coco(tmp_path, [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}], anns, cats)
+    ).load()
     assert split.class_names == ["a", "b", "c"]
     assert split.records[0].labels.tolist() == [2, 0, 1]
 
@@ -103,7 +107,9 @@ def test_yolo_quirks(tmp_path):
     assert recs["bad.jpg"].num_boxes == 1
     problems = {p.kind: p for p in train.problems}
     assert set(problems) == {"unknown_class", "bad_line"}
-    assert problems["unknown_class"].file.endswith("bad.txt") and "line 2" in problems["unknown_class"].message
+    assert (
+        problems["unknown_class"].file.endswith("bad.txt") and "line 2" in problems["unknown_class"].message
+    )
     assert "line 3" in problems["bad_line"].message
     assert src.load("valid").records[0].num_boxes == 1
     assert yaml_path.exists()
