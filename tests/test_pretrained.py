@@ -107,3 +107,39 @@ def test_download_keeps_existing_file_on_failure(tmp_path, payload):
 def test_download_rejects_malformed_digest(tmp_path, payload):
     with pytest.raises(ValueError, match="64 hex digits"):
         download(payload[0].as_uri(), tmp_path / "w.pth", sha256="abc")
+
+
+def test_coco_class_names_for_published_weights():
+    from detectkit.models.pretrained import COCO_CLASSES, pretrained_class_names
+
+    assert len(COCO_CLASSES) == 80 and len(set(COCO_CLASSES)) == 80
+    assert (COCO_CLASSES[0], COCO_CLASSES[2], COCO_CLASSES[79]) == ("person", "car", "toothbrush")
+    assert pretrained_class_names("yolo_nas_l", "coco") == list(COCO_CLASSES)
+    assert pretrained_class_names("yolo_nas_s", True) == list(COCO_CLASSES)
+    assert pretrained_class_names("yolo_nas_s", "/some/file.pth") is None
+
+
+def test_pretrained_true_means_default_tag(cache):
+    cache.mkdir()
+    (cache / "yolo_nas_s_coco.pth").write_bytes(b"x")
+    assert resolve_pretrained("yolo_nas_s", True) == cache / "yolo_nas_s_coco.pth"
+    with pytest.raises(ValueError, match="no published pretrained weights"):
+        resolve_pretrained("tiny_unknown", True)
+
+
+def test_create_model_resolves_pretrained_through_the_cache(cache):
+    import torch
+
+    import detectkit
+
+    with pytest.raises(FileNotFoundError, match=str(cache / "yolo_nas_s_coco.pth")):
+        detectkit.create_model("yolo_nas_s", pretrained="coco")
+    fixture = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "yolo_nas_s_parity"
+    if not (fixture / "yolo_nas_s_random.pth").is_file():
+        pytest.skip(f"shared fixtures not found at {fixture}")
+    cache.mkdir()
+    (cache / "yolo_nas_s_coco.pth").symlink_to(fixture / "yolo_nas_s_random.pth")  # stands in for the download
+    model = detectkit.create_model("yolo_nas_s", pretrained="coco")
+    ref = torch.load(fixture / "yolo_nas_s_random.pth", map_location="cpu", weights_only=True)["net"]
+    for key in ("backbone.stem.conv.branch_3x3.conv.weight", "heads.head3.cls_pred.bias"):
+        torch.testing.assert_close(model.state_dict()[key], ref[key], rtol=0, atol=0)

@@ -21,7 +21,22 @@ from pathlib import Path
 
 from torch.hub import download_url_to_file
 
-__all__ = ["PRETRAINED", "PretrainedWeights", "weights_dir", "resolve_pretrained", "download"]
+__all__ = ["COCO_CLASSES", "PRETRAINED", "PretrainedWeights", "weights_dir", "resolve_pretrained",
+           "pretrained_class_names", "download"]
+
+#: the 80 COCO detection classes in contiguous-label order (label i = i-th name), as the published
+#: COCO checkpoints predict them
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
+    "scissors", "teddy bear", "hair drier", "toothbrush",
+)
 
 YOLO_NAS_LICENSE = (
     "YOLO-NAS pretrained weights are licensed by Deci.AI under the YOLO-NAS license "
@@ -39,6 +54,7 @@ class PretrainedWeights:
     num_classes: int
     license: str
     sha256: str | None = None
+    class_names: tuple[str, ...] = ()
 
 
 # URLs as in super-gradients' pretrained_models.py after the 2024-09 move from sghub.deci.ai
@@ -50,6 +66,7 @@ PRETRAINED: dict[str, dict[str, PretrainedWeights]] = {
             url=f"https://sg-hub-nv.s3.amazonaws.com/models/yolo_nas_{v}_coco.pth",
             num_classes=80,
             license=YOLO_NAS_LICENSE,
+            class_names=COCO_CLASSES,
         )
     }
     for v in ("s", "m", "l")
@@ -66,6 +83,14 @@ def weights_dir() -> Path:
 
 def _is_url(text: str) -> bool:
     return "://" in text and urllib.parse.urlparse(text).scheme.lower() in _URL_SCHEMES
+
+
+def pretrained_class_names(model_name: str, pretrained: str | bool) -> list[str] | None:
+    """Class names the published weights ``pretrained`` predict, or None for paths/URLs/unknown tags."""
+    tags = PRETRAINED.get(model_name, {})
+    tag = next(iter(tags), None) if pretrained is True else pretrained
+    entry = tags.get(tag) if isinstance(tag, str) else None
+    return list(entry.class_names) if entry is not None and entry.class_names else None
 
 
 def resolve_pretrained(model_name: str, pretrained: str | os.PathLike | bool, download: bool = False) -> Path:
