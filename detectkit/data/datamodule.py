@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from detectkit.data.collate import collate
 from detectkit.data.dataset import DetectionDataset
 from detectkit.data.formats.detect import DatasetSource, canonical_split, open_dataset
+from detectkit.data.formats.roboflow import fetch_roboflow
 from detectkit.data.records import DatasetError, DetectionSplit
 from detectkit.data.synthetic import SyntheticConfig, synthetic_class_names, synthetic_dataset
 from detectkit.data.transforms import AugmentConfig
 
-__all__ = ["DetectionDataModule", "EpochRelaySampler", "SeededRandomSampler"]
+__all__ = ["DetectionDataModule", "RoboflowDataModule", "EpochRelaySampler", "SeededRandomSampler"]
 
 log = logging.getLogger("detectkit.data")
 
@@ -403,3 +404,45 @@ class DetectionDataModule(L.LightningDataModule):
         if self.is_synthetic:
             return synthetic_dataset(self.synthetic, self.cache_dir)
         return Path(self.data_dir) if self.data_dir else None
+
+
+class RoboflowDataModule(DetectionDataModule):
+    """A Roboflow project version: downloaded once (``roboflow`` package, needs the network and
+    an API key), cached under ``cache_dir``, or read from ``local_path`` when offline.
+
+    The other arguments are :class:`DetectionDataModule`'s.
+    """
+
+    def __init__(
+        self,
+        workspace: str,
+        project: str,
+        version: int,
+        api_key: str | None = None,
+        format: str = "coco",
+        cache_dir: str | None = None,
+        local_path: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.roboflow = {
+            "workspace": workspace,
+            "project": project,
+            "version": version,
+            "api_key": api_key,
+            "format": format,
+            "cache_dir": cache_dir,
+            "local_path": local_path,
+        }
+        self.is_synthetic = False
+        self.synthetic = None
+        self._fetched: Path | None = None
+
+    def _root(self) -> str | None:
+        if self._fetched is None:
+            self._fetched = fetch_roboflow(**self.roboflow)
+            self.data_dir = str(self._fetched)
+        return str(self._fetched)
+
+    def prepare_data(self) -> None:
+        self._root()
