@@ -218,6 +218,11 @@ def test_video_source_one_prediction_per_frame(model, tmp_path):
         assert pred.image.shape == (60, 100, 3)
         # RGB order kept: flat regions come back within MJPG's loss
         assert np.abs(pred.image[5:55, 5:45].astype(int) - frame[5:55, 5:45]).max() < 20
+    # The same video through a file:// URL (downloaded to a temporary file, then decoded).
+    via_url = list(iter_source(path.as_uri()))
+    assert len(via_url) == 2 and via_url[0].fps == pytest.approx(5.0)
+    for got, pred in zip(via_url, preds):
+        np.testing.assert_array_equal(got.image, pred.image)
     out = preds.save(tmp_path / "out.avi")
     cap = cv2.VideoCapture(str(out))
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
