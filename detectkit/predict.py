@@ -125,7 +125,13 @@ def _run_batch(net: nn.Module, batch: list[_Frame], class_names: list[str], devi
         infos.append(info)
     x = torch.from_numpy(np.stack(inputs)).permute(0, 3, 1, 2).to(device=device, dtype=dtype).div_(255.0)
     with torch.inference_mode():
-        boxes, scores = net(x)
+        raw = net(x)
+        if not (isinstance(raw, (tuple, list)) and len(raw) == 2 and all(isinstance(t, torch.Tensor) and t.ndim == 3
+                                                                       for t in raw)
+                and raw[0].shape[-1] == 4 and raw[0].shape[:2] == raw[1].shape[:2]):
+            raise TypeError(f"{type(net).__name__} in eval mode must return (boxes [B,A,4], scores [B,A,C]) "
+                            f"like detectkit.models.base.Detector; got {type(raw).__name__}")
+        boxes, scores = raw
         dets = postprocess(boxes, scores, conf=conf, iou=iou, top_k=top_k, max_det=max_det,
                            multi_label=multi_label, agnostic=agnostic)
     out = []

@@ -244,6 +244,12 @@ def test_source_errors_are_clear(tmp_path):
         list(iter_source(np.zeros((8, 8, 3), np.float32)))
     with pytest.raises(FileNotFoundError, match="cannot download"):
         list(iter_source((tmp_path / "gone.png").as_uri()))
+    from detectkit.predict import predict
+
+    conv = torch.nn.Conv2d(3, 4, 1).train()
+    with pytest.raises(TypeError, match=r"must return \(boxes"):
+        predict(conv, np.zeros((8, 8, 3), np.uint8), size=32, longest=None)
+    assert conv.training
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         list(iter_source(tmp_path / "empty"))
