@@ -125,6 +125,8 @@ class YoloWorld(Detector):
             raise RuntimeError("this model has its vocabulary baked in; it takes no text embeddings")
         if text.ndim == 2:
             text = text.unsqueeze(0).expand(batch, -1, -1)
+        if torch.jit.is_tracing():  # shapes are symbolic in an export trace; checked at run time
+            return text, None if text_mask is None else text_mask.to(torch.bool)
         if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.text_dim:
             raise ValueError(
                 f"text embeddings must be [K,{self.text_dim}] or [B={batch},K,{self.text_dim}], "
@@ -138,6 +140,13 @@ class YoloWorld(Detector):
             text_mask = text_mask.to(torch.bool)
         return text, text_mask
 
+    @staticmethod
+    def _check_images(x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"images must be [B,3,H,W], got {tuple(x.shape)}")
+        if x.shape[2] % 32 or x.shape[3] % 32:
+            raise ValueError(f"image sides must be multiples of 32, got {tuple(x.shape[2:])}")
+
     def features(
         self, x: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
     ) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -150,10 +159,8 @@ class YoloWorld(Detector):
     def head_forward(
         self, x: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
     ) -> HeadOutput:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"images must be [B,3,H,W], got {tuple(x.shape)}")
-        if x.shape[2] % 32 or x.shape[3] % 32:
-            raise ValueError(f"image sides must be multiples of 32, got {tuple(x.shape[2:])}")
+        if not torch.jit.is_tracing():  # an export trace would freeze these checks as constants
+            self._check_images(x)
         text, text_mask = self._text_inputs(x.shape[0], text, text_mask)
         feats = self.neck(self.backbone(x), text, text_mask)
         cls_logits, reg_distri = self.head(feats, text, text_mask)
