@@ -223,12 +223,14 @@ def test_bad_images_fail_setup_or_are_counted_skips(tmp_path, caplog):
 
 
 def test_collate_rejects_mixed_sizes():
-    s = lambda h: {
-        "image": torch.zeros(3, h, 32, dtype=torch.uint8),
-        "boxes": torch.zeros(0, 4),  # noqa: E731
-        "labels": torch.zeros(0, dtype=torch.long),
-        "meta": {"path": f"img{h}.jpg"},
-    }
+    def s(h):
+        return {
+            "image": torch.zeros(3, h, 32, dtype=torch.uint8),
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "meta": {"path": f"img{h}.jpg"},
+        }
+
     with pytest.raises(ValueError, match="img32.jpg.*img64.jpg"):
         collate([s(32), s(64)])
     empty = collate([s(32), s(32)])

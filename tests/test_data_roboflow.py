@@ -70,4 +70,4 @@ def test_download_into_cache_then_reuse(tmp_path, sharks, monkeypatch):
 
 def test_no_key_no_cache_no_local_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="no API key.*nothing cached.*no local_path given"):
-        RoboflowDataModule(**ARGS, cache_dir=str(tmp_path), num_workers=0).class_names
+        RoboflowDataModule(**ARGS, cache_dir=str(tmp_path), num_workers=0).prepare_data()

@@ -22,7 +22,7 @@ _EXPORTS = {
     "ImageRecord": "detectkit.data.records",
     "Problem": "detectkit.data.records",
     "SyntheticConfig": "detectkit.data.synthetic",
-    "check_images": "detectkit.data.dataset",
+    "check_images": "detectkit.data.images",
     "collate": "detectkit.data.collate",
     "generate_synthetic": "detectkit.data.synthetic",
     "inspect_dataset": "detectkit.data.inspect",

@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from detectkit.data.dataset import check_images
 from detectkit.data.formats.detect import canonical_split, open_dataset
+from detectkit.data.images import check_images
 from detectkit.data.records import DatasetError, DetectionSplit
 
 __all__ = ["convert_dataset", "write_coco_split", "write_yolo_split"]

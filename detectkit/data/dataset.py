@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detectkit.data.images import ImageReadError, image_size, read_image
+from detectkit.data.images import ImageReadError, check_images, read_image
 from detectkit.data.mosaic import mixup, mosaic4
-from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, Problem, log_problems
+from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, log_problems
 from detectkit.data.transforms import (
     AugmentConfig,
     apply,
@@ -33,40 +33,6 @@ __all__ = ["DetectionDataset", "check_images"]
 log = logging.getLogger("detectkit.data")
 
 _EPOCH, _MAGNITUDE, _MIX_ON, _SIZE = range(4)
-
-
-def check_images(split: DetectionSplit, decode: bool = False, progress: bool = False) -> list[Problem]:
-    """Find missing/unreadable images and size mismatches (header reads unless ``decode``).
-
-    Returns the problems (also appended to ``split.problems``); ``problem.file`` is the image.
-    """
-    from tqdm import tqdm
-
-    found = []
-    for rec in tqdm(
-        split.records, desc=f"checking {split.split} images", unit="img", disable=not progress, leave=False
-    ):
-        try:
-            if decode:
-                arr = read_image(rec.path)
-                w, h = arr.shape[1], arr.shape[0]
-            else:
-                w, h = image_size(rec.path)
-        except ImageReadError as e:
-            kind = "missing_image" if "not found" in e.reason else "unreadable_image"
-            found.append(Problem(kind, str(rec.path), e.reason, "error"))
-            continue
-        if rec.width and rec.height and (w, h) != (rec.width, rec.height):
-            found.append(
-                Problem(
-                    "size_mismatch",
-                    str(rec.path),
-                    f"annotations say {rec.width}x{rec.height} but the (EXIF-rotated) image is {w}x{h}",
-                    "error",
-                )
-            )
-    split.problems.extend(found)
-    return found
 
 
 class DetectionDataset(Dataset):

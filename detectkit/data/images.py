@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageReadError", "read_image", "image_size", "IMAGE_EXTENSIONS"]
+from detectkit.data.records import DetectionSplit, Problem
+
+__all__ = ["ImageReadError", "read_image", "image_size", "check_images", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -98,3 +100,37 @@ def read_image(path: str | Path) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ImageReadError(path, f"decoded to an unexpected shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def check_images(split: DetectionSplit, decode: bool = False, progress: bool = False) -> list[Problem]:
+    """Find missing/unreadable images and size mismatches (header reads unless ``decode``).
+
+    Returns the problems (also appended to ``split.problems``); ``problem.file`` is the image.
+    """
+    from tqdm import tqdm
+
+    found = []
+    for rec in tqdm(
+        split.records, desc=f"checking {split.split} images", unit="img", disable=not progress, leave=False
+    ):
+        try:
+            if decode:
+                arr = read_image(rec.path)
+                w, h = arr.shape[1], arr.shape[0]
+            else:
+                w, h = image_size(rec.path)
+        except ImageReadError as e:
+            kind = "missing_image" if "not found" in e.reason else "unreadable_image"
+            found.append(Problem(kind, str(rec.path), e.reason, "error"))
+            continue
+        if rec.width and rec.height and (w, h) != (rec.width, rec.height):
+            found.append(
+                Problem(
+                    "size_mismatch",
+                    str(rec.path),
+                    f"annotations say {rec.width}x{rec.height} but the (EXIF-rotated) image is {w}x{h}",
+                    "error",
+                )
+            )
+    split.problems.extend(found)
+    return found

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from detectkit.data.dataset import check_images
 from detectkit.data.formats.detect import open_dataset
+from detectkit.data.images import check_images
 from detectkit.data.records import DatasetError, Problem
 
 __all__ = ["inspect_dataset", "format_report"]
