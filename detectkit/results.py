@@ -68,8 +68,9 @@ class ImagePrediction:
             (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, max(1, lw - 1))
             ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(h - 1, y1 + th + base + 2)
             cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw, ty + base // 2), color, -1)
+            ink = (0, 0, 0) if 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 150 else (255, 255, 255)
             cv2.putText(canvas, text, (x1, ty - base // 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
-                        (255, 255, 255), max(1, lw - 1), cv2.LINE_AA)
+                        ink, max(1, lw - 1), cv2.LINE_AA)
         return canvas
 
     def save(self, path: str | Path, show_confidence: bool = True) -> Path:

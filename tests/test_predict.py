@@ -265,3 +265,17 @@ def test_array_layouts_decode_to_rgb():
     assert frame.image.shape == (5, 6, 3) and (frame.image[..., 0] == 9).all()
     batch = np.zeros((2, 5, 6, 3), np.uint8)
     assert len(list(iter_source(batch))) == 2
+
+
+def test_draw_hand_made_box(tmp_path):
+    img = np.full((60, 100, 3), 40, np.uint8)
+    pred = ImagePrediction(img, np.array([[20.0, 30.0, 80.0, 55.0]], np.float32), np.array([0.9], np.float32),
+                           np.array([3]), class_names=["a", "b", "c", "shark"])
+    assert pred.names == ["shark"]
+    drawn = np.asarray(Image.open(pred.save(tmp_path / "d.png")).convert("RGB"))
+    assert drawn.shape == img.shape
+    assert (drawn[42, 20] != 40).any() and (drawn[42, 80] != 40).any()  # left and right edges
+    assert (drawn[54, 50] != 40).any() or (drawn[55, 50] != 40).any()  # bottom edge
+    assert (drawn[45, 50] == 40).all() and (drawn[5, 5] == 40).all()  # inside and far outside untouched
+    assert (drawn[15:29, 20:60] != 40).any()  # the label sits above the box
+    np.testing.assert_array_equal(pred.image, img)  # drawing works on a copy
