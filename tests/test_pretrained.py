@@ -143,3 +143,12 @@ def test_create_model_resolves_pretrained_through_the_cache(cache):
     ref = torch.load(fixture / "yolo_nas_s_random.pth", map_location="cpu", weights_only=True)["net"]
     for key in ("backbone.stem.conv.branch_3x3.conv.weight", "heads.head3.cls_pred.bias"):
         torch.testing.assert_close(model.state_dict()[key], ref[key], rtol=0, atol=0)
+
+
+def test_yolo_world_checkpoints_are_listed_with_their_license(cache):
+    entry = PRETRAINED["yolo_world_v2_s"]["coco"]
+    assert entry.file_name == "yolov8s-worldv2.pt"
+    assert entry.url == "https://github.com/ultralytics/assets/releases/download/v8.1.0/yolov8s-worldv2.pt"
+    assert "AGPL" in entry.license
+    with pytest.raises(FileNotFoundError, match="AGPL"):
+        resolve_pretrained("yolo_world_v2_x", "coco")

@@ -8,6 +8,8 @@ explicit URL), so offline machines get an error that says which file to put wher
 Deci.AI under their own YOLO-NAS license (``LICENSE.YOLONAS.md`` in super-gradients), not under
 Apache-2.0: among other terms, no commercial or production use without Deci's written consent.
 detectkit does not ship them; downloading and using them is between you and Deci.
+The YOLO-World v2 checkpoints (``yolov8{s,m,l,x}-worldv2.pt``) come from Ultralytics under
+AGPL-3.0.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ YOLO_NAS_LICENSE = (
     "which forbids commercial/production use without Deci's consent"
 )
 
+ULTRALYTICS_LICENSE = (
+    "YOLO-World checkpoints from Ultralytics are distributed under AGPL-3.0 "
+    "(https://github.com/ultralytics/ultralytics/blob/main/LICENSE)"
+)
+
 
 @dataclass(frozen=True)
 class PretrainedWeights:
@@ -71,6 +78,20 @@ PRETRAINED: dict[str, dict[str, PretrainedWeights]] = {
     }
     for v in ("s", "m", "l")
 }
+# YOLO-World v2 as published by Ultralytics (converted from the official YOLO-World release); the
+# files carry a COCO offline vocabulary. URLs from the Ultralytics YOLO-World docs table.
+PRETRAINED.update({
+    f"yolo_world_v2_{v}": {
+        "coco": PretrainedWeights(
+            file_name=f"yolov8{v}-worldv2.pt",
+            url=f"https://github.com/ultralytics/assets/releases/download/v8.1.0/yolov8{v}-worldv2.pt",
+            num_classes=80,
+            license=ULTRALYTICS_LICENSE,
+            class_names=COCO_CLASSES,
+        )
+    }
+    for v in ("s", "m", "l", "x")
+})
 
 _URL_SCHEMES = ("http", "https", "file")
 
