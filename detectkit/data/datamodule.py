@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -81,6 +82,9 @@ def _worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    # workers are the parallelism: threads inside each one only oversubscribe the CPUs
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 class DetectionDataModule(L.LightningDataModule):
