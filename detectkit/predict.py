@@ -74,6 +74,9 @@ def predict(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stride = max(getattr(model, "strides", (1,)))
+    if any(int(side) % stride for side in ((size, size) if isinstance(size, int) else size)):
+        raise ValueError(f"size={size} must be a multiple of the model's largest stride ({stride})")
     settings = dict(size=size, longest=longest, conf=conf, iou=iou, top_k=top_k, max_det=max_det,
                     multi_label=multi_label, agnostic=agnostic)
     gen = _predict_stream(model, source, batch_size, device, fuse, settings)

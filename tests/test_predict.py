@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import detectkit
+from detectkit.models.base import Detector
 from detectkit.ops import postprocess
 from detectkit.predict import iter_source
 from detectkit.results import ImagePrediction, Predictions
@@ -250,6 +251,8 @@ def test_source_errors_are_clear(tmp_path):
     with pytest.raises(TypeError, match=r"must return \(boxes"):
         predict(conv, np.zeros((8, 8, 3), np.uint8), size=32, longest=None)
     assert conv.training
+    with pytest.raises(ValueError, match="multiple of the model's largest stride"):
+        predict(Detector(2, bins=17), np.zeros((8, 8, 3), np.uint8), size=100)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         list(iter_source(tmp_path / "empty"))
