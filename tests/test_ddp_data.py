@@ -198,3 +198,165 @@ def test_resume_continues_exactly(ranks):
     for r in range(WORLD):
         assert ranks[r]["resumed"] == ranks[r]["history"]
     assert ranks[0]["resumed_sizes"] == [h for h, _ in ranks[0]["shapes"][0]]
+
+
+# ---------------------------------------------------------------- end to end: Lightning DDP, 2 ranks
+
+FIT_EPOCHS = 3
+
+
+def _tiny_module():
+    from detectkit.models.yolo_nas import YoloNAS, YoloNASConfig
+    from detectkit.models.yolo_nas.configs import StageCfg as S
+    from detectkit.modules.detector import DetectionModule
+
+    cfg = YoloNASConfig(
+        stem_channels=8,
+        stages=(S(16, 1, 8), S(32, 1, 8), S(64, 1, 16), S(64, 1, 16)),
+        spp_channels=64,
+        neck=(S(32, 1, 8), S(16, 1, 8), S(32, 1, 8), S(64, 1, 16)),
+        head_channels=(16, 32, 64),
+    )
+    return DetectionModule(YoloNAS(cfg, num_classes=3), num_classes=3, warmup_steps=2)
+
+
+def _datamodule_for_fit(root: str):
+    from detectkit.data.datamodule import DetectionDataModule
+
+    return DetectionDataModule(
+        data_dir=root, image_size=64, batch_size=2, num_workers=0, mosaic_prob=0.0, mixup_prob=0.0, seed=3
+    )
+
+
+def _fit_worker(rank: int, port: int, root: str, out_dir: str, ckpt: str | None) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    torch.set_num_threads(1)
+    # What torchrun sets: Lightning sees LOCAL_RANK, so it joins these processes instead of launching.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    os.environ["NODE_RANK"] = "0"
+    L.seed_everything(0, workers=True, verbose=False)
+    records = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            records.append(
+                (
+                    trainer.current_epoch,
+                    batch_idx,
+                    tuple(batch["images"].shape[-2:]),
+                    [m["index"] for m in batch["meta"]],
+                    float(batch["targets"][:, 2:].max()) if len(batch["targets"]) else 0.0,
+                )
+            )
+
+    sampler_types = []
+
+    class Inspect(Callback):
+        def on_train_start(self, trainer, pl_module):
+            sampler_types.append(type(trainer.train_dataloader.sampler).__name__)
+
+    callbacks = [
+        ProgressiveResizing(start_size=32, end_size=96, start_epoch=0, end_epoch=2, jitter=0.35, seed=1),
+        CurriculumCallback(score="loss", start_fraction=0.5, end_epoch=2, seed=2),
+        Record(),
+        Inspect(),
+    ]
+    if ckpt is None:
+        # a checkpoint in the middle of epoch 1 (4 batches per epoch per rank: step 6 = batch 1 of epoch 1)
+        callbacks.append(
+            ModelCheckpoint(dirpath=out_dir, filename="mid-{step}", every_n_train_steps=6, save_top_k=-1)
+        )
+    trainer = L.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=FIT_EPOCHS,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(_tiny_module(), datamodule=_datamodule_for_fit(root), ckpt_path=ckpt)
+    curriculum = callbacks[1]
+    result = {
+        "records": records,
+        "sampler_types": sampler_types,
+        "world_size": trainer.world_size,
+        "scores": curriculum.sampler.scores.tolist(),
+        "epoch": curriculum.sampler.epoch,
+    }
+    torch.save(result, os.path.join(out_dir, f"fit{'_resumed' if ckpt else ''}_rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    from detectkit.data.synthetic import SyntheticConfig, synthetic_dataset
+
+    out = tmp_path_factory.mktemp("ddp_fit")
+    root = synthetic_dataset(SyntheticConfig(train_images=16, val_images=2, size=64, seed=4), out / "cache")
+    train = str(root)
+    args = (free_port(), train, str(out), None)
+    mp.start_processes(_fit_worker, args=args, nprocs=WORLD, join=True, start_method="fork")
+    ckpt = out / "mid-step=6.ckpt"
+    assert ckpt.is_file(), sorted(p.name for p in out.iterdir())
+    args = (free_port(), train, str(out), str(ckpt))
+    mp.start_processes(_fit_worker, args=args, nprocs=WORLD, join=True, start_method="fork")
+    load = lambda name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(WORLD)]  # noqa: E731
+    return load("fit"), load("fit_resumed")
+
+
+def _by_epoch(records):
+    out = {}
+    for epoch, _, _, indices, _ in records:
+        out.setdefault(epoch, []).extend(indices)
+    return out
+
+
+@pytest.mark.slow
+def test_fit_ddp_sampler_is_not_rewrapped(fitted):
+    full, _ = fitted
+    for rank in full:
+        assert rank["world_size"] == 2
+        assert rank["sampler_types"] == ["DistributedEpochRelaySampler"]
+
+
+@pytest.mark.slow
+def test_fit_ddp_same_size_every_step(fitted):
+    full, _ = fitted
+    a, b = full[0]["records"], full[1]["records"]
+    assert [(e, i) for e, i, *_ in a] == [(e, i) for e, i, *_ in b]
+    assert len(a) == FIT_EPOCHS * 4  # 16 images, 2 ranks, batch 2
+    assert [r[2] for r in a] == [r[2] for r in b]
+    resize = ProgressiveResizing(start_size=32, end_size=96, start_epoch=0, end_epoch=2, jitter=0.35, seed=1)
+    assert [r[2] for r in a] == [(resize.size_for(e, i),) * 2 for e, i, *_ in a]
+    assert len({r[2] for r in a}) > 2
+    # boxes were scaled with the images: none lies outside the resized input
+    assert all(r[4] <= r[2][1] + 1e-3 for rank in full for r in rank["records"])
+
+
+@pytest.mark.slow
+def test_fit_ddp_curriculum_shards(fitted):
+    full, _ = fitted
+    seen = [_by_epoch(rank["records"]) for rank in full]
+    for epoch, pool in [(0, 8), (1, 12), (2, 16)]:  # start 0.5, full pool at epoch 2
+        both = seen[0][epoch] + seen[1][epoch]
+        assert len(seen[0][epoch]) == len(seen[1][epoch]) == 8
+        assert len(set(both)) == pool
+        counts = Counter(both).values()
+        assert max(counts) - min(counts) <= 1  # the pool tiled evenly over the epoch
+    assert not set(seen[0][2]) & set(seen[1][2]) and set(seen[0][2]) | set(seen[1][2]) == set(range(16))
+    assert full[0]["scores"] == full[1]["scores"]  # gathered per-image losses: one curriculum
+
+
+@pytest.mark.slow
+def test_fit_ddp_resume_mid_epoch_continues_exactly(fitted):
+    full, resumed = fitted
+    for r in range(WORLD):
+        tail = [rec for rec in full[r]["records"] if (rec[0], rec[1]) >= (1, 2)]
+        assert resumed[r]["records"] == tail
+        assert resumed[r]["scores"] == full[r]["scores"]

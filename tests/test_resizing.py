@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -191,3 +193,28 @@ def test_callback_state_round_trip_continues_sequence():
     resumed.load_state_dict(state)
     assert (resumed.last_epoch, resumed.last_step) == (1, 2)
     assert [resumed.size_for(e, k) for e in range(4) for k in range(5)] == expected
+
+
+def test_resumed_state_applies_the_next_epoch_before_the_loader_starts():
+    """Lightning restores callbacks before on_fit_start but the loop counter only after it."""
+
+    class Train:
+        size = None
+
+        def set_image_size(self, size):
+            self.size = size
+
+    dm = SimpleNamespace(datasets={"train": Train()})
+    kwargs = dict(start_size=64, end_size=256, start_epoch=0, end_epoch=3)
+    cb = ProgressiveResizing(**kwargs)
+    trainer = SimpleNamespace(current_epoch=1, num_training_batches=4, datamodule=dm)
+    cb.on_train_batch_end(trainer, None, None, None, 1)
+    mid = cb.state_dict()
+    cb.on_train_batch_end(trainer, None, None, None, 3)  # the epoch's last batch
+    end = cb.state_dict()
+    assert (mid["next_epoch"], end["next_epoch"]) == (1, 2)
+    for state, size in [(mid, 128), (end, 192)]:
+        fresh = ProgressiveResizing(**kwargs)
+        fresh.load_state_dict(state)
+        fresh.on_fit_start(SimpleNamespace(current_epoch=0, datamodule=dm), None)
+        assert dm.datasets["train"].size == size

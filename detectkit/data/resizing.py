@@ -242,6 +242,8 @@ class ProgressiveResizing(Callback):
         self.last_epoch = -1
         self.last_step = -1
         self.last_size = 0
+        self.next_epoch = 0  # the epoch a run resumed from this state trains first
+        self._restored_epoch: int | None = None
 
     def size_for(self, epoch: int, step: int) -> int:
         return step_image_size(self.seed, epoch, step, self.schedule)
@@ -267,13 +269,30 @@ class ProgressiveResizing(Callback):
         if self.resize_in_loader and callable(getattr(train, "set_image_size", None)):
             train.set_image_size(epoch_image_size(epoch, self.schedule))
 
-    # Dataloader workers for epoch 0 start before on_train_epoch_start (FitLoop.setup_data), so
-    # the first epoch's values are set at fit start; later epochs create their iterator after it.
+    # The loader's first iterator (and its workers' prefetch) is created in FitLoop.setup_data,
+    # before on_train_start/on_train_epoch_start and, on resume, after the checkpoint is restored
+    # but with no hook in between. So on_fit_start already applies the epoch the run will train
+    # next: 0, or the one recorded in the restored state. on_train_start re-applies it from the
+    # restored loop counter, for loaders that read lazily.
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = self._restored_epoch if self._restored_epoch is not None else trainer.current_epoch
+        self._apply_epoch(trainer, epoch)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restored_epoch = None
         self._apply_epoch(trainer, trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._apply_epoch(trainer, trainer.current_epoch)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        last = batch_idx + 1 >= getattr(trainer, "num_training_batches", float("inf"))
+        self.next_epoch = trainer.current_epoch + 1 if last else trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.next_epoch = trainer.current_epoch + 1
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -304,6 +323,7 @@ class ProgressiveResizing(Callback):
             "last_epoch": self.last_epoch,
             "last_step": self.last_step,
             "last_size": self.last_size,
+            "next_epoch": self.next_epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -315,3 +335,5 @@ class ProgressiveResizing(Callback):
         self.last_epoch = int(state_dict["last_epoch"])
         self.last_step = int(state_dict["last_step"])
         self.last_size = int(state_dict["last_size"])
+        self.next_epoch = int(state_dict.get("next_epoch", max(self.last_epoch, 0)))
+        self._restored_epoch = self.next_epoch
