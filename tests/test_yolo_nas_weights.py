@@ -227,3 +227,15 @@ def test_loads_sg_layout_m_and_l(variant):
     assert load_super_gradients_checkpoint(dst, ckpt) == ([], [], [], [])
     _assert_state_equal(dst, state)
     assert isinstance(dst, YoloNAS) and dst.cfg == CONFIGS[variant]
+
+
+def test_pretrained_argument(ckpt_path, sg_state, tmp_path, monkeypatch):
+    model = create_model("yolo_nas_s", pretrained=ckpt_path)  # a local file path
+    _assert_state_equal(model, _without_placeholders(sg_state))
+    monkeypatch.setenv("DETECTKIT_WEIGHTS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="yolo_nas_s_coco.pth"):  # tag not cached, no download
+        create_model("yolo_nas_s", pretrained="coco")
+    with pytest.raises(ValueError, match="not both"):
+        create_model("yolo_nas_s", checkpoint=ckpt_path, pretrained="coco")
+    with pytest.raises(ValueError, match="2 class_names for num_classes=80"):
+        create_model("yolo_nas_s", class_names=["a", "b"])

@@ -103,18 +103,25 @@ def build_yolo_nas(
     pretrained: str | bool | None = None,
     class_names: Sequence[str] | None = None,
     in_channels: int = 3,
+    download: bool = False,
 ) -> YoloNAS:
-    """Build ``yolo_nas_{s,m,l}``; ``checkpoint`` is a super-gradients or detectkit state dict file."""
+    """Build ``yolo_nas_{s,m,l}``; ``checkpoint`` is a super-gradients or detectkit state dict file.
+
+    ``pretrained`` (a tag such as ``"coco"``, ``True``, a path or a URL) is resolved by
+    ``detectkit.models.pretrained`` (``download=True`` fetches a tag missing from the cache); the
+    published weights' class names are used when ``class_names`` is not given and counts agree.
+    """
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{variant}: got {len(class_names)} class_names for num_classes={num_classes}")
     if checkpoint is not None and pretrained:
         raise ValueError(f"{variant}: pass either checkpoint= or pretrained=, not both")
-    if pretrained:
-        try:
-            from detectkit.models.pretrained import resolve_pretrained
-        except ImportError as e:  # pragma: no cover - depends on the optional module being present
-            raise RuntimeError(f"{variant}: pretrained weights are not available ({e})") from e
-        checkpoint = resolve_pretrained(variant, pretrained)
+    if pretrained:  # a tag ("coco"), True, a local path or a URL: see detectkit.models.pretrained
+        from detectkit.models.pretrained import pretrained_class_names, resolve_pretrained
+
+        checkpoint = resolve_pretrained(variant, pretrained, download=download)
+        names = pretrained_class_names(variant, pretrained)
+        if class_names is None and names is not None and len(names) == num_classes:
+            class_names = names
     model = YoloNAS(CONFIGS[variant], num_classes=num_classes, in_channels=in_channels)
     if class_names is not None:
         model.class_names = list(class_names)
