@@ -159,6 +159,10 @@ def test_sampler_mid_epoch_state_resumes_exactly():
     resumed.set_epoch(2)
     full.set_epoch(2)
     assert list(resumed) == list(full)
+    other_world = CurriculumSampler(np.zeros(13), num_replicas=3, rank=0)
+    with pytest.warns(UserWarning, match="restarts"):
+        other_world.load_state_dict(state)
+    assert other_world.skip == 0 and other_world.epoch == 1
 
 
 class _Record:

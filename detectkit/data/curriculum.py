@@ -17,6 +17,7 @@ the dataset size), so ``estimated_stepping_batches`` and step-based LR schedules
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -336,10 +337,15 @@ class CurriculumSampler(DistributedSampler):
             "epoch_length": self.epoch_length,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
+            "num_replicas": self.num_replicas,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the curriculum; ``num_replicas``/``rank`` stay this process's own."""
+        """Restores the curriculum; ``num_replicas``/``rank`` stay this process's own.
+
+        A position saved under another world size cannot be continued (the shards differ), so
+        the epoch then restarts from its beginning.
+        """
         self.seed = int(state["seed"])
         self.pacing = Pacing(**state["pacing"])
         self.epoch_length = state["epoch_length"]
@@ -348,6 +354,14 @@ class CurriculumSampler(DistributedSampler):
         self.set_scores(state["scores"])
         self.epoch = int(state["epoch"])
         self.skip = int(state["skip"])
+        saved_world = int(state.get("num_replicas", self.num_replicas))
+        if saved_world != self.num_replicas and self.skip:
+            warnings.warn(
+                f"curriculum position saved with {saved_world} processes, resuming with {self.num_replicas}: "
+                f"epoch {self.epoch} restarts from its first sample",
+                stacklevel=2,
+            )
+            self.skip = 0
 
 
 # ---------------------------------------------------------------- the callback
