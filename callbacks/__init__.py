@@ -1,1 +1,15 @@
+"""Lightning callbacks for shipping detectors: export, QAT/PTQ, structured pruning, distillation.
 
+Imported as ``detectkit.callbacks`` (the package directory is mapped in pyproject.toml). The
+heavy libraries (modelopt, torch-pruning, onnx) load only when a callback does its work.
+"""
+
+from detectkit.callbacks.export import ExportOnFitEnd
+from detectkit.callbacks.quantization import QuantizationAwareTraining, quantization_sensitivity
+
+__all__ = ["ExportOnFitEnd", "QuantizationAwareTraining", "quantization_sensitivity"]
+
+from detectkit.callbacks.prediction_images import LogValidationPredictions  # noqa: E402
+from detectkit.callbacks.tracking import TrackRun  # noqa: E402
+
+__all__ += ["LogValidationPredictions", "TrackRun"]

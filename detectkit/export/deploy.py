@@ -109,11 +109,14 @@ def export_detector(
     check: bool = True,
     sample: torch.Tensor | None = None,
     atol: float = 1e-3,
+    exact: bool = True,
 ) -> ExportResult:
     """Export ``model`` (an eval-mode ``Detector``, fused or fake-quantized) to ONNX and check it.
 
     ``sample`` is a graph input (uint8 when ``uint8_input``) used for the check; by default a
-    random batch of 2 (dynamic batch) is used. The model is deep-copied so export never
+    random batch of 2 (dynamic batch) is used. ``exact=False`` is for fake-quantized models,
+    whose INT8 graph rounds differently from PyTorch's fake quantization (see :func:`verify_onnx`).
+    The model is deep-copied so export never
     changes the caller's module (modelopt quantizers switch state while exporting).
     """
     config = config or ExportConfig()
@@ -156,7 +159,7 @@ def export_detector(
     if check:
         if sample is None:
             sample = example_input(config, batch_size=2 if config.dynamic_batch else config.batch_size, seed=1)
-        verify_onnx(model, path, config, sample, result, atol=atol)
+        verify_onnx(model, path, config, sample, result, atol=atol, exact=exact)
     return result
 
 
@@ -181,6 +184,27 @@ def _set_static_output_dims(path: Path, outputs, dynamic_axes: dict, names: list
             elif i < len(shapes[out.name]):
                 dim.dim_value = int(shapes[out.name][i])
     onnx.save(model, str(path))
+
+
+def _verify_matched(ref: list[torch.Tensor], got: list[np.ndarray], path, result: ExportResult | None):
+    from torchvision.ops import box_iou
+
+    matched, total = 0, 0
+    for r, g in zip(ref, got):
+        g = torch.as_tensor(g)
+        total += max(len(r), len(g))
+        if len(r) == 0 or len(g) == 0:
+            continue
+        iou = box_iou(r[:, :4].float(), g[:, :4].float())
+        iou[r[:, 5, None] != g[None, :, 5]] = 0
+        matched += int(min((iou.max(1).values > 0.9).sum(), (iou.max(0).values > 0.9).sum()))
+    frac = matched / total if total else 1.0
+    log.info("ONNX NMS check (quantized) %s: %.1f%% of %d detections matched", path, 100 * frac, total)
+    if frac < 0.9:
+        raise AssertionError(f"only {100 * frac:.1f}% of the detections match between onnxruntime and PyTorch")
+    if result is not None:
+        result.detections_match, result.num_detections = True, int(sum(len(g) for g in got))
+    return result
 
 
 def onnx_op_counts(path: str | os.PathLike) -> dict[str, int]:
@@ -210,12 +234,19 @@ def verify_onnx(
     sample: torch.Tensor,
     result: ExportResult | None = None,
     atol: float = 1e-3,
+    exact: bool = True,
 ) -> ExportResult | None:
     """Compare onnxruntime with PyTorch on ``sample``; raise if they disagree.
 
     Raw graphs: max abs error of boxes (relative to the image size) and scores. NMS graphs: the
     detections must equal :func:`detectkit.ops.nms.postprocess` on the same input (same count,
     boxes/scores within ``atol`` relative to image size, same classes).
+
+    ``exact=False`` (Q/DQ graphs): onnxruntime's integer rounding and PyTorch's fake
+    quantization may land one step apart, which moves scores by a quantization step and can
+    push a borderline box across the threshold. Then raw outputs must agree within 0.1 (scores;
+    boxes relative to the image size) and at least 90% of the detections on either side must
+    have a same-class partner with IoU > 0.9 on the other.
     """
     from detectkit.ops.nms import postprocess
 
@@ -231,7 +262,7 @@ def verify_onnx(
         log.info("ONNX check %s: max abs error boxes %.3g px, scores %.3g", path, err_boxes * scale, err_scores)
         if result is not None:
             result.max_abs_error = err
-        if err > atol:
+        if err > (atol if exact else 0.1):
             raise AssertionError(f"onnxruntime differs from PyTorch: boxes {err_boxes * scale:.4g} px, scores {err_scores:.4g}")
         return result
     ref = postprocess(
@@ -239,6 +270,8 @@ def verify_onnx(
         multi_label=config.multi_label, agnostic=config.agnostic,
     )
     got = split_flat(outputs[0], len(ref)) if config.nms == "flat" else split_batch(*outputs)
+    if not exact:
+        return _verify_matched(ref, got, path, result)
     err = 0.0
     for i, (r, g) in enumerate(zip(ref, got)):
         r = r.numpy()

@@ -1,0 +1,121 @@
+"""Helpers the compression callbacks share: find the detector, the EMA, rebuild optimizers.
+
+Pruning and QAT replace parameters mid-fit. Lightning keeps references to the old ones in the
+optimizers, the LR schedulers and a ``WeightAveraging`` copy, so each change of architecture
+ends with :func:`rebuild_after_surgery`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch.nn as nn
+from lightning.pytorch.callbacks import WeightAveraging
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "detector_of",
+    "weight_averaging_callbacks",
+    "rebuild_after_surgery",
+    "prepare_architecture_restore",
+    "restore_architecture",
+]
+
+
+def detector_of(pl_module: nn.Module) -> nn.Module:
+    """The ``Detector`` a LightningModule trains (``pl_module.model``), or the module itself."""
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
+
+
+def weight_averaging_callbacks(trainer: pl.Trainer) -> list[WeightAveraging]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)]
+
+
+def rebuild_after_surgery(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, lr_factor: float = 1.0, reset_averaging: bool = True
+) -> None:
+    """Re-create optimizers/schedulers (keeping the schedule position) and the EMA copy.
+
+    Optimizer moments of replaced parameters are dropped (their shapes changed); the schedulers'
+    step counters are carried over so the LR curve continues; ``lr_factor`` scales every base LR
+    (QAT fine-tunes at a lower LR). Under DDP the module is wrapped again so the reducer sees the
+    new parameters.
+    """
+    strategy = trainer.strategy
+    if trainer.world_size > 1 and hasattr(strategy, "_setup_model") and strategy.model is not pl_module:
+        strategy.model = strategy._setup_model(pl_module)  # DDP: new reducer over the new parameters
+    old = [(cfg.scheduler.state_dict() if hasattr(cfg.scheduler, "state_dict") else None) for cfg in trainer.lr_scheduler_configs]
+    strategy.setup_optimizers(trainer)
+    for cfg, state in zip(trainer.lr_scheduler_configs, old):
+        if state is not None and "last_epoch" in state:
+            sched = cfg.scheduler
+            sched.last_epoch = state["last_epoch"]
+            if hasattr(sched, "_step_count"):
+                sched._step_count = state.get("_step_count", sched._step_count)
+    if lr_factor != 1.0:
+        for cfg in trainer.lr_scheduler_configs:
+            if hasattr(cfg.scheduler, "base_lrs"):
+                cfg.scheduler.base_lrs = [lr * lr_factor for lr in cfg.scheduler.base_lrs]
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] *= lr_factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= lr_factor
+    # put each group's LR where the schedule is now
+    for cfg in trainer.lr_scheduler_configs:
+        sched = cfg.scheduler
+        if hasattr(sched, "get_lr") and hasattr(sched, "last_epoch") and hasattr(sched, "lr_lambdas"):
+            for group, lr in zip(sched.optimizer.param_groups, sched.get_lr()):
+                group["lr"] = lr
+    if reset_averaging:
+        for cb in weight_averaging_callbacks(trainer):
+            if getattr(cb, "_average_model", None) is not None:
+                cb.setup(trainer, pl_module, "fit")  # a fresh average of the new architecture
+
+
+# --------------------------------------------------------------------------- resume
+# Pruning and QAT change the architecture, so a checkpoint written after them only loads into a
+# model rebuilt to the same shape. Lightning restores weights (restore_model) before any callback
+# hook sees the checkpoint, so the architecture callbacks (1) relax the module's strict loading in
+# ``setup`` and move ahead of WeightAveraging callbacks, (2) in ``on_load_checkpoint`` rebuild the
+# architecture in a fixed order (pruned shapes, then quantizers), load the weights *strictly*
+# themselves, and re-create the EMA copy from the rebuilt model, before the EMA restores itself.
+_RESTORED_FLAG = "_detectkit_architecture_restored"
+
+
+def architecture_callbacks(trainer: pl.Trainer) -> list[Any]:
+    cbs = [cb for cb in trainer.callbacks if hasattr(cb, "rebuild_architecture")]
+    return sorted(cbs, key=lambda cb: cb.architecture_order)
+
+
+def prepare_architecture_restore(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Called from ``setup``: let our ``on_load_checkpoint`` do the (strict) weight loading."""
+    pl_module.strict_loading = False
+    arch = [cb for cb in trainer.callbacks if hasattr(cb, "rebuild_architecture")]
+    emas = weight_averaging_callbacks(trainer)
+    if arch and emas:
+        first_ema = min(trainer.callbacks.index(cb) for cb in emas)
+        if any(trainer.callbacks.index(cb) > first_ema for cb in arch):
+            rest = [cb for cb in trainer.callbacks if cb not in arch]
+            i = min(rest.index(cb) for cb in emas)
+            trainer.callbacks = rest[:i] + arch + rest[i:]  # a new list: hooks may be iterating the old one
+
+
+def restore_architecture(trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Rebuild every architecture change recorded in ``checkpoint``, then load its weights strictly."""
+    if checkpoint.get(_RESTORED_FLAG):
+        return
+    states = checkpoint.get("callbacks", {})
+    for cb in architecture_callbacks(trainer):
+        state = states.get(cb.state_key)
+        if state:
+            cb.rebuild_architecture(pl_module, state)
+    pl_module.load_state_dict(checkpoint["state_dict"], strict=True)
+    for ema in weight_averaging_callbacks(trainer):
+        if getattr(ema, "_average_model", None) is not None:
+            ema.setup(trainer, pl_module, "fit")  # its copy must have the rebuilt architecture
+    checkpoint[_RESTORED_FLAG] = True
