@@ -261,3 +261,17 @@ def test_callback_requires_reload_for_pool_length():
     cb = CurriculumCallback(epoch_length="pool")
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
         cb.setup(_trainer(_DataModule(4)), None, "fit")
+
+
+def test_experiment_recipe_builds_the_callback():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).parents[1] / "experiments" / "yolo_nas_s_curriculum.yaml"
+    (entry,) = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+    module, name = entry["class_path"].rsplit(".", 1)
+    cb = getattr(importlib.import_module(module), name)(**entry["init_args"])
+    assert isinstance(cb, CurriculumCallback) and cb.score == "loss"
+    assert cb.sampler_kwargs["pacing"] == Pacing("root", start_fraction=0.3, end_epoch=10)

@@ -218,3 +218,18 @@ def test_resumed_state_applies_the_next_epoch_before_the_loader_starts():
         fresh.load_state_dict(state)
         fresh.on_fit_start(SimpleNamespace(current_epoch=0, datamodule=dm), None)
         assert dm.datasets["train"].size == size
+
+
+def test_experiment_recipe_builds_the_callback():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).parents[1] / "experiments" / "yolo_nas_s_progressive.yaml"
+    (entry,) = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+    module, name = entry["class_path"].rsplit(".", 1)
+    cb = getattr(importlib.import_module(module), name)(**entry["init_args"])
+    assert isinstance(cb, ProgressiveResizing)
+    assert [epoch_image_size(e, cb.schedule) for e in (0, 10, 20, 29)] == [320, 480, 640, 640]
+    assert cb.magnitude_for(10) == pytest.approx(0.65)
