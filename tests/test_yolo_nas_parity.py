@@ -254,3 +254,30 @@ def test_stress_fused_detections_identical(stress, io):
         assert torch.equal(got[:, 5], want[:, 5])
         assert_close(got[:, :4], want[:, :4], atol=5e-3, rtol=0)
         assert_close(got[:, 4], want[:, 4], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("residual, stride, use_alpha", [(True, 1, True), (True, 1, False), (False, 2, False)])
+def test_qarepvgg_block_fusion_is_exact(residual, stride, use_alpha):
+    """Branch merge and post_bn folding reproduce the three-branch block (non-trivial BN stats, alpha)."""
+    torch.manual_seed(0)
+    cout = 8 if residual else 6
+    block = QARepVGGBlock(8, cout, stride=stride, use_residual_connection=residual, use_alpha=use_alpha)
+    for bn in (block.branch_3x3.bn, block.post_bn):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 1.5)
+        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+        torch.nn.init.normal_(bn.bias)
+    if use_alpha:
+        torch.nn.init.constant_(block.alpha, 0.7)
+    block.eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        ref = block(x)
+        block.partial_fusion()
+        partial = block(x)
+        block.full_fusion()
+        full = block(x)
+    assert ref.shape == (2, cout, 9 // stride + (9 % stride > 0), 9 // stride + (9 % stride > 0))
+    assert_close(partial, ref, atol=1e-5, rtol=1e-5)
+    assert_close(full, ref, atol=1e-5, rtol=1e-5)
+    assert [n for n, _ in block.named_parameters()] == ["rbr_reparam.weight", "rbr_reparam.bias"]

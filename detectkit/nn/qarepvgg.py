@@ -79,7 +79,12 @@ class QARepVGGBlock(nn.Module):
             k1, b1 = self.alpha * k1, self.alpha * b1
         kernel, bias = k3 + k1, b3 + b1
         if self.use_residual_connection:
-            kernel = kernel + self.id_tensor.to(kernel.dtype)
+            # Built from the current shape rather than read from ``id_tensor`` (kept for name parity
+            # with super-gradients): stays right after channel pruning or meta-device construction.
+            c = kernel.shape[0]
+            idx = torch.arange(c, device=kernel.device)
+            kernel = kernel.clone()
+            kernel[idx, idx, 1, 1] += 1.0
         return kernel, bias
 
     def partial_fusion(self) -> None:
