@@ -1,0 +1,71 @@
+"""The ``detectkit`` command.
+
+``detectkit fit|validate|test|predict --config X.yaml`` is a LightningCLI over
+``DetectionModule`` and ``DetectionDataModule``; other first words are dispatched to their own
+parsers (``data`` now, ``export`` when ``detectkit.export.commands`` provides it). Each of those
+modules exposes ``add_<name>_subcommands(subparsers)`` and ``run_<name>_command(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+__all__ = ["DetectkitCLI", "main", "EXTRA_COMMANDS"]
+
+#: first word -> module with ``add_<word>_subcommands`` / ``run_<word>_command``
+EXTRA_COMMANDS: dict[str, str] = {"data": "detectkit.data.commands", "export": "detectkit.export.commands"}
+
+
+class DetectkitCLI(LightningCLI):
+    """LightningCLI with the data -> model links and a prediction writer for ``predict``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from detectkit.data import DetectionDataModule
+        from detectkit.modules.detector import DetectionModule
+
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(DetectionModule, DetectionDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+    def before_predict(self) -> None:
+        """Results go to the run dir unless the config already has a prediction writer."""
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            from detectkit.writers import DetectionWriter
+
+            self.trainer.callbacks.append(DetectionWriter())
+
+
+def _run_extra(word: str, argv: Sequence[str]) -> int:
+    try:
+        mod = importlib.import_module(EXTRA_COMMANDS[word])
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"`detectkit {word}` is not available in this installation ({e})") from e
+    parser = argparse.ArgumentParser(prog=f"detectkit {word}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    getattr(mod, f"add_{word}_subcommands")(sub)
+    args = parser.parse_args(list(argv))
+    rc = getattr(mod, f"run_{word}_command")(args)
+    return int(rc or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``detectkit``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return _run_extra(argv[0], argv[1:])
+    DetectkitCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""DetectionModule: the one LightningModule that trains, validates and predicts every detector."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+
+from detectkit.models.outputs import HeadOutput
+from detectkit.modules.metrics import build_map_metric, metric_inputs, summarize_map, to_original
+from detectkit.modules.schedule import warmup_cosine_scheduler
+from detectkit.ops.nms import postprocess
+
+__all__ = ["DetectionModule", "param_groups"]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: ``decay`` (conv/linear weights) and ``no_decay`` (biases, norm params).
+
+    SG's ``zero_weight_decay_on_bias_and_bn``: biases and BatchNorm weights get no weight decay.
+    Other 1-d parameters (scales, e.g. in attention) follow them, as is usual.
+    """
+    decay, no_decay, seen = [], [], set()
+    for mod in module.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(mod, _NORM_TYPES) or name == "bias" or p.ndim <= 1:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class DetectionModule(pl.LightningModule):
+    """Train/validate/test/predict a detectkit ``Detector`` with the super-gradients recipe.
+
+    Args:
+        model: a registry name (``detectkit.list_models()``) or a built ``Detector``.
+        num_classes: set once here; reaches the model, the loss and the metric. The CLI links it
+            from ``data.num_classes``. ``None`` keeps the built model's / the registry default.
+        class_names: names for per-class AP logging and drawn predictions (CLI: from the data).
+        model_kwargs: extra builder arguments for a registry name.
+        checkpoint: weights for the registry builder (e.g. super-gradients COCO weights).
+        loss: ``detectkit.losses`` name; default the model family's ``default_loss``.
+        lr, weight_decay, betas: AdamW (no decay on biases / norm params).
+        warmup_steps, warmup_initial_lr, final_lr_ratio: per-step linear warmup then cosine.
+        val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe).
+        predict_conf, predict_iou, predict_max_det: post-processing for ``predict``.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "yolo_nas_s",
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+        loss: str | None = None,
+        loss_kwargs: dict[str, Any] | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 1000,
+        warmup_initial_lr: float = 1e-6,
+        final_lr_ratio: float = 0.1,
+        val_conf: float = 0.01,
+        val_iou: float = 0.7,
+        val_top_k: int = 1000,
+        val_max_det: int = 300,
+        predict_conf: float = 0.25,
+        predict_iou: float = 0.7,
+        predict_max_det: int = 300,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
+        if isinstance(model, str):
+            from detectkit.registry import create_model
+
+            kw = dict(model_kwargs or {})
+            if num_classes is not None:
+                kw["num_classes"] = num_classes
+            self.model = create_model(model, checkpoint=checkpoint, **kw)
+        else:
+            if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
+                raise ValueError(f"num_classes={num_classes} but the given model has {model.num_classes} classes")
+            self.model = model
+        self.num_classes = int(self.model.num_classes)
+        if class_names is not None:
+            if len(class_names) != self.num_classes:
+                raise ValueError(f"{len(class_names)} class names for {self.num_classes} classes")
+            self.model.class_names = list(class_names)
+        self.class_names = list(getattr(self.model, "class_names", [str(i) for i in range(self.num_classes)]))
+
+        from detectkit.losses import build_loss
+
+        self.loss_name = loss or getattr(self.model, "default_loss", "ppyoloe")
+        self.criterion = build_loss(self.loss_name, self.num_classes, **(loss_kwargs or {}))
+        self.val_map = build_map_metric()
+        self.test_map = build_map_metric()
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.model(images)
+
+    @staticmethod
+    def _images(batch: dict[str, Any]) -> torch.Tensor:
+        images = batch["images"]
+        if images.dtype == torch.uint8:  # the DataModule normally converts in on_after_batch_transfer
+            images = images.float().div_(255.0)
+        return images
+
+    def compute_loss(self, head: HeadOutput, targets: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, dict]:
+        """The loss in fp32 whatever the autocast precision (assignment and IoU need the range)."""
+        head = head._replace(cls_logits=head.cls_logits.float(), reg_distri=head.reg_distri.float())
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return self.criterion(head, targets.float(), batch_size)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        images = self._images(batch)
+        head = self.model(images)
+        total, components = self.compute_loss(head, batch["targets"], images.shape[0])
+        out: dict[str, Any] = {"loss": total}
+        logs = {}
+        for k, v in (components or {}).items():
+            if k == "image_losses":
+                out["image_losses"] = v.detach()
+            elif torch.is_tensor(v) and v.numel() == 1 or isinstance(v, float | int):
+                logs[f"train/{k}"] = float(v)
+        logs["train/loss"] = total.detach()
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        self.log("loss", total.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return out
+
+    @torch.no_grad()
+    def detect(
+        self, images: torch.Tensor, conf: float, iou: float, top_k: int, max_det: int
+    ) -> list[torch.Tensor]:
+        """Eval-mode forward + NMS: per image ``[N,6]`` in input pixels."""
+        boxes, scores = self.model(images)
+        return postprocess(boxes.float(), scores.float(), conf=conf, iou=iou, top_k=top_k, max_det=max_det)
+
+    def _eval_step(self, batch: dict[str, Any], metric: Any) -> None:
+        hp = self.hparams
+        dets = self.detect(self._images(batch), hp.val_conf, hp.val_iou, hp.val_top_k, hp.val_max_det)
+        preds, targets = metric_inputs(dets, batch["meta"])
+        metric.update(preds, targets)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_map)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_map)
+
+    def _log_map(self, metric: Any, prefix: str) -> dict[str, float]:
+        summary = summarize_map(metric.compute(), self.class_names)
+        metric.reset()
+        # computed from states already synced across ranks by torchmetrics: no sync_dist needed
+        for k, v in summary.items():
+            self.log(f"{prefix}/{k}", v, prog_bar=k == "map_50")
+        return summary
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_map(self.val_map, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_map(self.test_map, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Per image: ``meta`` plus ``boxes`` (original pixels), ``scores`` and ``labels``."""
+        hp = self.hparams
+        dets = self.detect(self._images(batch), hp.predict_conf, hp.predict_iou, 1000, hp.predict_max_det)
+        out = []
+        for det, meta in zip(dets, batch["meta"]):
+            det = to_original(det, meta).cpu()
+            out.append({"meta": meta, "boxes": det[:, :4], "scores": det[:, 4], "labels": det[:, 5].long()})
+        return out
+
+    # ------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = warmup_cosine_scheduler(optimizer, total, hp.warmup_steps, hp.warmup_initial_lr, hp.final_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
