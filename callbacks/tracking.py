@@ -143,11 +143,19 @@ class TrackRun(Callback):
     @staticmethod
     def _wandb_upload(run: Any, path: Path, wandb_type: str) -> None:
         if wandb_type == "file":  # small text files: part of the run's files (visible offline)
-            run.save(str(path), base_path=str(path.parent), policy="now")
+            import shutil
+
+            # renamed: W&B keeps its own ``config.yaml`` in the same folder
+            dest = Path(run.dir) / f"lightning_{path.name}"
+            shutil.copyfile(path, dest)
+            run.save(str(dest), base_path=str(run.dir), policy="now")
             return
+        import re
+
         import wandb
 
-        artifact = wandb.Artifact(f"{run.id}-{path.stem}".replace(".", "-"), type=wandb_type)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{run.id}-{path.stem}")
+        artifact = wandb.Artifact(name, type=wandb_type)
         artifact.add_file(str(path))
         run.log_artifact(artifact)
 
