@@ -231,7 +231,7 @@ def fixture_state() -> dict[str, torch.Tensor]:
     return torch.load(FIXTURE / "state_dict.pt", weights_only=True)
 
 
-def test_read_ultralytics_pt_without_ultralytics(tmp_path, fixture_state) -> None:
+def test_read_ultralytics_pt_without_ultralytics(tmp_path, fixture_state, monkeypatch) -> None:
     half = {k: v.half() if v.is_floating_point() else v for k, v in fixture_state.items()}
     txt = torch.nn.functional.normalize(torch.randn(1, 3, 512), dim=-1)
 
@@ -270,6 +270,11 @@ def test_read_ultralytics_pt_without_ultralytics(tmp_path, fixture_state) -> Non
     back = to_ultralytics(model.state_dict())
     for key, value in half.items():
         assert torch.equal(back[key].to(value.dtype), value), key
+
+    monkeypatch.setenv("DETECTKIT_WEIGHTS", str(tmp_path))  # the published file name, found in the cache
+    cached = create_model("yolo_world_v2_s", pretrained="coco")
+    assert cached.class_names == ["dog", "person", "bus"]
+    assert torch.equal(cached.head.cv3[2][2].weight, model.head.cv3[2][2].weight)
 
     path_no_ema = tmp_path / "no_ema.pt"
     _save_pt(

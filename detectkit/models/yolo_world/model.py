@@ -182,16 +182,25 @@ class YoloWorld(Detector):
         return self
 
 
-def _build(
-    variant: str,
-    num_classes: int,
-    checkpoint: str | None,
-    class_names: Sequence[str] | None,
-    text_encoder: Any,
-    kwargs: dict[str, Any],
-) -> YoloWorld:
+def _build(variant: str, num_classes: int, checkpoint: str | None, kwargs: dict[str, Any]) -> YoloWorld:
+    """Shared builder. ``class_names`` sets K (and, with ``text_encoder``, the embeddings);
+    ``checkpoint`` is an ultralytics ``.pt`` / state dict or a detectkit state dict;
+    ``pretrained`` (a tag such as ``"coco"``, ``True``, a path or a URL) is resolved by
+    :mod:`detectkit.models.pretrained` (``download=True`` fetches a tag missing from the cache).
+    An ultralytics ``.pt`` that carries its vocabulary (``txt_feats``, ``names``) installs it.
+    """
+    class_names = kwargs.pop("class_names", None)
+    text_encoder = kwargs.pop("text_encoder", None)
+    pretrained = kwargs.pop("pretrained", None)
+    download = kwargs.pop("download", False)
     if kwargs:
         raise TypeError(f"yolo_world_v2_{variant}: unexpected arguments {sorted(kwargs)}")
+    if checkpoint is not None and pretrained:
+        raise ValueError(f"yolo_world_v2_{variant}: pass either checkpoint= or pretrained=, not both")
+    if pretrained:
+        from detectkit.models.pretrained import resolve_pretrained
+
+        checkpoint = resolve_pretrained(f"yolo_world_v2_{variant}", pretrained, download=download)
     if class_names is not None:
         num_classes = len(class_names)
     model = YoloWorld(variant, num_classes)
@@ -210,48 +219,24 @@ def _build(
 
 
 @register_model
-def yolo_world_v2_s(
-    num_classes: int = 80,
-    checkpoint: str | None = None,
-    class_names: Sequence[str] | None = None,
-    text_encoder: Any = None,
-    **kwargs: Any,
-) -> YoloWorld:
-    """YOLO-World v2 S (12.76 M parameters)."""
-    return _build("s", num_classes, checkpoint, class_names, text_encoder, kwargs)
+def yolo_world_v2_s(num_classes: int = 80, checkpoint: str | None = None, **kwargs: Any) -> YoloWorld:
+    """YOLO-World v2 S (12.76 M parameters). kwargs: class_names, text_encoder, pretrained, download."""
+    return _build("s", num_classes, checkpoint, kwargs)
 
 
 @register_model
-def yolo_world_v2_m(
-    num_classes: int = 80,
-    checkpoint: str | None = None,
-    class_names: Sequence[str] | None = None,
-    text_encoder: Any = None,
-    **kwargs: Any,
-) -> YoloWorld:
-    """YOLO-World v2 M (28.38 M parameters)."""
-    return _build("m", num_classes, checkpoint, class_names, text_encoder, kwargs)
+def yolo_world_v2_m(num_classes: int = 80, checkpoint: str | None = None, **kwargs: Any) -> YoloWorld:
+    """YOLO-World v2 M (28.38 M parameters). kwargs: class_names, text_encoder, pretrained, download."""
+    return _build("m", num_classes, checkpoint, kwargs)
 
 
 @register_model
-def yolo_world_v2_l(
-    num_classes: int = 80,
-    checkpoint: str | None = None,
-    class_names: Sequence[str] | None = None,
-    text_encoder: Any = None,
-    **kwargs: Any,
-) -> YoloWorld:
-    """YOLO-World v2 L (46.83 M parameters)."""
-    return _build("l", num_classes, checkpoint, class_names, text_encoder, kwargs)
+def yolo_world_v2_l(num_classes: int = 80, checkpoint: str | None = None, **kwargs: Any) -> YoloWorld:
+    """YOLO-World v2 L (46.83 M parameters). kwargs: class_names, text_encoder, pretrained, download."""
+    return _build("l", num_classes, checkpoint, kwargs)
 
 
 @register_model
-def yolo_world_v2_x(
-    num_classes: int = 80,
-    checkpoint: str | None = None,
-    class_names: Sequence[str] | None = None,
-    text_encoder: Any = None,
-    **kwargs: Any,
-) -> YoloWorld:
-    """YOLO-World v2 X (72.89 M parameters)."""
-    return _build("x", num_classes, checkpoint, class_names, text_encoder, kwargs)
+def yolo_world_v2_x(num_classes: int = 80, checkpoint: str | None = None, **kwargs: Any) -> YoloWorld:
+    """YOLO-World v2 X (72.89 M parameters). kwargs: class_names, text_encoder, pretrained, download."""
+    return _build("x", num_classes, checkpoint, kwargs)
