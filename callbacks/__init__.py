@@ -5,9 +5,10 @@ heavy libraries (modelopt, torch-pruning, onnx) load only when a callback does i
 """
 
 from detectkit.callbacks.export import ExportOnFitEnd
+from detectkit.callbacks.pruning import StructuredPruning
 from detectkit.callbacks.quantization import QuantizationAwareTraining, quantization_sensitivity
 
-__all__ = ["ExportOnFitEnd", "QuantizationAwareTraining", "quantization_sensitivity"]
+__all__ = ["ExportOnFitEnd", "QuantizationAwareTraining", "StructuredPruning", "quantization_sensitivity"]
 
 from detectkit.callbacks.prediction_images import LogValidationPredictions  # noqa: E402
 from detectkit.callbacks.tracking import TrackRun  # noqa: E402

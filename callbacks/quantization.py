@@ -28,7 +28,6 @@ from detectkit.callbacks.utils import (
     detector_of,
     prepare_architecture_restore,
     rebuild_after_surgery,
-    restore_architecture,
     weight_averaging_callbacks,
 )
 from lightning.pytorch.callbacks import Callback
@@ -252,9 +251,6 @@ class QuantizationAwareTraining(Callback):
         self._module = pl_module  # state_dict() serialises modelopt's state of this model
         if stage == "fit":
             prepare_architecture_restore(trainer, pl_module)
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        restore_architecture(trainer, pl_module, checkpoint)
 
     def rebuild_architecture(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
         """Resume: quantize the (float) model the way the checkpoint's model was, weights not loaded."""

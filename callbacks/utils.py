@@ -79,11 +79,12 @@ def rebuild_after_surgery(
 
 # --------------------------------------------------------------------------- resume
 # Pruning and QAT change the architecture, so a checkpoint written after them only loads into a
-# model rebuilt to the same shape. Lightning restores weights (restore_model) before any callback
-# hook sees the checkpoint, so the architecture callbacks (1) relax the module's strict loading in
-# ``setup`` and move ahead of WeightAveraging callbacks, (2) in ``on_load_checkpoint`` rebuild the
-# architecture in a fixed order (pruned shapes, then quantizers), load the weights *strictly*
-# themselves, and re-create the EMA copy from the rebuilt model, before the EMA restores itself.
+# model rebuilt to the same shape. Lightning loads the weights (``restore_model``) right after the
+# LightningModule's ``on_load_checkpoint`` and before any callback sees the checkpoint, so in
+# ``setup`` the architecture callbacks chain a step in front of the module's
+# ``on_load_checkpoint`` (on this instance only, any LightningModule): it rebuilds every recorded
+# change in a fixed order (pruned shapes, then quantizers) and re-creates the EMA copy from the
+# rebuilt model; Lightning then loads the weights strictly as usual.
 _RESTORED_FLAG = "_detectkit_architecture_restored"
 
 
@@ -93,20 +94,21 @@ def architecture_callbacks(trainer: pl.Trainer) -> list[Any]:
 
 
 def prepare_architecture_restore(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Called from ``setup``: let our ``on_load_checkpoint`` do the (strict) weight loading."""
-    pl_module.strict_loading = False
-    arch = [cb for cb in trainer.callbacks if hasattr(cb, "rebuild_architecture")]
-    emas = weight_averaging_callbacks(trainer)
-    if arch and emas:
-        first_ema = min(trainer.callbacks.index(cb) for cb in emas)
-        if any(trainer.callbacks.index(cb) > first_ema for cb in arch):
-            rest = [cb for cb in trainer.callbacks if cb not in arch]
-            i = min(rest.index(cb) for cb in emas)
-            trainer.callbacks = rest[:i] + arch + rest[i:]  # a new list: hooks may be iterating the old one
+    """Called from ``setup``: run :func:`restore_architecture` before Lightning loads weights."""
+    current = pl_module.on_load_checkpoint
+    if getattr(current, "_detectkit_restore", False):
+        return
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        restore_architecture(trainer, pl_module, checkpoint)
+        current(checkpoint)
+
+    on_load_checkpoint._detectkit_restore = True  # type: ignore[attr-defined]
+    pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
 
 
 def restore_architecture(trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """Rebuild every architecture change recorded in ``checkpoint``, then load its weights strictly."""
+    """Rebuild every architecture change recorded in ``checkpoint`` (weights are loaded after)."""
     if checkpoint.get(_RESTORED_FLAG):
         return
     states = checkpoint.get("callbacks", {})
@@ -114,7 +116,6 @@ def restore_architecture(trainer: pl.Trainer, pl_module: pl.LightningModule, che
         state = states.get(cb.state_key)
         if state:
             cb.rebuild_architecture(pl_module, state)
-    pl_module.load_state_dict(checkpoint["state_dict"], strict=True)
     for ema in weight_averaging_callbacks(trainer):
         if getattr(ema, "_average_model", None) is not None:
             ema.setup(trainer, pl_module, "fit")  # its copy must have the rebuilt architecture
