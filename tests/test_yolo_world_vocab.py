@@ -121,3 +121,12 @@ def test_train_mode_head_output(model, x) -> None:
     torch.testing.assert_close(out.anchor_points[0], torch.tensor([4.0, 4.0]))
     (out.cls_logits.sum() + out.reg_distri.sum()).backward()
     assert net.neck.top_down_p4.attn.gl.weight.grad is not None  # text path is trainable
+
+
+@torch.no_grad()
+def test_features_match_head_inputs(model, x) -> None:
+    feats = model.features(x[:1])
+    head = model.head_forward(x[:1])
+    assert [f.shape[1] for f in feats["backbone"]] == [128, 256, 512]
+    for a, b in zip(feats["neck"], head.feats):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
