@@ -4,11 +4,14 @@ Imported as ``detectkit.callbacks`` (the package directory is mapped in pyprojec
 heavy libraries (modelopt, torch-pruning, onnx) load only when a callback does its work.
 """
 
+from detectkit.callbacks.distillation import KnowledgeDistillation
 from detectkit.callbacks.export import ExportOnFitEnd
 from detectkit.callbacks.pruning import StructuredPruning
 from detectkit.callbacks.quantization import QuantizationAwareTraining, quantization_sensitivity
 
-__all__ = ["ExportOnFitEnd", "QuantizationAwareTraining", "StructuredPruning", "quantization_sensitivity"]
+__all__ = [
+    "KnowledgeDistillation",
+    "ExportOnFitEnd", "QuantizationAwareTraining", "StructuredPruning", "quantization_sensitivity"]
 
 from detectkit.callbacks.prediction_images import LogValidationPredictions  # noqa: E402
 from detectkit.callbacks.tracking import TrackRun  # noqa: E402

@@ -130,6 +130,10 @@ class DetectionModule(pl.LightningModule):
         images = self._images(batch)
         head = self.model(images)
         total, components = self.compute_loss(head, batch["targets"], images.shape[0])
+        for cb in self.trainer.callbacks if self._trainer is not None else ():
+            if hasattr(cb, "extra_loss"):  # loss terms from callbacks (e.g. KnowledgeDistillation)
+                extra, extra_logs = cb.extra_loss(self, batch, images, head)
+                total, components = total + extra, {**(components or {}), **extra_logs}
         out: dict[str, Any] = {"loss": total}
         logs = {}
         for k, v in (components or {}).items():
