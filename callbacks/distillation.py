@@ -34,7 +34,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from detectkit.callbacks.utils import detector_of
+from detectkit.callbacks.utils import detector_of, prepare_architecture_restore, weight_averaging_callbacks
 from lightning.pytorch.callbacks import Callback
 
 from detectkit.models.outputs import HeadOutput
@@ -138,11 +138,13 @@ class KnowledgeDistillation(Callback):
         self.schedule, self.final_ratio, self.start_epoch = schedule, float(final_ratio), int(start_epoch)
         self.teacher: nn.Module | None = None
         self._max_epochs = 1
+        self._module: pl.LightningModule | None = None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._module = pl_module
         student = detector_of(pl_module)
         if self.teacher is None:
             self.teacher = load_teacher(self._teacher_arg, student.num_classes, self.teacher_checkpoint,
@@ -150,6 +152,45 @@ class KnowledgeDistillation(Callback):
         self._max_epochs = max(1, trainer.max_epochs or 1)
         if self.feat_weight > 0 and not hasattr(pl_module, ADAPTERS_ATTR):
             setattr(pl_module, ADAPTERS_ATTR, self._build_adapters(student))
+        prepare_architecture_restore(trainer, pl_module)
+
+    #: adapters follow the student's (possibly pruned) neck: rebuilt after pruning and QAT
+    architecture_order = 2
+
+    def rebuild_architecture(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+        """Resume: adapters sized as saved (the student may have been pruned) before the weights load."""
+        sizes = state.get("adapters")
+        if sizes and getattr(pl_module, ADAPTERS_ATTR, None) is not None:
+            setattr(pl_module, ADAPTERS_ATTR, nn.ModuleList(nn.Conv2d(i, o, 1) for i, o in sizes))
+
+    def _refresh_adapters(self, pl_module: pl.LightningModule) -> bool:
+        """Re-create the adapters when the student's neck widths changed (pruning); True if so."""
+        adapters = getattr(pl_module, ADAPTERS_ATTR, None)
+        if adapters is None:
+            return False
+        student = detector_of(pl_module)
+        x = torch.zeros(1, 3, 64, 64, device=next(student.parameters()).device)
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            channels = [f.shape[1] for f in student.head_forward(x).feats]
+        student.train(was_training)
+        if channels == [a.in_channels for a in adapters]:
+            return False
+        new = self._build_adapters(student).to(x.device)
+        setattr(pl_module, ADAPTERS_ATTR, new)
+        log.info("KD: student neck widths changed to %s: feature adapters re-created", channels)
+        return True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """First batch of an epoch (after pruning/QAT epoch-start surgery): adapters fit and are optimised."""
+        if batch_idx != 0 or getattr(pl_module, ADAPTERS_ATTR, None) is None:
+            return
+        if self._refresh_adapters(pl_module):
+            for ema in weight_averaging_callbacks(trainer):
+                if getattr(ema, "_average_model", None) is not None:
+                    ema.setup(trainer, pl_module, "fit")
+        self.on_fit_start(trainer, pl_module)  # optimizer rebuilt by surgery -> re-add the adapters
 
     def _build_adapters(self, student: nn.Module) -> nn.ModuleList:
         """1x1 conv per neck level, channels read from one tiny forward of each model."""
@@ -218,8 +259,10 @@ class KnowledgeDistillation(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        # the teacher's source, never its weights
-        return {"teacher": self.teacher_source, "teacher_checkpoint": self.teacher_checkpoint}
+        # the teacher's source, never its weights; adapter sizes so resume can rebuild them
+        adapters = getattr(self._module, ADAPTERS_ATTR, None) if self._module is not None else None
+        sizes = [[a.in_channels, a.out_channels] for a in adapters] if adapters is not None else None
+        return {"teacher": self.teacher_source, "teacher_checkpoint": self.teacher_checkpoint, "adapters": sizes}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("teacher") not in (None, self.teacher_source):

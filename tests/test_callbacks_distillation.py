@@ -81,7 +81,7 @@ def test_kd_fit_teacher_frozen_adapters_trained_resume(tmp_path, data_dir):
     assert not any("teacher" in k for k in saved["state_dict"])
     assert any(k.startswith("distill_adapters.") for k in saved["state_dict"])
     (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("KnowledgeDistillation")]
-    assert state == {"teacher": "TinyDetector", "teacher_checkpoint": None}
+    assert state == {"teacher": "TinyDetector", "teacher_checkpoint": None, "adapters": [[16, 32], [16, 32], [32, 64]]}
     # resume: adapters and their optimizer group come back
     kd2 = KnowledgeDistillation(teacher=teacher, feat_weight=1.0, temperature=2.0, schedule="linear", final_ratio=0.5)
     module2 = DetectionModule(TinyDetector(num_classes=3), num_classes=3, lr=1e-2, warmup_steps=1)
