@@ -51,6 +51,9 @@ def _run_extra(word: str, argv: Sequence[str]) -> int:
     except ModuleNotFoundError as e:
         raise SystemExit(f"`detectkit {word}` is not available in this installation ({e})") from e
     parser = argparse.ArgumentParser(prog=f"detectkit {word}")
+    if hasattr(mod, f"add_{word}_arguments"):  # a flat command (``detectkit export --model ...``)
+        getattr(mod, f"add_{word}_arguments")(parser)
+        return int(getattr(mod, f"run_{word}")(parser.parse_args(list(argv))) or 0)
     sub = parser.add_subparsers(dest="command", required=True)
     getattr(mod, f"add_{word}_subcommands")(sub)
     args = parser.parse_args(list(argv))

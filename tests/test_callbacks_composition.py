@@ -49,7 +49,7 @@ def test_prune_distill_qat_export_in_one_fit(tmp_path):
                          accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=cbs, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm())
-    kd, qat, prune, export = cbs[1], cbs[2], cbs[3], cbs[4]
+    qat, prune, export = cbs[2], cbs[3], cbs[4]
     model = module.model
     assert prune.steps_done == 1 and prune.history[0]["macs_ratio"] <= 0.6
     assert qat.quantized_at_epoch == 2 and is_quantized(model)
