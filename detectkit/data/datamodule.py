@@ -381,9 +381,26 @@ class DetectionDataModule(L.LightningDataModule):
             inner = SeededRandomSampler(len(ds), self.seed)
         elif not isinstance(inner, Sampler) and callable(inner):
             inner = inner(ds)
+        inner = self._shard(inner)
         drop_last = self.drop_last if self.drop_last is not None else len(inner) > self.batch_size
         relay = DistributedEpochRelaySampler if isinstance(inner, DistributedSampler) else EpochRelaySampler
         return self._loader(ds, self.batch_size, relay(inner, self.set_epoch), drop_last)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
+
+    def _shard(self, sampler: Sampler) -> Sampler:
+        """Under DDP, rank r takes positions r, r+W, ... of the one global order, so global batch k
+        holds the same images as batch k of a single process with W times the batch size
+        (Lightning's own wrapper would shuffle the order once more). Samplers that shard
+        themselves (``DistributedSampler``) are left as they are."""
+        world, rank = self._world()
+        if world <= 1 or isinstance(sampler, DistributedSampler):
+            return sampler
+        from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+        return DistributedSamplerWrapper(sampler, num_replicas=world, rank=rank, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"), self.val_batch_size, None, False)
