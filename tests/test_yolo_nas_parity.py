@@ -18,8 +18,6 @@ from detectkit.models.yolo_nas import YoloNAS
 from detectkit.nn.qarepvgg import QARepVGGBlock
 from detectkit.ops import postprocess
 
-torch.set_num_threads(2)
-
 FEATURES = ["c2", "c3", "c4", "c5", "p3", "p4", "p5"]
 
 

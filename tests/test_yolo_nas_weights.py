@@ -11,8 +11,6 @@ import torch
 from detectkit import create_model
 from detectkit.models.yolo_nas import CONFIGS, YoloNAS, load_super_gradients_checkpoint
 
-torch.set_num_threads(2)
-
 PRIOR_BIAS = -math.log(0.99 / 0.01)  # -4.59512
 
 
