@@ -23,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,7 +37,7 @@ from detectkit.callbacks.utils import (
 )
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["StructuredPruning", "prune_model", "count_macs_params", "record_shapes", "apply_pruned_shapes"]
+__all__ = ["StructuredPruning", "prune_model", "prune_to_macs", "count_macs_params", "record_shapes", "apply_pruned_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,33 @@ def prune_model(
     _sync_block_attrs(model)
     model.train(was_training)
     return model
+
+
+def prune_to_macs(
+    model: nn.Module,
+    target_macs: float,
+    increment: float = 0.05,
+    before_step: Callable[[], None] | None = None,
+    **prune_kwargs: Any,
+) -> tuple[float, int]:
+    """Prune ``increment`` of the channels at a time until MACs <= ``target_macs``; returns (MACs, params).
+
+    ``before_step`` runs before each increment (e.g. a backward pass for Taylor importance).
+    """
+    image_size = prune_kwargs.get("image_size", 64)
+    macs, params = count_macs_params(model, image_size)
+    for _ in range(200):
+        if macs <= target_macs:
+            break
+        if before_step is not None:
+            before_step()
+        prune_model(model, increment, **prune_kwargs)
+        new_macs, params = count_macs_params(model, image_size)
+        if new_macs >= macs:  # nothing prunable left
+            log.warning("pruning: stuck at %.4g MACs above the target %.4g", new_macs, target_macs)
+            break
+        macs = new_macs
+    return macs, params
 
 
 def record_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -266,18 +293,8 @@ class StructuredPruning(Callback):
             macs, params = count_macs_params(model, self.image_size)
         else:
             target = base_macs * (1 - (1 - self.target_macs_ratio) * k / self.steps)
-            macs, params = count_macs_params(model, self.image_size)
-            for _ in range(200):
-                if macs <= target:
-                    break
-                if self.importance == "taylor":
-                    self._taylor_gradients(trainer, pl_module)
-                prune_model(model, self.increment, **kwargs)
-                new_macs, params = count_macs_params(model, self.image_size)
-                if new_macs >= macs:  # nothing prunable left
-                    log.warning("pruning: stuck at %.3g MACs above the target %.3g", new_macs, target)
-                    break
-                macs = new_macs
+            grads = (lambda: self._taylor_gradients(trainer, pl_module)) if self.importance == "taylor" else None
+            macs, params = prune_to_macs(model, target, self.increment, before_step=grads, **kwargs)
         model.zero_grad(set_to_none=True)
         self.steps_done = k
         self.shapes = record_shapes(model)
