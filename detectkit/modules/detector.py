@@ -57,6 +57,10 @@ class DetectionModule(pl.LightningModule):
         warmup_steps, warmup_initial_lr, final_lr_ratio: per-step linear warmup then cosine.
         val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe).
         predict_conf, predict_iou, predict_max_det: post-processing for ``predict``.
+        text_encoder, prompt_tuning: YOLO-World only (see :mod:`detectkit.modules.world`): the
+            encoder that turns ``class_names`` into prompts at setup (CLIP folder/hub id in the
+            local cache, ``.pt`` embeddings file; default ``$DETECTKIT_CLIP`` / HF cache), and
+            learning only the prompt embeddings with the detector frozen.
     """
 
     def __init__(
@@ -81,6 +85,8 @@ class DetectionModule(pl.LightningModule):
         predict_conf: float = 0.25,
         predict_iou: float = 0.7,
         predict_max_det: int = 300,
+        text_encoder: str | None = None,
+        prompt_tuning: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
@@ -95,6 +101,12 @@ class DetectionModule(pl.LightningModule):
             if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
                 raise ValueError(f"num_classes={num_classes} but the given model has {model.num_classes} classes")
             self.model = model
+        from detectkit.modules.world import attach_world
+
+        # YOLO-World: K follows class_names, prompts encoded at setup, grounding batches (else None)
+        self.world = attach_world(
+            self.model, class_names, text_encoder, prompt_tuning, loss or getattr(self.model, "default_loss", "v8"), loss_kwargs
+        )
         self.num_classes = int(self.model.num_classes)
         if class_names is not None:
             if len(class_names) != self.num_classes:
@@ -109,6 +121,15 @@ class DetectionModule(pl.LightningModule):
         self.val_map = build_map_metric()
         self.test_map = build_map_metric()
 
+    def setup(self, stage: str) -> None:
+        if self.world is not None:  # encode the class names (no-op when the vocabulary already holds them)
+            self.world.setup()
+            self.class_names = list(self.model.class_names)
+
+    def on_fit_end(self) -> None:
+        if self.world is not None and self.world.prompt_tuning:
+            self.world.finish_prompt_tuning()
+
     # ------------------------------------------------------------------ steps
     def forward(self, images: torch.Tensor) -> Any:
         return self.model(images)
@@ -120,16 +141,25 @@ class DetectionModule(pl.LightningModule):
             images = images.float().div_(255.0)
         return images
 
-    def compute_loss(self, head: HeadOutput, targets: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, dict]:
-        """The loss in fp32 whatever the autocast precision (assignment and IoU need the range)."""
+    def compute_loss(
+        self, head: HeadOutput, targets: torch.Tensor, batch_size: int, class_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """The loss in fp32 whatever the autocast precision (assignment and IoU need the range).
+        ``class_mask [B,K]``: prompts that exist per image (YOLO-World grounding batches)."""
         head = head._replace(cls_logits=head.cls_logits.float(), reg_distri=head.reg_distri.float())
+        criterion = self.criterion
+        if self.world is not None:
+            criterion = self.world.criterion_for(head.cls_logits.shape[-1], criterion)
         with torch.autocast(device_type=self.device.type, enabled=False):
-            return self.criterion(head, targets.float(), batch_size)
+            if class_mask is None:
+                return criterion(head, targets.float(), batch_size)
+            return criterion(head, targets.float(), batch_size, class_mask=class_mask)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         images = self._images(batch)
-        head = self.model(images)
-        total, components = self.compute_loss(head, batch["targets"], images.shape[0])
+        inputs = self.world.model_inputs(batch, images.device) if self.world is not None else {}
+        head = self.model(images, **inputs)
+        total, components = self.compute_loss(head, batch["targets"], images.shape[0], inputs.get("text_mask"))
         for cb in self.trainer.callbacks if self._trainer is not None else ():
             if hasattr(cb, "extra_loss"):  # loss terms from callbacks (e.g. KnowledgeDistillation)
                 extra, extra_logs = cb.extra_loss(self, batch, images, head)
