@@ -12,6 +12,7 @@ uint8 -> float /255 conversion.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -57,8 +58,11 @@ class EpochRelaySampler(Sampler[int]):
     """Wraps a sampler; ``set_epoch`` (called by Lightning before each epoch's iterator is
     created) goes to the inner sampler AND to ``on_epoch``."""
 
-    def __init__(self, inner: Sampler, on_epoch: Callable[[int], None]):
+    def __init__(self, inner: Sampler, on_epoch: Callable[[int], None], skip: int = 0):
         self.inner, self.on_epoch = inner, on_epoch
+        #: samples of the first iteration to pass over (mid-epoch resume); ``len`` stays full,
+        #: matching the batch counter Lightning restores
+        self.skip = int(skip)
 
     def set_epoch(self, epoch: int) -> None:
         if callable(getattr(self.inner, "set_epoch", None)):
@@ -66,7 +70,10 @@ class EpochRelaySampler(Sampler[int]):
         self.on_epoch(int(epoch))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.inner)
+        it = iter(self.inner)
+        if self.skip:
+            it, self.skip = itertools.islice(it, self.skip, None), 0
+        return it
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -176,6 +183,7 @@ class DetectionDataModule(L.LightningDataModule):
         self._epoch = 0
         self._state: dict[str, Any] = {}
         self._class_names: list[str] | None = None
+        self._resume_position: tuple[int, int] | None = None  # (epoch, global samples consumed)
 
     # ---- where the data is -----------------------------------------------------------------
     def _root(self) -> str | None:
@@ -336,7 +344,20 @@ class DetectionDataModule(L.LightningDataModule):
             "epoch": self._epoch,
             "magnitude": ds.magnitude if ds is not None else self._state.get("magnitude", 1.0),
             "class_names": self.class_names,
+            "samples_seen": self._samples_seen(),
         }
+
+    def _samples_seen(self) -> int:
+        """Training samples (all ranks) consumed so far in the current epoch, from Lightning's
+        batch counter; what a mid-epoch checkpoint needs to continue the default order."""
+        trainer = getattr(self, "trainer", None)
+        try:
+            if trainer is None or trainer.state.fn != "fit":
+                return 0
+            done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        except AttributeError:
+            return 0
+        return done * self.batch_size * self._world()[0]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("class_names") not in (None, self.class_names):
@@ -344,6 +365,7 @@ class DetectionDataModule(L.LightningDataModule):
                 f"checkpoint was trained on classes {state_dict['class_names']}, this dataset has {self.class_names}"
             )
         self._epoch = int(state_dict.get("epoch", 0))
+        self._resume_position = (self._epoch, int(state_dict.get("samples_seen", 0)))
         if "magnitude" in state_dict:
             self._state["magnitude"] = float(state_dict["magnitude"])
         if "train" in self.datasets:
@@ -384,7 +406,11 @@ class DetectionDataModule(L.LightningDataModule):
         inner = self._shard(inner)
         drop_last = self.drop_last if self.drop_last is not None else len(inner) > self.batch_size
         relay = DistributedEpochRelaySampler if isinstance(inner, DistributedSampler) else EpochRelaySampler
-        return self._loader(ds, self.batch_size, relay(inner, self.set_epoch), drop_last)
+        skip = 0
+        if self.train_sampler is None and self._resume_position and self._resume_position[0] == self._epoch:
+            # mid-epoch resume of the default order (a supplied sampler keeps its own position)
+            skip = self._resume_position[1] // self._world()[0]
+        return self._loader(ds, self.batch_size, relay(inner, self.set_epoch, skip), drop_last)
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
