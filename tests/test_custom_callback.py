@@ -17,6 +17,7 @@ from tracking_helpers import tiny_config  # noqa: E402
 
 def test_custom_callback_from_yaml_through_cli(tmp_path: Path) -> None:
     from detectkit.callbacks.examples import GradientNormMonitor
+
     from detectkit.cli import main
 
     cfg = tiny_config(

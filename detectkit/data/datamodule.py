@@ -58,13 +58,15 @@ class EpochRelaySampler(Sampler[int]):
     """Wraps a sampler; ``set_epoch`` (called by Lightning before each epoch's iterator is
     created) goes to the inner sampler AND to ``on_epoch``."""
 
-    def __init__(self, inner: Sampler, on_epoch: Callable[[int], None], skip: int = 0):
+    def __init__(self, inner: Sampler, on_epoch: Callable[[int], None], skip: int = 0, skip_epoch: int = -1):
         self.inner, self.on_epoch = inner, on_epoch
-        #: samples of the first iteration to pass over (mid-epoch resume); ``len`` stays full,
-        #: matching the batch counter Lightning restores
-        self.skip = int(skip)
+        #: samples of ``skip_epoch``'s iteration to pass over (mid-epoch resume); ``len`` stays
+        #: full, matching the batch counter Lightning restores
+        self.skip, self.skip_epoch = int(skip), int(skip_epoch)
 
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.skip_epoch:
+            self.skip = 0  # Lightning went on to another epoch than the interrupted one
         if callable(getattr(self.inner, "set_epoch", None)):
             self.inner.set_epoch(epoch)
         self.on_epoch(int(epoch))
@@ -410,7 +412,7 @@ class DetectionDataModule(L.LightningDataModule):
         if self.train_sampler is None and self._resume_position and self._resume_position[0] == self._epoch:
             # mid-epoch resume of the default order (a supplied sampler keeps its own position)
             skip = self._resume_position[1] // self._world()[0]
-        return self._loader(ds, self.batch_size, relay(inner, self.set_epoch, skip), drop_last)
+        return self._loader(ds, self.batch_size, relay(inner, self.set_epoch, skip, self._epoch), drop_last)
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
