@@ -8,9 +8,11 @@ Channels are removed for real (smaller convs, fewer MACs), so the architecture c
   blocks (the deploy form) and the blocks' ``in_channels``/``out_channels`` are updated.
 * **Detection heads**: the final predictors (``cls_pred``/``reg_pred``, YOLO-World's
   class-embedding and contrastive layers) never lose output channels (``keep_layers``).
-* **Attention** (YOLO-World's max-sigmoid attention and text-guided blocks) reshapes by a fixed
-  head count, so every module whose name matches ``exclude_modules`` (default ``*attn*``) is left
-  whole, on purpose.
+* **Attention** reshapes by a fixed head count, so every module whose name matches
+  ``exclude_modules`` (default ``*attn*``) is left whole, on purpose. YOLO-World as a whole is
+  not supported yet: torch-pruning's dependency graph of its text-conditioned neck/head fails
+  (index errors in the importance step even with the attention blocks and the contrastive head
+  excluded); ``prune_model`` raises a clear error for it.
 * Scalar parameters (CSP bottleneck ``alpha``) are ignored: they scale whole tensors.
 
 What was removed is recorded as every parameter/buffer shape and channel attribute per module
@@ -120,7 +122,14 @@ def prune_model(
             ignored_layers=_ignored(model, keep_layers, exclude_modules), round_to=round_to,
             global_pruning=global_pruning,
         )
-        pruner.step()
+        try:
+            pruner.step()
+        except (IndexError, RuntimeError) as e:
+            raise RuntimeError(
+                f"torch-pruning could not prune {type(model).__name__} ({e}). Text-conditioned necks "
+                "(YOLO-World) are not supported: their dependency graph couples channels with the text "
+                "embedding; pass exclude_modules covering the layers named in the error."
+            ) from e
     _sync_block_attrs(model)
     model.train(was_training)
     return model

@@ -92,7 +92,7 @@ def test_importance_criteria(importance):
     assert model.down1.conv.out_channels == 16 and count_macs_params(model, 64)[0] < 0.5 * before
 
 
-def test_yolo_nas_s_prune_rebuild_and_export(tmp_path):
+def test_yolo_nas_s_prune_and_rebuild():
     from detectkit import create_model
 
     torch.manual_seed(0)
@@ -115,5 +115,3 @@ def test_yolo_nas_s_prune_rebuild_and_export(tmp_path):
         out = fresh(x)
     torch.testing.assert_close(out[0], ref[0])
     torch.testing.assert_close(out[1], ref[1])
-    res = export_detector(fresh.fuse(), tmp_path / "nas_pruned.onnx", ExportConfig(image_size=64))
-    assert res.max_abs_error < 1e-3

@@ -33,8 +33,7 @@ def test_raw_export_dynamic_batch(tiny, tmp_path):
     np.testing.assert_allclose(scores, ref_scores.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["batch", "flat"])
-@pytest.mark.parametrize("multi_label", [True, False])
+@pytest.mark.parametrize("fmt,multi_label", [("batch", True), ("flat", False)])
 def test_nms_graph_matches_postprocess(tiny, tmp_path, fmt, multi_label):
     # max_det smaller than the survivors: exercises the per-image rank cap and padding
     cfg = ExportConfig(image_size=64, nms=fmt, conf=0.35, iou=0.5, max_det=7, multi_label=multi_label)
