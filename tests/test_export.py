@@ -148,3 +148,17 @@ def test_yolo_nas_s_fused_export_with_nms(tmp_path):
     res = export_detector(model, tmp_path / "nas.onnx", ExportConfig(image_size=64, nms="batch", conf=0.005, max_det=20))
     assert res.detections_match and res.num_detections > 0
     assert before[1].shape == (1, 84, 4)
+
+
+def test_onnxruntime_int8_uses_integer_kernels(tiny, tmp_path):
+    from detectkit.export.deploy import onnx_op_counts
+    from detectkit.export.ort_int8 import quantize_for_onnxruntime
+
+    fp32 = export_detector(tiny, tmp_path / "fp32.onnx", ExportConfig(image_size=64)).path
+    calib = [torch.rand(1, 3, 64, 64).numpy() for _ in range(4)]
+    q = quantize_for_onnxruntime(fp32, tmp_path / "int8.onnx", calib)
+    assert onnx_op_counts(q).get("QuantizeLinear", 0) > 5
+    x = calib[0]
+    boxes, scores = run_onnx(q, x)
+    ref_boxes, ref_scores = run_onnx(fp32, x)
+    assert np.abs(scores - ref_scores).max() < 0.1 and np.abs(boxes - ref_boxes).mean() < 2.0
