@@ -25,9 +25,11 @@ KILL_AT = 3  # global step 3 of 8: mid-epoch 0 (the last checkpoint holds step 2
 def train(out: Path, cache: str, kill_at: int | None = None, resume: str | None = None) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-    from test_distributed import _datamodule, plain_detector
+    from test_distributed import PlainDetector
 
     from detectkit.checkpoint_io import AtomicCheckpointIO
+    from detectkit.data import DetectionDataModule
+    from detectkit.data.synthetic import SyntheticConfig
     from detectkit.modules.detector import DetectionModule
 
     class KillAt(Callback):
@@ -46,8 +48,10 @@ def train(out: Path, cache: str, kill_at: int | None = None, resume: str | None 
             self.batches.append([int(m["image_id"]) for m in batch["meta"]])
 
     pl.seed_everything(0, workers=True)
-    module = DetectionModule(plain_detector(), lr=2e-3, warmup_steps=2, weight_decay=1e-4)
-    dm = _datamodule(cache, BATCH)
+    module = DetectionModule(PlainDetector(), lr=2e-3, warmup_steps=2, weight_decay=1e-4)
+    dm = DetectionDataModule(  # augmentation on: its per-(seed, epoch, index) randomness must resume too
+        image_size=64, batch_size=BATCH, num_workers=0, cache_dir=cache,
+        synthetic=SyntheticConfig(train_images=TRAIN_IMAGES, val_images=2, size=64, num_classes=3))
     order = Order()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=EPOCHS, logger=False, deterministic=True,
