@@ -45,7 +45,9 @@ def grounding_dir(tmp_path_factory) -> Path:
         ]
         item = {"file_name": str(rec.path), "height": rec.height, "width": rec.width}
         item["grounding"] = {"caption": " and ".join(phrases), "regions": regions}
-        if i == 0:  # one line that only adds phrases to the pool (no boxes)
+        if i == 1:  # GoldG layout: the phrase is the caption span tokens_positive points at
+            regions[0] = {"bbox": regions[0]["bbox"], "tokens_positive": [[0, len(phrases[0])]]}
+        if i == 0:  # extra phrases for the pool (tiny boxes)
             item["grounding"]["regions"] += [{"bbox": [0, 0, 5, 5], "phrase": p} for p in EXTRA]
         lines.append(json.dumps(item))
     (out / "train.jsonl").write_text("\n".join(lines) + "\n")

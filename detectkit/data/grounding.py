@@ -9,7 +9,8 @@ One JSON object per line, either form (``filename`` or ``file_name``; paths rela
      "grounding": {"caption": "a dog chasing a red ball",
                    "regions": [{"bbox": [x1, y1, x2, y2], "phrase": "a dog", "tokens_positive": [[0, 5]]}]}}
 
-Boxes are ``xyxy`` original pixels. Every distinct phrase (category name or region phrase) of
+Boxes are ``xyxy`` original pixels. A region's prompt is its ``phrase``; without one, the
+caption text its ``tokens_positive`` character spans cover. Every distinct phrase (category name or region phrase) of
 a file forms the *phrase pool*.
 
 Vocabulary layout (chosen here, used by the YOLO-World module): **per-image vocabularies**.
@@ -85,6 +86,17 @@ def _box(value: Any, where: str) -> list[float]:
     return [x1, y1, x2, y2]
 
 
+def _caption_span(caption: str, spans: Any) -> str | None:
+    """The caption text a region's ``tokens_positive`` character spans cover (GoldG layout)."""
+    if not isinstance(spans, list) or not spans:
+        return None
+    try:
+        parts = [caption[int(a) : int(b)] for a, b in spans]
+    except (TypeError, ValueError):
+        return None
+    return " ".join(p.strip() for p in parts if p.strip()) or None
+
+
 def read_odvg(path: str | Path, image_root: str | Path | None = None) -> list[GroundingRecord]:
     """Parse an ODVG JSON-lines file; any malformed line raises naming the file and line."""
     path = Path(path)
@@ -119,8 +131,12 @@ def read_odvg(path: str | Path, image_root: str | Path | None = None) -> list[Gr
             caption = item["grounding"].get("caption")
             for region in item["grounding"].get("regions", []):
                 phrase = region.get("phrase")
+                if (not isinstance(phrase, str) or not phrase.strip()) and caption:
+                    phrase = _caption_span(caption, region.get("tokens_positive"))
                 if not isinstance(phrase, str) or not phrase.strip():
-                    raise ValueError(f"{where}: grounding region without a 'phrase'")
+                    raise ValueError(
+                        f"{where}: grounding region without a 'phrase' (or caption tokens_positive)"
+                    )
                 boxes.append(_box(region.get("bbox"), where))
                 phrases.append(phrase.strip())
         else:
