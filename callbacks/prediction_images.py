@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _GT_COLOR = (40, 200, 40)
 _PRED_COLOR = (230, 40, 40)
+_MIN_SIDE = 320  # drawn images are enlarged (integer factor) up to about this side
 
 
 # ---------------------------------------------------------------------------- computations
@@ -137,10 +138,16 @@ def _figure_to_array(fig: Any) -> np.ndarray:
 
 def _draw(image: np.ndarray, gt: torch.Tensor, gt_labels: torch.Tensor, det: torch.Tensor,
           names: Sequence[str]) -> np.ndarray:
-    """Ground truth in green, predictions in red with class and confidence."""
+    """Ground truth in green, predictions in red with class and confidence (small inputs are
+    enlarged so that the labels stay readable)."""
     from PIL import Image, ImageDraw
 
     img = Image.fromarray(image)
+    k = max(1, _MIN_SIDE // max(img.size))
+    if k > 1:
+        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
+        gt, det = gt * k, det.clone()
+        det[:, :4] *= k
     draw = ImageDraw.Draw(img)
     for box, label in zip(gt.tolist(), gt_labels.tolist()):
         draw.rectangle(box, outline=_GT_COLOR, width=1)
