@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -72,6 +73,7 @@ def _run_worker(*args: str, timeout: float = 300) -> subprocess.CompletedProcess
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     cache = str(tmp_path / "data")
     ref = _run_worker("train", str(tmp_path / "ref"), cache)

@@ -20,6 +20,7 @@ def _all_artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_fit_logs_everything_to_mlflow_server(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
