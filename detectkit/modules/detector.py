@@ -22,8 +22,9 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups: ``decay`` (conv/linear weights) and ``no_decay`` (biases, norm params).
 
-    SG's ``zero_weight_decay_on_bias_and_bn``: biases and BatchNorm weights get no weight decay.
-    Other 1-d parameters (scales, e.g. in attention) follow them, as is usual.
+    SG's ``zero_weight_decay_on_bias_and_bn`` (``_get_no_decay_param_ids``): every parameter of a
+    norm layer and every module's ``bias`` get no weight decay; everything else (including
+    1-element scales such as YOLO-NAS's bottleneck ``alpha``) does.
     """
     decay, no_decay, seen = [], [], set()
     for mod in module.modules():
@@ -31,7 +32,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            if isinstance(mod, _NORM_TYPES) or name == "bias" or p.ndim <= 1:
+            if isinstance(mod, _NORM_TYPES) or name == "bias":
                 no_decay.append(p)
             else:
                 decay.append(p)
@@ -54,7 +55,10 @@ class DetectionModule(pl.LightningModule):
         checkpoint: weights for the registry builder (e.g. super-gradients COCO weights).
         loss: ``detectkit.losses`` name; default the model family's ``default_loss``.
         lr, weight_decay, betas: AdamW (no decay on biases / norm params).
-        warmup_steps, warmup_initial_lr, final_lr_ratio: per-step linear warmup then cosine.
+        warmup_steps, warmup_initial_lr, final_lr_ratio: per-step linear warmup then cosine
+            (SG ``LinearBatchLRWarmup`` + ``CosineLRScheduler``).
+        warmup_epochs: SG's per-epoch warmup (``LinearEpochLRWarmup``, fine-tuning recipes);
+            replaces ``warmup_steps`` when > 0.
         val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe).
         predict_conf, predict_iou, predict_max_det: post-processing for ``predict``.
         text_encoder, prompt_tuning: YOLO-World only (see :mod:`detectkit.modules.world`): the
@@ -78,6 +82,7 @@ class DetectionModule(pl.LightningModule):
         warmup_steps: int = 1000,
         warmup_initial_lr: float = 1e-6,
         final_lr_ratio: float = 0.1,
+        warmup_epochs: int = 0,
         val_conf: float = 0.01,
         val_iou: float = 0.7,
         val_top_k: int = 1000,
@@ -225,5 +230,9 @@ class DetectionModule(pl.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = warmup_cosine_scheduler(optimizer, total, hp.warmup_steps, hp.warmup_initial_lr, hp.final_lr_ratio)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        scheduler = warmup_cosine_scheduler(
+            optimizer, total, hp.warmup_steps, hp.warmup_initial_lr, hp.final_lr_ratio,
+            warmup_epochs=hp.warmup_epochs, steps_per_epoch=max(1, total // epochs),
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -6,6 +6,10 @@ end point included), then follows ``0.5 * lr * (1 + cos(pi * t / (T + 1)))`` res
 ends at ``final_lr_ratio * lr``, where ``t`` counts steps after the warmup and ``T`` is the number
 of post-warmup steps. SG caps the warmup at one epoch; we do not (a cap tied to the epoch length
 would change the recipe when the dataset size changes), but we cap it at the total steps.
+
+``warmup_epochs`` is SG's ``LinearEpochLRWarmup`` (the fine-tuning recipes): the lr is constant
+within an epoch and climbs in ``warmup_epochs`` even steps from ``warmup_initial_lr``, reaching
+``lr`` at epoch ``warmup_epochs``; the cosine then runs over the remaining steps.
 """
 
 from __future__ import annotations
@@ -23,8 +27,15 @@ def warmup_cosine_factor(
     warmup_steps: int,
     warmup_start_ratio: float,
     final_lr_ratio: float,
+    warmup_epochs: int = 0,
+    steps_per_epoch: int = 1,
 ) -> float:
     """The multiplier of the base lr used for optimizer step ``step`` (0-based)."""
+    if warmup_epochs > 0:
+        steps_per_epoch = max(1, steps_per_epoch)
+        warmup_steps = warmup_epochs * steps_per_epoch
+        if step < warmup_steps:
+            return warmup_start_ratio + (1.0 - warmup_start_ratio) * (step // steps_per_epoch) / warmup_epochs
     warmup_steps = max(0, min(warmup_steps, total_steps))
     if step < warmup_steps:
         if warmup_steps == 1:
@@ -42,6 +53,8 @@ def warmup_cosine_scheduler(
     warmup_steps: int,
     warmup_initial_lr: float,
     final_lr_ratio: float,
+    warmup_epochs: int = 0,
+    steps_per_epoch: int = 1,
 ) -> LambdaLR:
     """A ``LambdaLR`` (stepped once per optimizer step) implementing :func:`warmup_cosine_factor`.
 
@@ -58,6 +71,8 @@ def warmup_cosine_scheduler(
                 warmup_steps=warmup_steps,
                 warmup_start_ratio=ratio,
                 final_lr_ratio=final_lr_ratio,
+                warmup_epochs=warmup_epochs,
+                steps_per_epoch=steps_per_epoch,
             )
         )
     return LambdaLR(optimizer, lambdas)

@@ -1,0 +1,74 @@
+"""The ``detectkit`` command: recipes parse, fit/validate/predict run end to end on tiny settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detectkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ["quickstart", "yolo_nas_s_coco", "yolo_nas_m_coco", "yolo_nas_l_coco", "yolo_nas_s_finetune"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_parses(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(ROOT / "experiments" / f"{name}.yaml"), "--print_config"])
+    assert e.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    callbacks = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
+    assert "detectkit.modules.ema.ModelEMA" in callbacks
+    if name.endswith("_coco"):  # super-gradients' COCO recipe
+        m = cfg["model"]
+        assert (m["lr"], m["weight_decay"], m["warmup_steps"], m["final_lr_ratio"]) == (2e-4, 1e-5, 1000, 0.1)
+        assert (m["val_conf"], m["val_iou"], m["val_top_k"], m["val_max_det"]) == (0.01, 0.7, 1000, 300)
+        assert cfg["trainer"]["max_epochs"] == 300
+        ema = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelEMA"))
+        assert ema["init_args"]["decay"] == 0.9997 and ema["init_args"]["decay_type"] == "threshold"
+    if name == "yolo_nas_s_coco":
+        assert cfg["data"]["batch_size"] == 32
+    if name == "yolo_nas_s_finetune":
+        assert (cfg["model"]["lr"], cfg["model"]["weight_decay"], cfg["model"]["warmup_epochs"]) == (5e-4, 1e-4, 3)
+        assert cfg["trainer"]["max_epochs"] == 100 and cfg["data"]["batch_size"] == 16
+
+
+def _tiny(tmp: Path) -> list[str]:
+    return [
+        "--config", str(ROOT / "experiments" / "quickstart.yaml"),
+        "--data.image_size=64", "--data.batch_size=2", "--data.num_workers=0",
+        "--data.synthetic.train_images=4", "--data.synthetic.val_images=2", "--data.synthetic.size=64",
+        f"--data.cache_dir={tmp / 'data'}",
+        f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def test_fit_validate_predict(tmp_path):
+    assert main(["fit", *_tiny(tmp_path), "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+                 "--trainer.check_val_every_n_epoch=1"]) == 0
+    ckpts = sorted(tmp_path.rglob("last.ckpt"))
+    assert ckpts, list(tmp_path.rglob("*"))
+    assert sorted(tmp_path.rglob("config.yaml"))  # LightningCLI saved the resolved config
+    assert main(["validate", *_tiny(tmp_path), f"--ckpt_path={ckpts[0]}"]) == 0
+    metrics = sorted(tmp_path.rglob("metrics.csv"))
+    assert metrics and any("val/map_50" in p.read_text() for p in metrics)
+
+    assert main(["predict", *_tiny(tmp_path), f"--ckpt_path={ckpts[0]}", "--model.predict_conf=0.0"]) == 0
+    results = sorted(tmp_path.rglob("predictions.json"))
+    assert results, list(tmp_path.rglob("*"))
+    rows = json.loads(results[0].read_text())
+    assert rows, "predict_conf=0 must yield detections"
+    assert set(rows[0]) == {"image_id", "category_id", "bbox", "score"}
+    assert {r["image_id"] for r in rows} <= {0, 1}
+    images = sorted((results[0].parent / "images").glob("*.jpg"))
+    assert len(images) == 2
+
+
+def test_data_subcommand_is_dispatched(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["data", "synth", str(out), "--images", "2", "--val", "1", "--size", "64"]) == 0
+    assert (out / "train" / "annotations.json").is_file()
