@@ -97,11 +97,10 @@ def test_teacher_from_registry_under_autocast():
     kd = KnowledgeDistillation(teacher="yolo_nas_s", cls_loss="kl")
     student = create_model("yolo_nas_s", num_classes=2).train()
 
-    class Holder(torch.nn.Module):
+    class Holder(pl.LightningModule):  # the student's LightningModule, outside a fit
         def __init__(self):
             super().__init__()
             self.model = student
-            self.current_epoch = 0
 
     holder = Holder()
     kd.teacher = None

@@ -97,10 +97,9 @@ def test_yolo_nas_s_prune_and_rebuild():
 
     torch.manual_seed(0)
     model = create_model("yolo_nas_s", num_classes=3).eval()
-    base_macs, _ = count_macs_params(model, 64)
+    base_params = sum(p.numel() for p in model.parameters())
     prune_model(model, 0.25)
-    macs, _ = count_macs_params(model, 64)
-    assert macs < 0.75 * base_macs
+    assert sum(p.numel() for p in model.parameters()) < 0.75 * base_params
     alphas = [p for n, p in model.named_parameters() if n.endswith("alpha")]
     assert alphas and all(p.shape == (1,) for p in alphas)  # scalar residual scales untouched
     heads = [m for n, m in model.named_modules() if n.endswith(("cls_pred", "reg_pred"))]
