@@ -69,3 +69,11 @@ def test_export_command_pruned_checkpoint(tmp_path, capsys):
     assert {"EfficientNMS_TRT", "QuantizeLinear", "DequantizeLinear"} <= ops
     script = (tmp_path / "int8.trt.trtexec.sh").read_text()
     assert "--int8" in script and "int8.engine" in script
+    # CPU deployment: onnxruntime's own static INT8 of the float checkpoint
+    rc = cli_main(["export", "--checkpoint", last, "--int8", "--int8-backend", "onnxruntime", "--calib",
+                   str(images[0].parent), "--calib-batches", "4", "--size", "64", "--output", str(tmp_path / "cpu.onnx")])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["backend"] == "onnxruntime" and summary["op_counts"]["QuantizeLinear"] > 5
+    boxes, scores = run_onnx(tmp_path / "cpu.onnx", np.random.rand(1, 3, 64, 64).astype(np.float32))
+    assert boxes.shape == (1, 84, 4) and scores.shape == (1, 84, 3)

@@ -40,6 +40,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--num-classes", type=int, default=None, help="default: from the checkpoint, else 80")
     p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
     p.add_argument("--int8", action="store_true", help="Q/DQ INT8 (QAT/PTQ checkpoint, or PTQ on --calib)")
+    p.add_argument("--int8-backend", choices=("modelopt", "onnxruntime"), default="modelopt",
+                   help="modelopt: TensorRT's Q/DQ scheme (QAT/PTQ); onnxruntime: static QDQ for CPU onnxruntime")
     p.add_argument("--calib", help="folder of calibration images for PTQ with --int8")
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--nms", choices=("batch", "flat", "none"), default="none",
@@ -119,6 +121,8 @@ def run_export(args: argparse.Namespace) -> int:
         raise SystemExit(f"--size must be a multiple of 32, got {args.size}")
     model = load_for_export(args.model, args.checkpoint, args.num_classes)
     quantized = is_quantized(model)
+    if args.int8 and args.int8_backend == "onnxruntime":
+        return _export_onnxruntime_int8(model, args, quantized)
     if args.int8 and not quantized:
         if not args.calib:
             raise SystemExit("--int8 needs a QAT/PTQ checkpoint or --calib IMAGES_DIR for post-training quantization")
@@ -146,6 +150,28 @@ def run_export(args: argparse.Namespace) -> int:
                              int8=quantized)
         summary = {**result.to_dict(), "path": str(trt_onnx), "engine_or_script": str(built), "quantized": quantized}
     print(json.dumps(summary, default=str))
+    return 0
+
+
+def _export_onnxruntime_int8(model: nn.Module, args: argparse.Namespace, quantized: bool) -> int:
+    """FP32 graph -> onnxruntime static QDQ INT8 calibrated on ``--calib`` (CPU deployment)."""
+    from detectkit.export.deploy import ExportConfig, export_detector
+    from detectkit.export.ort_int8 import quantize_for_onnxruntime
+
+    if quantized:
+        raise SystemExit("--int8-backend onnxruntime quantizes a float checkpoint; this one is already fake-quantized")
+    if not args.calib or args.format != "onnx" or args.nms != "none" or args.uint8:
+        raise SystemExit("--int8-backend onnxruntime needs --calib, --format onnx, no --nms and no --uint8")
+    model.fuse()
+    output = Path(args.output or f"{args.model or type(model).__name__.lower()}.onnx")
+    fp32 = output.with_suffix(".fp32.onnx")
+    export_detector(model, fp32, ExportConfig(image_size=args.size), check=not args.no_check)
+    batches = calibration_images(args.calib, args.size, batch_size=1)[: args.calib_batches]
+    quantize_for_onnxruntime(fp32, output, [b.numpy() for b in batches])
+    fp32.unlink()
+    from detectkit.export.deploy import onnx_op_counts
+
+    print(json.dumps({"path": str(output), "quantized": True, "backend": "onnxruntime", "op_counts": onnx_op_counts(output)}))
     return 0
 
 
