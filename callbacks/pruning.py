@@ -15,7 +15,8 @@ Channels are removed for real (smaller convs, fewer MACs), so the architecture c
   excluded); ``prune_model`` raises a clear error for it.
 * Scalar parameters (CSP bottleneck ``alpha``) are ignored: they scale whole tensors.
 
-What was removed is recorded as every parameter/buffer shape and channel attribute per module
+The EMA weights (when a ``WeightAveraging`` callback runs) are loaded into the model before each
+step, and the average restarts from the pruned model. What was removed is recorded as every parameter/buffer shape and channel attribute per module
 (``state_dict()['shapes']``); resume rebuilds a fresh model to those shapes before the weights
 load (see ``callbacks/utils.py``), and :func:`apply_pruned_shapes` does the same for export.
 """
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 from detectkit.callbacks.quantization import partial_fuse
 from detectkit.callbacks.utils import (
+    copy_average_to_model,
     detector_of,
     prepare_architecture_restore,
     rebuild_after_surgery,
@@ -286,6 +288,7 @@ class StructuredPruning(Callback):
         loss.backward()
 
     def prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        copy_average_to_model(trainer, pl_module)  # prune the EMA weights; the EMA restarts after
         model = detector_of(pl_module)
         if self.base is None:
             self.base = count_macs_params(model, self.image_size)

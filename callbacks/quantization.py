@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from detectkit.callbacks.utils import (
+    copy_average_to_model,
     detector_of,
     prepare_architecture_restore,
     rebuild_after_surgery,
@@ -281,14 +282,8 @@ class QuantizationAwareTraining(Callback):
 
     def _drop_ema(self, trainer: pl.Trainer, pl_module: pl.LightningModule, copy_average: bool) -> None:
         emas = weight_averaging_callbacks(trainer)
-        for cb in emas:
-            averaged = getattr(cb, "_average_model", None)
-            if copy_average and averaged is not None:  # continue from the EMA weights, like SG
-                avg = averaged.module.state_dict()
-                with torch.no_grad():
-                    for k, dst in pl_module.state_dict().items():
-                        if k in avg and avg[k].shape == dst.shape:
-                            dst.copy_(avg[k])
+        if copy_average:  # continue from the EMA weights, like SG
+            copy_average_to_model(trainer, pl_module)
         if emas:
             # a new list: Lightning may be iterating the old one right now
             trainer.callbacks = [cb for cb in trainer.callbacks if cb not in emas]

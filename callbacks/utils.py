@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "detector_of",
     "weight_averaging_callbacks",
+    "copy_average_to_model",
     "rebuild_after_surgery",
     "prepare_architecture_restore",
     "restore_architecture",
@@ -33,6 +34,24 @@ def detector_of(pl_module: nn.Module) -> nn.Module:
 
 def weight_averaging_callbacks(trainer: pl.Trainer) -> list[WeightAveraging]:
     return [cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)]
+
+
+def copy_average_to_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Load the EMA weights into the module (surgery starts from the weights that get validated)."""
+    import torch
+
+    copied = False
+    for cb in weight_averaging_callbacks(trainer):
+        averaged = getattr(cb, "_average_model", None)
+        if averaged is None:
+            continue
+        avg = averaged.module.state_dict()
+        with torch.no_grad():
+            for k, dst in pl_module.state_dict().items():
+                if k in avg and avg[k].shape == dst.shape:
+                    dst.copy_(avg[k])
+        copied = True
+    return copied
 
 
 def rebuild_after_surgery(
