@@ -12,12 +12,17 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 __all__ = ["DetectkitCLI", "main", "EXTRA_COMMANDS"]
+
+#: DetectionModule arguments that a checkpoint's weights depend on (see DetectkitCLI._parse_ckpt_path)
+ARCHITECTURE_HPARAMS = ("model", "num_classes", "class_names", "model_kwargs", "loss", "loss_kwargs", "text_encoder", "prompt_tuning")
 
 #: first word -> module with ``add_<word>_subcommands`` / ``run_<word>_command``
 EXTRA_COMMANDS: dict[str, str] = {"data": "detectkit.data.commands", "export": "detectkit.export.commands"}
@@ -36,6 +41,23 @@ class DetectkitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Take only the architecture from ``--ckpt_path``'s hyperparameters.
+
+        LightningCLI re-applies ALL the checkpoint's ``hyper_parameters`` over the command line,
+        which silently ignores e.g. ``--model.predict_conf 0.5`` or ``--model.val_iou 0.6`` on
+        validate/predict. What defines the weights' shapes must come from the checkpoint; the
+        thresholds and optimisation settings are the user's to choose.
+        """
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        keep = {k: v for k, v in hparams.items() if k in ARCHITECTURE_HPARAMS}
+        if keep:
+            self.config = self.parser.parse_object({sub: {"model": keep}}, self.config)
 
     def before_predict(self) -> None:
         """Results go to the run dir unless the config already has a prediction writer."""

@@ -33,6 +33,7 @@ def run(config: str | Path = DEFAULT_CONFIG, output_dir: str | Path = "runs/quic
         "--config", str(config),
         "--trainer.default_root_dir", str(output_dir),
         "--data.cache_dir", str(output_dir / "data"),
+        "--trainer.logger.init_args.save_dir", str(output_dir),  # the recipe logs with a CSVLogger
         *overrides,
     ]
     cli = DetectkitCLI(args=args, run=False)
