@@ -276,6 +276,7 @@ def _fit_worker(rank: int, port: int, root: str, out_dir: str, ckpt: str | None)
         devices=2,
         max_epochs=FIT_EPOCHS,
         limit_val_batches=0,
+        default_root_dir=out_dir,  # Lightning's default end-of-epoch checkpoint lands here, not in the cwd
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
