@@ -3,4 +3,15 @@
 from detectkit.registry import create_model, list_models, register_model
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "register_model", "__version__"]
+__all__ = ["create_model", "list_models", "register_model", "DetectionModule", "ModelEMA", "__version__"]
+
+_LAZY = {"DetectionModule": "detectkit.modules.detector", "ModelEMA": "detectkit.modules.ema"}
+
+
+def __getattr__(name: str):
+    # lazy: ``import detectkit`` must not pull in Lightning for users who only build models
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'detectkit' has no attribute {name!r}")

@@ -12,9 +12,9 @@ from detectkit.data import DetectionDataModule, SyntheticConfig
 NO_AUGMENT = dict(mixup_prob=0.0, translate=0.0, scale=(1.0, 1.0), hsv_prob=0.0, flip_prob=0.0)
 
 
-def tiny_data(tmp: Path, size: int = 64, train: int = 4, val: int = 2, batch_size: int = 2, **kw) -> DetectionDataModule:
+def tiny_data(tmp: Path, size: int = 64, n_train: int = 4, n_val: int = 2, batch_size: int = 2, **kw) -> DetectionDataModule:
     cfg = SyntheticConfig(
-        train_images=train, val_images=val, size=size, num_classes=2, max_objects=2,
+        train_images=n_train, val_images=n_val, size=size, num_classes=2, max_objects=2,
         object_size=(0.3, 0.6), small_fraction=0.0, texture=0.2,
     )
     return DetectionDataModule(
