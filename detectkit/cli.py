@@ -2,13 +2,12 @@
 
 ``detectkit fit|validate|test|predict --config X.yaml`` is a LightningCLI over
 ``DetectionModule`` and ``DetectionDataModule``; other first words are dispatched to their own
-parsers (``data`` now, ``export`` when ``detectkit.export.commands`` provides it). Each of those
-modules exposes ``add_<name>_subcommands(subparsers)`` and ``run_<name>_command(args)``.
+parsers: ``detectkit.data.commands`` and ``detectkit.export.commands``, each exposing
+``main(argv) -> exit code`` (add a word to :data:`EXTRA_COMMANDS` for a new tool).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ __all__ = ["DetectkitCLI", "main", "EXTRA_COMMANDS"]
 #: DetectionModule arguments that a checkpoint's weights depend on (see DetectkitCLI._parse_ckpt_path)
 ARCHITECTURE_HPARAMS = ("model", "num_classes", "class_names", "model_kwargs", "loss", "loss_kwargs", "text_encoder", "prompt_tuning")
 
-#: first word -> module with ``add_<word>_subcommands`` / ``run_<word>_command``
+#: first word -> module whose ``main(argv)`` runs it
 EXTRA_COMMANDS: dict[str, str] = {"data": "detectkit.data.commands", "export": "detectkit.export.commands"}
 
 
@@ -72,15 +71,7 @@ def _run_extra(word: str, argv: Sequence[str]) -> int:
         mod = importlib.import_module(EXTRA_COMMANDS[word])
     except ModuleNotFoundError as e:
         raise SystemExit(f"`detectkit {word}` is not available in this installation ({e})") from e
-    parser = argparse.ArgumentParser(prog=f"detectkit {word}")
-    if hasattr(mod, f"add_{word}_arguments"):  # a flat command (``detectkit export --model ...``)
-        getattr(mod, f"add_{word}_arguments")(parser)
-        return int(getattr(mod, f"run_{word}")(parser.parse_args(list(argv))) or 0)
-    sub = parser.add_subparsers(dest="command", required=True)
-    getattr(mod, f"add_{word}_subcommands")(sub)
-    args = parser.parse_args(list(argv))
-    rc = getattr(mod, f"run_{word}_command")(args)
-    return int(rc or 0)
+    return int(mod.main(list(argv)) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,3 +72,10 @@ def test_data_subcommand_is_dispatched(tmp_path, capsys):
     out = tmp_path / "synth"
     assert main(["data", "synth", str(out), "--images", "2", "--val", "1", "--size", "64"]) == 0
     assert (out / "train" / "annotations.json").is_file()
+
+
+def test_export_subcommand_is_dispatched(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--help"])
+    assert e.value.code == 0
+    assert "detectkit export" in capsys.readouterr().out

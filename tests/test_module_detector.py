@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -102,3 +103,18 @@ def test_validate_rescores_the_checkpoint_identically(overfit_run):
     results = trainer(tmp).validate(fresh, datamodule=dm, verbose=False)[0]
     assert results["val/map_50"] == pytest.approx(metrics["val/map_50"], abs=1e-6)
     assert results["val/map"] == pytest.approx(metrics["val/map"], abs=1e-6)
+
+
+def test_bf16_autocast_training_keeps_the_loss_in_fp32(tmp_path):
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen["loss"] = outputs["loss"].dtype
+            seen["image_losses"] = outputs["image_losses"].shape
+
+    module = DetectionModule("yolo_nas_s", num_classes=2, warmup_steps=0)
+    tr = trainer(tmp_path, [Probe()], max_steps=1, precision="bf16-mixed", limit_val_batches=0)
+    tr.fit(module, tiny_data(tmp_path))
+    assert seen["loss"] == torch.float32
+    assert seen["image_losses"] == (2,)  # per-image losses for the curriculum
