@@ -79,6 +79,14 @@ def test_class_names_become_the_vocabulary(tiny_clip: Path, tmp_path: Path, monk
     restored.load_state_dict(state)
     restored.setup("validate")
     torch.testing.assert_close(restored.model.txt_feats, expected)
+    # EMA checkpoints hold the average of a copy made before setup: its extra state is empty
+    state["world._extra_state"] = {"vocabulary": None}
+    restored = DetectionModule(
+        "yolo_world_v2_s", num_classes=3, class_names=NAMES, text_encoder=str(tmp_path / "gone")
+    )
+    restored.load_state_dict(state)
+    restored.setup("fit")
+    torch.testing.assert_close(restored.model.txt_feats, expected)
 
     # a pretrained-size vocabulary (80) is resized to the data's classes, then encoded from a file
     path = tmp_path / "emb.pt"

@@ -176,6 +176,10 @@ class WorldTraining(nn.Module):
                     "checkpoint with a vocabulary; it will not train on placeholder prompts"
                 )
             return
+        if self.vocabulary is None and not self._is_placeholder():
+            # installed after construction: a restored state dict (EMA checkpoints carry the copy
+            # made before setup, whose extra state is empty) or set_text_embeddings by hand
+            self.vocabulary = list(self.class_names)
         if self.vocabulary == self.class_names:
             self.model.class_names = list(self.class_names)
             return
