@@ -128,6 +128,7 @@ def finetune(model, dm, epochs: int, lr: float, callbacks=(), seed: int = 0):
     from detectkit.modules.detector import DetectionModule
 
     pl.seed_everything(seed, workers=True)
+    model.train()  # Lightning keeps the submodules' modes: an eval-mode copy would train in eval mode
     module = DetectionModule(model, num_classes=model.num_classes, lr=lr, warmup_steps=5, final_lr_ratio=0.1)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -194,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--deploy-size", type=int, default=640)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--only", choices=("all", "int8", "prune"), default="all", help="run one part")
     p.add_argument("--no-train", action="store_true", help="MACs/params/latency only, untrained yolo_nas_s")
     args = p.parse_args(argv)
     if args.no_train:
@@ -229,19 +231,21 @@ def main(argv=None) -> int:
     rows = [measure("fp32", fp32, dm, work, args)]
 
     calib = [images for images, _ in batches(dm.train_dataloader(), args.calib_batches)]
-    ptq = quantize_model(copy.deepcopy(fp32), calib, args.calib_batches).eval()
-    rows.append(measure("int8_ptq", ptq, dm, work, args, quantized=True))
-    rows.append(measure_ort_int8(fp32, dm, work, args, calib))
-    if args.qat_epochs > 0:
+    if args.only in ("all", "int8"):
+        ptq = quantize_model(copy.deepcopy(fp32), calib, args.calib_batches).eval()
+        rows.append(measure("int8_ptq", ptq, dm, work, args, quantized=True))
+        rows.append(measure_ort_int8(fp32, dm, work, args, calib))
+    if args.only in ("all", "int8") and args.qat_epochs > 0:
         qat_cb = QuantizationAwareTraining(start_epoch=0, calib_batches=args.calib_batches, lr_factor=1.0)
         qat = finetune(copy.deepcopy(fp32), dm, args.qat_epochs, args.finetune_lr * 0.1, [qat_cb])
         rows.append(measure("int8_qat", qat, dm, work, args, quantized=True))
 
-    pruned = copy.deepcopy(fp32)
-    base_macs = count_macs_params(pruned, dm.image_size)[0]
-    prune_to_macs(pruned, args.macs_ratio * base_macs, image_size=dm.image_size, importance="group_norm")
-    rows.append(measure("pruned", pruned, dm, work, args))
-    if args.finetune_epochs > 0:
+    if args.only in ("all", "prune"):
+        pruned = copy.deepcopy(fp32)
+        base_macs = count_macs_params(pruned, dm.image_size)[0]
+        prune_to_macs(pruned, args.macs_ratio * base_macs, image_size=dm.image_size, importance="group_norm")
+        rows.append(measure("pruned", pruned, dm, work, args))
+    if args.only in ("all", "prune") and args.finetune_epochs > 0:
         ft = finetune(copy.deepcopy(pruned), dm, args.finetune_epochs, args.finetune_lr)
         rows.append(measure("pruned_ft", ft, dm, work, args))
         kd = KnowledgeDistillation(teacher=copy.deepcopy(fp32), feat_weight=0.5, temperature=2.0)
@@ -249,9 +253,10 @@ def main(argv=None) -> int:
         rows.append(measure("pruned_ft_kd", ft_kd, dm, work, args))
 
     by = {r["name"]: r for r in rows}
-    int8_rows = [r for r in rows if r["name"].startswith("int8")]
+    int8_rows = [r for r in rows if r["name"].startswith("int8")] or [by["fp32"]]
     best_int8 = max(int8_rows, key=lambda r: r["map_50"] or 0.0)
-    pruned_best = by.get("pruned_ft_kd") or by.get("pruned_ft") or by["pruned"]
+    pruned_best = by.get("pruned_ft_kd") or by.get("pruned_ft") or by.get("pruned") or by["fp32"]
+    by.setdefault("pruned", by["fp32"])
 
     def drop(a, b):
         return None if a is None or b is None else 100 * (a - b)
