@@ -39,7 +39,9 @@ class DetectionWriter(BasePredictionWriter):
     dir + ``/predictions``).
 
     Category ids: the datamodule's ``category_ids`` (contiguous label -> dataset id) when it has
-    them, else the contiguous label itself.
+    them, else ``label + 1``, the ids of detectkit's own COCO files (synthetic, ``data convert``)
+    and of Roboflow COCO exports (id 0 is their unused super-category). COCO 2017's
+    non-contiguous ids need ``category_ids``.
     """
 
     def __init__(self, output_dir: str | None = None, save_images: bool = True, max_images: int | None = None) -> None:
@@ -83,7 +85,7 @@ class DetectionWriter(BasePredictionWriter):
             meta, boxes = item["meta"], item["boxes"].numpy()
             scores, labels = item["scores"].numpy(), item["labels"].numpy()
             for b, s, c in zip(boxes, scores, labels):
-                cat = int(cat_ids[int(c)]) if cat_ids is not None else int(c)
+                cat = int(cat_ids[int(c)]) if cat_ids is not None else int(c) + 1
                 w, h = float(b[2] - b[0]), float(b[3] - b[1])
                 self._results.append(
                     {"image_id": int(meta["image_id"]), "category_id": cat,

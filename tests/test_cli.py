@@ -64,6 +64,7 @@ def test_fit_validate_predict(tmp_path):
     assert rows, "predict_conf=0 must yield detections"
     assert set(rows[0]) == {"image_id", "category_id", "bbox", "score"}
     assert {r["image_id"] for r in rows} <= {0, 1}
+    assert {r["category_id"] for r in rows} <= {1, 2, 3}  # ids of the generated annotations.json (1-based)
     images = sorted((results[0].parent / "images").glob("*.jpg"))
     assert len(images) == 2
 
