@@ -35,9 +35,14 @@ class DetectkitCLI(LightningCLI):
         from detectkit.modules.detector import DetectionModule
 
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # Subclass mode lets a recipe name its DataModule (``data: {class_path: ...GroundingDataModule}``,
+        # RoboflowDataModule); a plain ``data:`` mapping still means DetectionDataModule (default below).
+        kwargs.setdefault("subclass_mode_data", True)
         super().__init__(DetectionModule, DetectionDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        if self.subclass_mode_data:
+            parser.set_defaults({"data": {"class_path": "detectkit.data.DetectionDataModule"}})
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 

@@ -114,9 +114,16 @@ def wandb_logger(
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    """Nested config -> ``{"model.init_args.lr": 0.001, ...}`` (lists become strings)."""
+    """Nested config -> ``{"model.lr": 0.001, ...}`` (lists become strings).
+
+    jsonargparse's ``init_args`` level (subclass mode: ``data.init_args.image_size``) is left out
+    of the names, so a parameter keeps one name whether or not its section names a class.
+    """
     out: dict[str, Any] = {}
     for key, value in config.items():
+        if key == "init_args" and isinstance(value, Mapping):
+            out.update(flatten_config(value, prefix, sep))
+            continue
         name = f"{prefix}{sep}{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             out.update(flatten_config(value, name, sep))

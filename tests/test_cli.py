@@ -29,11 +29,14 @@ def test_recipe_parses(name, capsys):
         assert cfg["trainer"]["max_epochs"] == 300
         ema = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelEMA"))
         assert ema["init_args"]["decay"] == 0.9997 and ema["init_args"]["decay_type"] == "threshold"
+    # the data section is in subclass mode: a plain recipe mapping means DetectionDataModule
+    assert cfg["data"]["class_path"] == "detectkit.data.DetectionDataModule"
+    data = cfg["data"]["init_args"]
     if name == "yolo_nas_s_coco":
-        assert cfg["data"]["batch_size"] == 32
+        assert data["batch_size"] == 32
     if name == "yolo_nas_s_finetune":
         assert (cfg["model"]["lr"], cfg["model"]["weight_decay"], cfg["model"]["warmup_epochs"]) == (5e-4, 1e-4, 3)
-        assert cfg["trainer"]["max_epochs"] == 100 and cfg["data"]["batch_size"] == 16
+        assert cfg["trainer"]["max_epochs"] == 100 and data["batch_size"] == 16
 
 
 def _tiny(tmp: Path) -> list[str]:
