@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from detectkit.data.images import IMAGE_EXTENSIONS, ImageReadError, image_size
 from detectkit.data.records import (
@@ -83,7 +84,7 @@ def load_voc(root: str | Path, split: str = "train", class_names: list[str] | No
         raise DatasetError(f"{root}: no split list {list_file}")
     problems: list[Problem] = []
     records = []
-    for stem in stems:
+    for stem in tqdm(stems, desc=f"voc {split}", unit="xml", disable=len(stems) < 2000, leave=False):
         xml_path = root / "Annotations" / f"{stem}.xml"
         if not xml_path.is_file():
             problems.append(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from detectkit.data.images import IMAGE_EXTENSIONS, ImageReadError, image_size
 from detectkit.data.records import (
@@ -217,7 +218,8 @@ def load_yolo(yaml_path: str | Path, split: str = "train", start_id: int = 0) ->
     records: list[ImageRecord] = []
     seen_labels: dict[Path, Path] = {}
     images = [p for src in splits[key] for p in _list_images(src)]
-    for img in images:
+    # a bar only where reading takes a while (one header read + one label file per image)
+    for img in tqdm(images, desc=f"yolo {split}", unit="img", disable=len(images) < 2000, leave=False):
         label = label_path_for(img)
         if label in seen_labels:
             problems.append(
