@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from compress_helpers import TinyDetector
+from detectkit.callbacks import ExportOnFitEnd
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from detectkit.callbacks import ExportOnFitEnd
 from detectkit.data import DetectionDataModule
 from detectkit.data.synthetic import SyntheticConfig
 from detectkit.export.deploy import run_onnx
