@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import importlib
 
+import cv2
+
+# DataLoader workers are forked. OpenCV's thread pool does not survive a fork: a child that
+# touches it (any parallel resize/warp, or cv2.setNumThreads) can deadlock on a lock that a pool
+# thread held at fork time, which hangs the loader forever. Running OpenCV single-threaded from
+# the start means no pool ever exists; the loader's worker processes are the parallelism.
+cv2.setNumThreads(1)
+
 _EXPORTS = {
     "AugmentConfig": "detectkit.data.transforms",
     "DatasetError": "detectkit.data.records",

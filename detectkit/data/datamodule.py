@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -91,8 +90,9 @@ def _worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    # workers are the parallelism: threads inside each one only oversubscribe the CPUs
-    cv2.setNumThreads(1)
+    # workers are the parallelism: threads inside each one only oversubscribe the CPUs.
+    # (OpenCV is single-threaded already, set in detectkit.data before any fork: calling
+    # cv2.setNumThreads here, in a forked child, is what can deadlock.)
     torch.set_num_threads(1)
 
 
