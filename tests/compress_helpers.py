@@ -48,3 +48,22 @@ class TinyDetector(Detector):
         if full:
             fuse_conv_bn_act(self)
         return self
+
+
+def tiny_datamodule(cache_dir):
+    """8 train / 4 val generated 64 px images, no mixup: the callbacks' tests' data."""
+    from detectkit.data import DetectionDataModule
+    from detectkit.data.synthetic import SyntheticConfig
+
+    syn = SyntheticConfig(train_images=8, val_images=4, size=64, num_classes=3)
+    return DetectionDataModule(image_size=64, batch_size=4, num_workers=0, synthetic=syn, cache_dir=str(cache_dir),
+                               mixup_prob=0.0)
+
+
+def tiny_trainer(root, callbacks, max_epochs: int, train_batches: int = 2):
+    """A quiet CPU Trainer with one validation batch per epoch."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(default_root_dir=root, max_epochs=max_epochs, limit_train_batches=train_batches,
+                      limit_val_batches=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0)

@@ -5,31 +5,17 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from compress_helpers import TinyDetector
+from compress_helpers import TinyDetector, tiny_datamodule, tiny_trainer
 from detectkit.callbacks import KnowledgeDistillation
 from detectkit.callbacks.distillation import distillation_losses
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from detectkit.data import DetectionDataModule
-from detectkit.data.synthetic import SyntheticConfig
 from detectkit.modules.detector import DetectionModule
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
-
-
-def _datamodule(cache_dir) -> DetectionDataModule:
-    syn = SyntheticConfig(train_images=8, val_images=4, size=64, num_classes=3)
-    return DetectionDataModule(image_size=64, batch_size=4, num_workers=0, synthetic=syn, cache_dir=str(cache_dir),
-                               mixup_prob=0.0)
-
-
-def _trainer(root, callbacks, max_epochs) -> pl.Trainer:
-    return pl.Trainer(default_root_dir=root, max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=1,
-                      accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=callbacks, num_sanity_val_steps=0)
 
 
 def test_kd_terms_are_zero_for_identical_models_and_positive_otherwise():
@@ -56,7 +42,7 @@ def test_kd_fit_teacher_frozen_adapters_trained_resume(tmp_path, data_dir):
             logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if "kd_" in k})
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = _trainer(tmp_path, [kd, Probe(), ckpt], max_epochs=2)
+    trainer = tiny_trainer(tmp_path, [kd, Probe(), ckpt], max_epochs=2)
     adapters0 = None
 
     class Grab(pl.Callback):
@@ -65,7 +51,7 @@ def test_kd_fit_teacher_frozen_adapters_trained_resume(tmp_path, data_dir):
             adapters0 = [p.detach().clone() for p in pl_module.distill_adapters.parameters()]
 
     trainer.callbacks.append(Grab())
-    trainer.fit(module, datamodule=_datamodule(data_dir))
+    trainer.fit(module, datamodule=tiny_datamodule(data_dir))
     # the teacher never changed and stays in eval mode without gradients
     for k, v in teacher.state_dict().items():
         torch.testing.assert_close(v, teacher_before[k])
@@ -85,8 +71,8 @@ def test_kd_fit_teacher_frozen_adapters_trained_resume(tmp_path, data_dir):
     # resume: adapters and their optimizer group come back
     kd2 = KnowledgeDistillation(teacher=teacher, feat_weight=1.0, temperature=2.0, schedule="linear", final_ratio=0.5)
     module2 = DetectionModule(TinyDetector(num_classes=3), num_classes=3, lr=1e-2, warmup_steps=1)
-    trainer2 = _trainer(tmp_path, [kd2], max_epochs=3)
-    trainer2.fit(module2, datamodule=_datamodule(data_dir), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer2 = tiny_trainer(tmp_path, [kd2], max_epochs=3)
+    trainer2.fit(module2, datamodule=tiny_datamodule(data_dir), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer2.global_step == 6 and len(trainer2.optimizers[0].param_groups) == 3
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from compress_helpers import TinyDetector
+from compress_helpers import TinyDetector, tiny_datamodule, tiny_trainer
 from detectkit.callbacks import StructuredPruning
 from detectkit.callbacks.pruning import apply_pruned_shapes, count_macs_params, prune_model, record_shapes
 from detectkit.callbacks.quantization import partial_fuse
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from detectkit.data import DetectionDataModule
-from detectkit.data.synthetic import SyntheticConfig
 from detectkit.export.deploy import ExportConfig, export_detector
 from detectkit.modules.detector import DetectionModule
 from detectkit.modules.ema import ModelEMA
@@ -23,21 +21,9 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
 
 
-def _datamodule(cache_dir) -> DetectionDataModule:
-    syn = SyntheticConfig(train_images=8, val_images=4, size=64, num_classes=3)
-    return DetectionDataModule(image_size=64, batch_size=4, num_workers=0, synthetic=syn, cache_dir=str(cache_dir),
-                               mixup_prob=0.0)
-
-
 def _module(seed: int = 0) -> DetectionModule:
     torch.manual_seed(seed)
     return DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3, lr=1e-3, warmup_steps=1)
-
-
-def _trainer(root, callbacks, max_epochs) -> pl.Trainer:
-    return pl.Trainer(default_root_dir=root, max_epochs=max_epochs, limit_train_batches=1, limit_val_batches=1,
-                      accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=callbacks, num_sanity_val_steps=0)
 
 
 def test_iterative_macs_target_fit_resume_export(tmp_path, data_dir):
@@ -45,8 +31,8 @@ def test_iterative_macs_target_fit_resume_export(tmp_path, data_dir):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     module = _module()
     base_macs, base_params = count_macs_params(module.model, 64)
-    trainer = _trainer(tmp_path, [ModelEMA(decay=0.9), prune, ckpt], max_epochs=3)
-    trainer.fit(module, datamodule=_datamodule(data_dir))
+    trainer = tiny_trainer(tmp_path, [ModelEMA(decay=0.9), prune, ckpt], max_epochs=3, train_batches=1)
+    trainer.fit(module, datamodule=tiny_datamodule(data_dir))
     model = module.model
     assert prune.steps_done == 2 and [h["epoch"] for h in prune.history] == [0, 1]
     assert 0.5 < prune.history[0]["macs_ratio"] <= 0.75  # step 1 of 2: 75% target, not yet 50%
@@ -70,8 +56,8 @@ def test_iterative_macs_target_fit_resume_export(tmp_path, data_dir):
         def on_train_start(self, trainer, pl_module):
             seen["w"] = pl_module.model.down2.conv.weight.detach().clone()
 
-    trainer2 = _trainer(tmp_path, [ModelEMA(decay=0.9), prune2, Probe()], max_epochs=4)
-    trainer2.fit(module2, datamodule=_datamodule(data_dir), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer2 = tiny_trainer(tmp_path, [ModelEMA(decay=0.9), prune2, Probe()], max_epochs=4, train_batches=1)
+    trainer2.fit(module2, datamodule=tiny_datamodule(data_dir), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     torch.testing.assert_close(seen["w"], saved["current_model_state"]["model.down2.conv.weight"])
     assert prune2.steps_done == 2 and count_macs_params(module2.model, 64)[0] == macs
     assert trainer2.global_step == 4

@@ -6,13 +6,11 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from compress_helpers import TinyDetector
+from compress_helpers import TinyDetector, tiny_datamodule, tiny_trainer
 from detectkit.callbacks import ExportOnFitEnd, QuantizationAwareTraining
 from detectkit.callbacks.quantization import is_quantized, quantization_sensitivity, select_skip_layers
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from detectkit.data import DetectionDataModule
-from detectkit.data.synthetic import SyntheticConfig
 from detectkit.export.deploy import ExportConfig, export_detector, run_onnx
 from detectkit.modules.detector import DetectionModule
 from detectkit.modules.ema import ModelEMA
@@ -23,21 +21,9 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
 
 
-def _datamodule(cache_dir) -> DetectionDataModule:
-    syn = SyntheticConfig(train_images=8, val_images=4, size=64, num_classes=3)
-    return DetectionDataModule(image_size=64, batch_size=4, num_workers=0, synthetic=syn, cache_dir=str(cache_dir),
-                               mixup_prob=0.0)
-
-
 def _module(seed: int = 0) -> DetectionModule:
     torch.manual_seed(seed)
     return DetectionModule(TinyDetector(num_classes=3), num_classes=3, lr=1e-3, warmup_steps=1)
-
-
-def _trainer(root, callbacks, max_epochs) -> pl.Trainer:
-    return pl.Trainer(default_root_dir=root, max_epochs=max_epochs, limit_train_batches=2, limit_val_batches=1,
-                      accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=callbacks, num_sanity_val_steps=0)
 
 
 def test_qat_fit_resume_and_qdq_export(tmp_path, data_dir):
@@ -45,8 +31,8 @@ def test_qat_fit_resume_and_qdq_export(tmp_path, data_dir):
     qat = QuantizationAwareTraining(start_epoch=1, calib_batches=2, lr_factor=0.1, skip_layers=["cls_pred.0"])
     ema = ModelEMA(decay=0.9)
     module = _module()
-    trainer = _trainer(tmp_path, [qat, ema, ckpt], max_epochs=2)
-    trainer.fit(module, datamodule=_datamodule(data_dir))
+    trainer = tiny_trainer(tmp_path, [qat, ema, ckpt], max_epochs=2)
+    trainer.fit(module, datamodule=tiny_datamodule(data_dir))
     model = module.model
     assert qat.quantized and qat.quantized_at_epoch == 1 and is_quantized(model)
     assert model.rep.fusion == "partial"  # QARepVGG merged, post_bn kept
@@ -81,8 +67,8 @@ def test_qat_fit_resume_and_qdq_export(tmp_path, data_dir):
             seen["amax"] = pl_module.model.down1.conv.input_quantizer.amax.clone()
             seen["lr"] = max(g["lr"] for g in trainer.optimizers[0].param_groups)
 
-    trainer2 = _trainer(tmp_path, [qat2, ModelEMA(decay=0.9), Probe()], max_epochs=3)
-    trainer2.fit(module2, datamodule=_datamodule(data_dir), ckpt_path=str(last))
+    trainer2 = tiny_trainer(tmp_path, [qat2, ModelEMA(decay=0.9), Probe()], max_epochs=3)
+    trainer2.fit(module2, datamodule=tiny_datamodule(data_dir), ckpt_path=str(last))
     assert is_quantized(module2.model) and qat2.quantized and qat2.quantized_at_epoch == 1
     torch.testing.assert_close(seen["amax"], saved["state_dict"][amax_key])
     assert seen["lr"] <= lr_float * 0.1 + 1e-12
@@ -94,8 +80,8 @@ def test_ptq_mode_calibrates_without_training_and_exports_qdq(tmp_path, data_dir
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     ptq = QuantizationAwareTraining(ptq=True, calib_batches=2)
     export = ExportOnFitEnd(image_size=64, nms="flat", conf=0.05, tensorrt=True)
-    trainer = _trainer(tmp_path, [ptq, export], max_epochs=3)
-    trainer.fit(module, datamodule=_datamodule(data_dir))
+    trainer = tiny_trainer(tmp_path, [ptq, export], max_epochs=3)
+    trainer.fit(module, datamodule=tiny_datamodule(data_dir))
     assert trainer.global_step == 0 and is_quantized(module.model)
     # no optimizer step: conv kernels are the float ones (fused QARepVGG aside)
     torch.testing.assert_close(module.model.down1.conv.weight, before["down1.conv.weight"])
