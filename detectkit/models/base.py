@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -10,6 +11,35 @@ import torch.nn as nn
 from detectkit.models.outputs import HeadOutput
 from detectkit.nn.dfl import DFL
 from detectkit.ops.boxes import distance2bbox
+from detectkit.ops.nms import PostprocessConfig
+
+
+@dataclass(frozen=True)
+class InferenceDefaults:
+    """What predict, export and serve use when the caller does not say: the input the model was
+    validated at and its post-processing. A fresh model gets super-gradients' COCO settings
+    (640 input, longest side 636, centred, pad 114); ``detectkit.load`` sets those a trained
+    checkpoint recorded (e.g. 128 px, fit inside, as its validation letterbox did).
+    """
+
+    image_size: tuple[int, int] = (640, 640)
+    #: letterbox: resize the longest side to this many pixels, then pad; None = fit inside image_size
+    longest: int | None = 636
+    center: bool = True
+    pad_value: int = 114
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> InferenceDefaults:
+        values = dict(values or {})
+        post = PostprocessConfig.from_dict(values.pop("postprocess", None))
+        size = values.pop("image_size", (640, 640))
+        size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        known = {"longest", "center", "pad_value"}
+        return cls(image_size=size, postprocess=post, **{k: v for k, v in values.items() if k in known})
 
 
 class Detector(nn.Module):
@@ -30,6 +60,10 @@ class Detector(nn.Module):
         self.num_classes = num_classes
         self.class_names = [str(i) for i in range(num_classes)]
         self.dfl = DFL(bins)
+        #: predict/export/serve defaults; ``detectkit.load`` replaces them with a checkpoint's record
+        self.inference = InferenceDefaults()
+        #: label -> the training dataset's category id (COCO writers); None = ``label + 1``
+        self.category_ids: list[int] | None = None
 
     def decode(self, head: HeadOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """The one box decoder: DFL expectation -> xyxy pixels, sigmoid scores."""
