@@ -118,7 +118,7 @@ def convert_dataset(
         split = source.load(name)
         if split.fatal_problems():
             raise DatasetError("; ".join(str(p) for p in split.fatal_problems()))
-        bad = {p.file for p in check_images(split)}
+        bad = {p.file for p in check_images(split) if p.severity == "error"}
         skipped = len(bad)
         split.records = [r for r in split.records if str(r.path) not in bad]
         if to == "coco":

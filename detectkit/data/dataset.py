@@ -58,7 +58,7 @@ class DetectionDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         records = list(split.records)
         if check:
-            bad = check_images(split)
+            bad = [p for p in check_images(split) if p.severity == "error"]
             if bad:
                 listing = "; ".join(f"{p.file}: {p.message}" for p in bad[:5]) + (
                     f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""

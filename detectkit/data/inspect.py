@@ -41,7 +41,11 @@ def inspect_dataset(path: str | Path, decode_images: bool = True, progress: bool
                     {**Problem("unreadable_split", str(path), str(e), "fatal").to_dict(), "split": name}
                 )
                 continue
-            bad = {p.file for p in check_images(split, decode=decode_images, progress=progress)}
+            bad = {
+                p.file
+                for p in check_images(split, decode=decode_images, progress=progress)
+                if p.severity == "error"
+            }
             good = [r for r in split.records if str(r.path) not in bad]
             per_class = dict.fromkeys(split.class_names, 0)
             for r in good:
