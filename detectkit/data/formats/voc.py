@@ -176,9 +176,15 @@ def voc_classes(root: Path, class_names: list[str] | None = None) -> tuple[list[
             "may be a typo that became a class of its own",
         )
     ]
+    lower = {n.lower(): n for n in names}
     for n in names:
-        close = [m for m in difflib.get_close_matches(n, names, n=3, cutoff=0.75) if m != n]
-        common = [m for m in close if counts[m] > counts[n]]
+        # ``dgo`` vs ``dog`` scores 0.67; a rarity test keeps real look-alikes (cat, car) quiet
+        close = [lower[m] for m in difflib.get_close_matches(n.lower(), list(lower), n=3, cutoff=0.6)]
+        common = [
+            m
+            for m in close
+            if m != n and counts[m] > counts[n] and (counts[n] <= 2 or 10 * counts[n] <= counts[m])
+        ]
         if common:
             m = max(common, key=lambda c: counts[c])
             problems.append(
