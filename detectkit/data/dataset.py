@@ -224,6 +224,9 @@ class DetectionDataset(Dataset):
         scale, pad = (info.scale, info.pad) if info is not None else (1.0, (0, 0))
         meta = {
             "image_id": int(rec.image_id),
+            # the id as the annotation file wrote it when that was not an int (COCO string ids):
+            # a COCO results file for that annotation file needs it instead of image_id
+            "source_id": rec.source_id,
             "index": int(used),
             "path": str(rec.path),
             "orig_size": (int(rec.height), int(rec.width)),

@@ -42,6 +42,8 @@ def load_coco_json(path: str | Path) -> dict:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from e
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: a COCO file holds a JSON object, found {type(data).__name__}")
     for key in ("images", "categories"):
@@ -59,22 +61,27 @@ def coco_categories(data: dict, path: str | Path = "") -> tuple[list[str], dict[
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise DatasetError(f"{path}: malformed category entry {c!r} (needs 'id' and 'name')")
         cats.append(c)
-        if not _is_int(c["id"]):
+        if _int_key(c["id"]) is None:
             raise DatasetError(f"{path}: category id {c['id']!r} of {c['name']!r} is not an integer")
     cats.sort(key=lambda c: int(c["id"]))
-    used = {
-        a.get("category_id")
-        for a in data.get("annotations", [])
-        if isinstance(a, dict) and _hashable(a.get("category_id"))
-    }
+    used = {_int_key(a.get("category_id")) for a in data.get("annotations", []) if isinstance(a, dict)}
     supers = {c.get("supercategory") for c in cats}
-    classes = [c for c in cats if not (c["name"] in supers and c["id"] not in used and len(cats) > 1)]
+    classes = [c for c in cats if not (c["name"] in supers and int(c["id"]) not in used and len(cats) > 1)]
     names = [str(c["name"]) for c in classes]
     return names, {int(c["id"]): i for i, c in enumerate(classes)}
 
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_key(v: object) -> int | None:
+    """An integer id, also when written as a string ("3"); else None."""
+    if _is_int(v):
+        return int(v)
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    return None
 
 
 def _number(v: object) -> float | None:
@@ -196,6 +203,8 @@ def load_coco(
                 problems.append(Problem("duplicate_id", file, f"annotation id {aid} appears more than once"))
             seen_ann_ids.add(aid)
         raw = a["image_id"]
+        if remap and _hashable(raw) and raw not in id_of and str(raw) in id_of:
+            raw = str(raw)  # image id "7" written as 7 in the annotation
         if not _hashable(raw) or raw not in id_of:
             problems.append(
                 Problem("unknown_image", file, f"annotation {aid} refers to unknown image id {raw!r}")
@@ -209,10 +218,14 @@ def load_coco(
         boxes, labels, crowd, where = [], [], [], []
         for a in anns_by_image.get(iid, []):
             aid = a.get("id")
-            cid = a.get("category_id")
-            if not _hashable(cid) or cid not in cat_to_idx:
+            cid = _int_key(a.get("category_id"))
+            if cid not in cat_to_idx:
                 problems.append(
-                    Problem("unknown_class", img_file, f"annotation {aid}: category id {cid} is not a class")
+                    Problem(
+                        "unknown_class",
+                        img_file,
+                        f"annotation {aid}: category id {a.get('category_id')!r} is not a class",
+                    )
                 )
                 continue
             bb = a.get("bbox")

@@ -75,7 +75,10 @@ def _coco_file_in(d: Path) -> Path | None:
 
 def _coco_image_dir(json_path: Path, data: dict) -> Path:
     """Images next to the JSON (Roboflow), or in the standard COCO places for ``annotations/x.json``."""
-    first = next((im.get("file_name") for im in data.get("images", []) if isinstance(im, dict)), None)
+    first = next(
+        (im["file_name"] for im in data.get("images", []) if isinstance(im, dict) and isinstance(im.get("file_name"), str)),
+        None,
+    )
     stem = json_path.stem.replace("instances_", "")
     root = json_path.parent.parent if json_path.parent.name == "annotations" else json_path.parent
     for d in (json_path.parent, root / stem, root / "images" / stem, root / "images", root):
