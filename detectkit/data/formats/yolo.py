@@ -163,6 +163,8 @@ def yolo_layout(yaml_path: str | Path) -> tuple[dict[str, list[Path]], list[Prob
                 raise DatasetError(
                     f"{yaml_path}: {split} path {v!r} does not exist (also not relative to data.yaml)"
                 )
+            if found in paths:  # listed twice, or a missing entry that fell back to the standard folder
+                raise DatasetError(f"{yaml_path}: {split} path {v!r} names {found} a second time")
             paths.append(found)
         out[split] = paths
     return out, problems
