@@ -46,6 +46,12 @@ __all__ = [
 ]
 
 CLASS_LIST_FILES = ("labelmap.txt", "classes.txt")
+# The Pascal VOC 2007/2012 classes: a set whose names are all among them needs no class list
+# (the official downloads ship none) and cannot hide a typo.
+PASCAL_VOC_CLASSES = frozenset(
+    "aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
+    "person pottedplant sheep sofa train tvmonitor".split()
+)
 
 
 def voc_root(path: str | Path) -> Path | None:
@@ -166,6 +172,8 @@ def voc_classes(root: Path, class_names: list[str] | None = None) -> tuple[list[
         return listed[0], []
     counts, first = _object_names(root)
     names = sorted(counts)
+    if names and set(names) <= PASCAL_VOC_CLASSES:
+        return names, []
     found = ", ".join(f"{n}: {counts[n]}" for n in names)
     problems = [
         Problem(
