@@ -297,12 +297,14 @@ class DetectionModule(pl.LightningModule):
         if [o.get("op") for o in ops[:done]] != [o.get("op") for o in self.architecture]:
             raise CheckpointError(f"{path or 'checkpoint'}: its architecture ops {[o.get('op') for o in ops]} do not "
                                   f"continue this model's {[o.get('op') for o in self.architecture]}")
-        if len(ops) > done:
+        replayed = len(ops) > done
+        if replayed:
             self.model = replay_architecture(self.model, ops[done:])
             self.architecture = [dict(o) for o in ops]
-            self._refresh_weight_averaging()
         for fn in self._restore_listeners:
             fn(checkpoint)
+        if replayed:  # last: the EMA copy must include what the listeners rebuilt
+            self._refresh_weight_averaging()
 
     def _refresh_weight_averaging(self) -> None:
         """An EMA copy made before the replay has the old architecture: re-create it from the new one."""
