@@ -282,7 +282,9 @@ def read_checkpoint(path: str | os.PathLike, *, verify_hash: bool = True, map_lo
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text[0].split(' This is an internal miniz error')[0]}"
 
 
 # --------------------------------------------------------------------------- content hash
