@@ -458,6 +458,11 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any)
     model.load_state_dict(state, strict=True)
 
 
+def _same_model(path: Any, asked: str | None, recorded: str | None) -> None:
+    if asked and recorded and asked != recorded:
+        raise CheckpointError(f"{path}: holds a {recorded} model, not {asked}")
+
+
 def _from_record(obj: Mapping[str, Any], path: Any, num_classes: int | None, name: str | None) -> nn.Module:
     from detectkit.models.base import InferenceDefaults
     from detectkit.registry import create_model
@@ -466,6 +471,7 @@ def _from_record(obj: Mapping[str, Any], path: Any, num_classes: int | None, nam
     if int(record.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: record format {record.get('format_version')} is newer than this detectkit reads "
                               f"({FORMAT_VERSION}); upgrade detectkit")
+    _same_model(path, name, record.get("model"))
     name = name or record.get("model")
     if not name:
         raise CheckpointError(f"{path}: the checkpoint does not name its model (built from a module instance); pass model=")
@@ -490,6 +496,7 @@ def _from_old_lightning(obj: Mapping[str, Any], path: Any, num_classes: int | No
     from detectkit.registry import create_model
 
     hp = obj.get("hyper_parameters") or {}
+    _same_model(path, name, hp.get("model") if isinstance(hp.get("model"), str) else None)
     name = name or (hp.get("model") if isinstance(hp.get("model"), str) else None)
     if name is None:
         raise CheckpointError(f"{path}: the checkpoint does not name its model in its hyper-parameters; pass model=")
