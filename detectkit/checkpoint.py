@@ -576,8 +576,20 @@ def is_detectkit_checkpoint(obj: Any) -> bool:
 
 
 def load_state(obj: Any, path: str | os.PathLike = "<checkpoint>", *, model: str | None = None,
-               num_classes: int | None = None) -> nn.Module:
-    """A detector from an already-read checkpoint object (see :func:`load`); not moved, train mode."""
+               num_classes: int | None = None, model_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """A detector from an already-read checkpoint object (see :func:`load`); not moved, train mode.
+
+    ``model_kwargs`` (builder arguments a caller also passed) must agree with what a detectkit
+    checkpoint recorded: the file defines the architecture.
+    """
+    asked = {k: v for k, v in dict(model_kwargs or {}).items() if k not in _WEIGHT_KWARGS and k != "num_classes"}
+    if asked and is_detectkit_checkpoint(obj):
+        record = obj.get(RECORD_KEY) if isinstance(obj.get(RECORD_KEY), Mapping) else None
+        saved = record.get("model_kwargs", {}) if record else (obj.get("hyper_parameters") or {}).get("model_kwargs") or {}
+        differ = sorted(k for k in asked if k not in saved or saved[k] != asked[k])
+        if differ:
+            raise CheckpointError(f"{path}: the checkpoint was built with model arguments {dict(saved)}; "
+                                  f"{', '.join(differ)} given differently")
     if isinstance(obj, Mapping) and isinstance(obj.get(RECORD_KEY), Mapping) and "state_dict" in obj:
         return _from_record(obj, path, num_classes, model)
     if _is_lightning(obj):
