@@ -66,7 +66,7 @@ class DetectkitCLI(LightningCLI):
     def before_predict(self) -> None:
         """Results go to the run dir unless the config already has a prediction writer."""
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
-            from detectkit.writers import DetectionWriter
+            from detectkit.predict.writers import DetectionWriter
 
             self.trainer.callbacks.append(DetectionWriter())
 

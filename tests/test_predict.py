@@ -21,8 +21,7 @@ from PIL import Image
 import detectkit
 from detectkit.models.base import Detector
 from detectkit.ops import postprocess
-from detectkit.predict import iter_source
-from detectkit.results import ImagePrediction, Predictions
+from detectkit.predict import ImagePrediction, Predictions, iter_source
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "fixtures" / "yolo_nas_s_parity" / "yolo_nas_s_random.pth"

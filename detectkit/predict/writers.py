@@ -11,26 +11,9 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-__all__ = ["DetectionWriter", "draw_detections"]
+from detectkit.predict.draw import draw_boxes
 
-
-def _color(cls: int) -> tuple[int, int, int]:
-    rng = np.random.default_rng(cls * 7919 + 17)
-    return tuple(int(c) for c in rng.integers(64, 256, size=3))
-
-
-def draw_detections(
-    image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, class_names: list[str]
-) -> np.ndarray:
-    """Boxes and ``name score`` captions drawn on a copy of an RGB image."""
-    out = np.ascontiguousarray(image.copy())
-    thick = max(1, round(max(out.shape[:2]) / 400))
-    for (x1, y1, x2, y2), s, c in zip(boxes.round().astype(int), scores, labels):
-        color = _color(int(c))
-        cv2.rectangle(out, (x1, y1), (x2, y2), color, thick)
-        name = class_names[int(c)] if 0 <= int(c) < len(class_names) else str(int(c))
-        cv2.putText(out, f"{name} {s:.2f}", (x1, max(10, y1 - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.35 * thick, color, thick)
-    return out
+__all__ = ["DetectionWriter"]
 
 
 class DetectionWriter(BasePredictionWriter):
@@ -100,7 +83,7 @@ class DetectionWriter(BasePredictionWriter):
         image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path else None
         if image is None:
             return
-        drawn = draw_detections(image[:, :, ::-1], boxes, scores, labels, names)
+        drawn = draw_boxes(np.ascontiguousarray(image[:, :, ::-1]), boxes, labels, scores, names)
         assert self._dir is not None
         out_dir = self._dir / "images"
         out_dir.mkdir(exist_ok=True)

@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from detectkit.data.letterbox import letterbox, unletterbox_boxes
 from detectkit.ops.nms import postprocess
-from detectkit.results import VIDEO_EXTENSIONS, ImagePrediction, Predictions
+from detectkit.predict.results import VIDEO_EXTENSIONS, ImagePrediction, Predictions
 
 __all__ = ["predict", "load_image", "iter_source", "IMAGE_EXTENSIONS"]
 

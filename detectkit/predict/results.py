@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import colorsys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from detectkit.data.letterbox import LetterboxInfo
+from detectkit.predict.draw import draw_boxes
 
 __all__ = ["ImagePrediction", "Predictions", "VIDEO_EXTENSIONS"]
 
@@ -21,12 +21,6 @@ __all__ = ["ImagePrediction", "Predictions", "VIDEO_EXTENSIONS"]
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 # FourCC per container for writing; mp4v/MJPG ship with opencv-python-headless's FFmpeg build.
 _FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
-
-
-def _color(label: int) -> tuple[int, int, int]:
-    # Golden-ratio hue walk: neighbouring class ids get clearly different, stable colours.
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
 
 
 @dataclass
@@ -55,23 +49,9 @@ class ImagePrediction:
         return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
 
     def draw(self, show_confidence: bool = True, line_width: int | None = None) -> np.ndarray:
-        """A copy of the image (RGB) with boxes and labels drawn on it."""
-        canvas = np.ascontiguousarray(self.image.copy())
-        h, w = canvas.shape[:2]
-        lw = line_width or max(1, round((h + w) / 600))
-        font_scale = max(0.35, lw / 3)
-        for box, score, label in zip(self.boxes, self.scores, self.labels):
-            color = _color(int(label))
-            x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-            cv2.rectangle(canvas, (x1, y1), (x2, y2), color, lw, cv2.LINE_AA)
-            text = self._name(int(label)) + (f" {float(score):.2f}" if show_confidence else "")
-            (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, max(1, lw - 1))
-            ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(h - 1, y1 + th + base + 2)
-            cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw, ty + base // 2), color, -1)
-            ink = (0, 0, 0) if 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 150 else (255, 255, 255)
-            cv2.putText(canvas, text, (x1, ty - base // 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
-                        ink, max(1, lw - 1), cv2.LINE_AA)
-        return canvas
+        """A copy of the image (RGB) with boxes and labels drawn on it (the one drawer)."""
+        return draw_boxes(self.image, self.boxes, self.labels, self.scores, self.class_names,
+                          line_width=line_width, show_confidence=show_confidence)
 
     def save(self, path: str | Path, show_confidence: bool = True) -> Path:
         """Write the drawn image (original size) to ``path``; the suffix picks the format."""
