@@ -1,96 +1,79 @@
-"""Prediction writer: COCO-format result JSON and annotated images in the run directory."""
+"""THE COCO results writer: ``[{image_id, category_id, bbox [x, y, w, h], score}]`` rows.
+
+One category-id rule for every writer (``detectkit predict``, the Lightning prediction writer,
+``ImagePrediction.to_coco``, the server): ``category_ids[label]`` when the model (or the dataset
+it was trained on) maps labels to dataset ids, else ``label + 1``, the ids of detectkit's own COCO
+files (synthetic data, ``data convert``) and of Roboflow COCO exports (id 0 is their unused
+super-category). COCO 2017's non-contiguous ids need the mapping.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
-import lightning.pytorch as pl
 import numpy as np
-from lightning.pytorch.callbacks import BasePredictionWriter
 
-from detectkit.predict.draw import draw_boxes
-
-__all__ = ["DetectionWriter"]
+__all__ = ["category_id", "category_ids_of", "coco_rows", "write_coco_results"]
 
 
-class DetectionWriter(BasePredictionWriter):
-    """Writes ``predictions.json`` (COCO results: image_id, category_id, bbox xywh, score) and
-    ``images/<name>`` with the detections drawn, under ``output_dir`` (default: the run's log
-    dir + ``/predictions``).
+def category_id(label: int, category_ids: Sequence[int] | None) -> int:
+    """The dataset category id of a contiguous class ``label``."""
+    label = int(label)
+    if category_ids is None:
+        return label + 1
+    if not 0 <= label < len(category_ids):
+        raise ValueError(f"label {label} has no category id (the mapping has {len(category_ids)} entries)")
+    return int(category_ids[label])
 
-    Category ids: the datamodule's ``category_ids`` (contiguous label -> dataset id) when it has
-    them, else ``label + 1``, the ids of detectkit's own COCO files (synthetic, ``data convert``)
-    and of Roboflow COCO exports (id 0 is their unused super-category). COCO 2017's
-    non-contiguous ids need ``category_ids``.
-    """
 
-    def __init__(self, output_dir: str | None = None, save_images: bool = True, max_images: int | None = None) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = output_dir
-        self.save_images = save_images
-        self.max_images = max_images
-        self._results: list[dict[str, Any]] = []
-        self._n_images = 0
-        self._dir: Path | None = None
+def category_ids_of(model: Any, datamodule: Any = None) -> list[int] | None:
+    """The mapping to use: the model's ``category_ids`` (set by ``detectkit.load`` from the
+    checkpoint), else the datamodule's (a Lightning run), else None (``label + 1``)."""
+    for owner in (model, getattr(model, "model", None), datamodule):
+        ids = getattr(owner, "category_ids", None) if owner is not None else None
+        if ids is not None:
+            return [int(i) for i in ids]
+    return None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.output_dir is not None:
-            self._dir = Path(self.output_dir)
-        else:
-            base = trainer.log_dir or trainer.default_root_dir
-            self._dir = Path(base) / "predictions"
 
-    @property
-    def directory(self) -> Path | None:
-        return self._dir
+def _array(values: Any, dtype: Any) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype)
 
-    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._results, self._n_images = [], 0
-        assert self._dir is not None
-        self._dir.mkdir(parents=True, exist_ok=True)
 
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        cat_ids = getattr(trainer.datamodule, "category_ids", None) if trainer.datamodule is not None else None
-        names = list(getattr(pl_module, "class_names", []))
-        for item in prediction:
-            meta, boxes = item["meta"], item["boxes"].numpy()
-            scores, labels = item["scores"].numpy(), item["labels"].numpy()
-            for b, s, c in zip(boxes, scores, labels):
-                cat = int(cat_ids[int(c)]) if cat_ids is not None else int(c) + 1
-                w, h = float(b[2] - b[0]), float(b[3] - b[1])
-                self._results.append(
-                    {"image_id": int(meta["image_id"]), "category_id": cat,
-                     "bbox": [round(float(b[0]), 2), round(float(b[1]), 2), round(w, 2), round(h, 2)],
-                     "score": round(float(s), 5)}
-                )
-            if self.save_images and (self.max_images is None or self._n_images < self.max_images):
-                self._save_image(meta, boxes, scores, labels, names)
+def coco_rows(
+    image_id: int | str,
+    boxes: Any,
+    scores: Any,
+    labels: Any,
+    category_ids: Sequence[int] | None = None,
+    decimals: int | None = None,
+) -> list[dict[str, Any]]:
+    """Rows for one image from xyxy ``boxes [N,4]`` (original pixels), ``scores [N]``, ``labels [N]``.
+    ``decimals`` rounds bbox (and score to ``decimals + 3``) to keep large JSON files small."""
+    b = _array(boxes, np.float64).reshape(-1, 4)
+    s = _array(scores, np.float64).reshape(-1)
+    lab = _array(labels, np.int64).reshape(-1)
+    rows = []
+    for (x1, y1, x2, y2), score, label in zip(b.tolist(), s.tolist(), lab.tolist()):
+        bbox = [x1, y1, x2 - x1, y2 - y1]
+        if decimals is not None:
+            bbox, score = [round(v, decimals) for v in bbox], round(score, decimals + 3)
+        rows.append({"image_id": image_id, "category_id": category_id(label, category_ids), "bbox": bbox,
+                     "score": score})
+    return rows
 
-    def _save_image(self, meta: dict, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, names: list[str]) -> None:
-        path = meta.get("path")
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR) if path else None
-        if image is None:
-            return
-        drawn = draw_boxes(np.ascontiguousarray(image[:, :, ::-1]), boxes, labels, scores, names)
-        assert self._dir is not None
-        out_dir = self._dir / "images"
-        out_dir.mkdir(exist_ok=True)
-        cv2.imwrite(str(out_dir / Path(path).name), drawn[:, :, ::-1])
-        self._n_images += 1
 
-    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._dir is not None
-        name = "predictions.json" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.json"
-        (self._dir / name).write_text(json.dumps(self._results))
+def write_coco_results(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
+    """Write the rows as JSON (through a temporary file, so a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows))
+    os.replace(tmp, path)
+    return path
