@@ -195,9 +195,7 @@ class LogValidationPredictions(Callback):
         images = images[:n]
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
-        hp = getattr(pl_module, "hparams", {})
-        dets = pl_module.detect(images, self.conf, hp.get("val_iou", 0.7), hp.get("val_top_k", 1000),
-                                hp.get("val_max_det", 300))
+        dets = pl_module.detect(images, pl_module.val_postprocess.replace(conf=self.conf))
         targets = batch["targets"]
         for i in range(n):
             rows = targets[targets[:, 0] == i]
