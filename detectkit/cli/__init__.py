@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"detectkit {word}: error: {e.code}", file=sys.stderr)
             return 1
-        return int(e.code or 0)
+        raise  # --help / --print_config exit codes pass through unchanged
     except KeyboardInterrupt:
         print(f"detectkit {word}: interrupted", file=sys.stderr)
         return 130
