@@ -100,15 +100,15 @@ class DetectkitCLI(LightningCLI):
         validate/predict. What defines the weights' shapes must come from the checkpoint; the
         thresholds and optimisation settings are the user's to choose.
         """
-        import torch
-
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if not ckpt_path:
             return
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file")
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        from detectkit.checkpoint import read_checkpoint
+
+        hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
         keep = {k: v for k, v in hparams.items() if k in ARCHITECTURE_HPARAMS}
         if keep:
             self.config = self.parser.parse_object({sub: {"model": keep}}, self.config)
