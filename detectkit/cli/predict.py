@@ -76,28 +76,7 @@ def _load(checkpoint: str, device: str | None) -> Any:
 
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
-    if hasattr(detectkit, "load"):
-        return detectkit.load(checkpoint, device=device)
-    return _load_lightning_checkpoint(checkpoint, device)  # until the `checkpoint` branch (load) is merged
-
-
-def _load_lightning_checkpoint(checkpoint: str, device: str | None) -> Any:
-    """Interim reader of a plain Lightning .ckpt (weights_only); replaced by ``detectkit.load``."""
-    import torch
-
-    from detectkit.models.base import InferenceDefaults
-    from detectkit.registry import create_model
-
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    hp = ckpt.get("hyper_parameters", {})
-    model = create_model(hp["model"], num_classes=hp.get("num_classes") or 80, **(hp.get("model_kwargs") or {}))
-    model.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
-    if hp.get("class_names"):
-        model.class_names = list(hp["class_names"])
-    size = (ckpt.get("datamodule_hyper_parameters") or {}).get("image_size")
-    if size:
-        model.inference = InferenceDefaults(image_size=size, longest=None)
-    return model.to(device or "cpu").eval()
+    return detectkit.load(checkpoint, device=device)
 
 
 def _default_device(device: str | None) -> str:
