@@ -12,12 +12,13 @@ the traceback instead.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from detectkit.errors import UserError, suggest
 
 __all__ = ["main", "COMMANDS", "EXTRA_COMMANDS", "DetectkitCLI", "UserError", "suggest"]
 
@@ -35,22 +36,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 EXTRA_COMMANDS: dict[str, str] = {k: v[1] for k, v in COMMANDS.items() if v[1] != "detectkit.cli.lightning"}
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad option, missing file): printed as one line, no traceback."""
-
-
 def __getattr__(name: str) -> Any:
     if name == "DetectkitCLI":  # lazy: importing it imports Lightning
         from detectkit.cli.lightning import DetectkitCLI
 
         return DetectkitCLI
     raise AttributeError(f"module 'detectkit.cli' has no attribute {name!r}")
-
-
-def suggest(word: str, choices: Sequence[str]) -> str:
-    """`` Did you mean 'x'?`` for the closest choice, or ``""``."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _version() -> str:

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
-from detectkit.cli import UserError, suggest
+from detectkit.errors import UserError, suggest
 
 __all__ = ["DetectkitCLI", "main", "TRAINER_DEFAULTS", "ARCHITECTURE_HPARAMS", "short_help"]
 

@@ -21,23 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from detectkit.cli import UserError, suggest
+from detectkit.errors import OptionParser, UserError
 
 __all__ = ["build_parser", "main", "next_run_dir", "run_predict"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises one-line errors (with a suggestion) instead of printing usage."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        bad = [w for w in message.split() if w.startswith("--")]
-        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-        tip = suggest(bad[0].split("=")[0], known) if bad and "unrecognized" in message else ""
-        raise UserError(f"{message}.{tip} (detectkit predict --help lists the options)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OptionParser(
         prog="detectkit predict", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Detect objects with a checkpoint; no config needed. Settings left unset come from the "
                     "checkpoint (the size it was validated at, its conf/iou).",

@@ -175,7 +175,9 @@ def _export_onnxruntime_int8(model: nn.Module, args: argparse.Namespace, quantiz
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_export_arguments(argparse.ArgumentParser(prog="detectkit export", description=__doc__))
+    from detectkit.errors import OptionParser
+
+    parser = add_export_arguments(OptionParser(prog="detectkit export", description=__doc__))
     return run_export(parser.parse_args(argv))
 
 
