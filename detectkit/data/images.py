@@ -18,6 +18,7 @@ rather than decoded whole. A user with real images that large sets ``PIL.Image.M
 from __future__ import annotations
 
 import errno
+import io
 import os
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from detectkit.data.records import DetectionSplit, Problem
 __all__ = [
     "ImageReadError",
     "read_image",
+    "decode_image",
+    "to_rgb",
     "image_size",
     "check_images",
     "IMAGE_EXTENSIONS",
@@ -129,34 +132,59 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return (arr.astype(np.float64) * (255.0 / hi)).astype(np.uint8)
 
 
+def to_rgb(img: Image.Image, name: str | Path = "<image>") -> np.ndarray:
+    """The one decoder's conversion: EXIF orientation applied, then HWC uint8 RGB (grayscale,
+    palette, RGBA composited on the padding grey, CMYK, 16-bit and float images converted).
+    Used for files, downloaded bytes and PIL images handed to ``predict`` alike."""
+    try:
+        img = ImageOps.exif_transpose(img)
+        mode = img.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = _to_uint8(np.asarray(img))
+            return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
+        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+            # composite on the padding grey so transparent areas look like background
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (114, 114, 114, 255))
+            img = Image.alpha_composite(bg, rgba)
+        arr = np.asarray(img.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(Path(str(name)), e) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(name, f"cannot decode image ({e.__class__.__name__}: {e})") from e
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageReadError(name, f"decoded to an unexpected shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Encoded image bytes (a download, an upload) -> HWC uint8 RGB; errors name ``name``."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return to_rgb(img, name)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(Path(name), e) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(name, f"not a readable image ({e.__class__.__name__}: {e})") from e
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """HWC uint8 RGB array of the displayed image; grayscale, palette, RGBA, CMYK and 16-bit
-    inputs are converted. Raises :class:`ImageReadError` naming the file."""
+    """HWC uint8 RGB array of the displayed image (see :func:`to_rgb`): THE image file reader of
+    detectkit (datasets, predict, calibration, drawing). Raises :class:`ImageReadError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise _missing(path)
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = _to_uint8(np.asarray(img))
-                return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-                # composite on the padding grey so transparent areas look like background
-                rgba = img.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (114, 114, 114, 255))
-                img = Image.alpha_composite(bg, rgba)
-            arr = np.asarray(img.convert("RGB"))
+            return to_rgb(img, path)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as e:
         raise _bomb_error(path, e) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(path, f"cannot decode image ({e.__class__.__name__}: {e})") from e
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageReadError(path, f"decoded to an unexpected shape {arr.shape}")
-    return np.ascontiguousarray(arr)
 
 
 def check_images(split: DetectionSplit, decode: bool = False, progress: bool = False) -> list[Problem]:
