@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # `import detectkit` (and the CLI's --help) must not pay for importing torch
@@ -31,8 +31,8 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
-def create_model(name: str, num_classes: int = 80, checkpoint: str | None = None, **kwargs: Any) -> nn.Module:
-    """Build a registered model; ``checkpoint`` (a path) is loaded strictly.
+def create_model(name: str, num_classes: int = 80, checkpoint: str | Mapping | None = None, **kwargs: Any) -> nn.Module:
+    """Build a registered model; ``checkpoint`` (a path, or a state dict) is loaded strictly.
 
     A detectkit ``.ckpt`` or weights file goes through :func:`detectkit.checkpoint.load_state`
     (its recorded architecture, classes and inference defaults); any other file (super-gradients
@@ -42,7 +42,7 @@ def create_model(name: str, num_classes: int = 80, checkpoint: str | None = None
     _import_families()
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
-    if checkpoint is not None:
+    if checkpoint is not None and not isinstance(checkpoint, Mapping):  # a state dict goes to the family loader
         from detectkit.checkpoint import is_detectkit_checkpoint, load_state, read_checkpoint
 
         obj = read_checkpoint(checkpoint)
