@@ -17,3 +17,7 @@ from detectkit.callbacks.prediction_images import LogValidationPredictions  # no
 from detectkit.callbacks.tracking import TrackRun  # noqa: E402
 
 __all__ += ["LogValidationPredictions", "TrackRun"]
+
+from detectkit.callbacks.nan_guard import NanGuard, NonFiniteLossError, NonFiniteWeightsError  # noqa: E402
+
+__all__ += ["NanGuard", "NonFiniteLossError", "NonFiniteWeightsError"]

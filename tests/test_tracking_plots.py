@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from detectkit.callbacks.prediction_images import confusion_figure, draw_sample, image_grid, pr_figure
+
 from detectkit.modules.curves import (
     ap50_per_class,
     class_instances,
