@@ -21,3 +21,7 @@ __all__ += ["LogValidationPredictions", "TrackRun"]
 from detectkit.callbacks.nan_guard import NanGuard, NonFiniteLossError, NonFiniteWeightsError  # noqa: E402
 
 __all__ += ["NanGuard", "NonFiniteLossError", "NonFiniteWeightsError"]
+
+from detectkit.callbacks.run_report import RunReport  # noqa: E402
+
+__all__ += ["RunReport"]

@@ -79,8 +79,8 @@ def confusion_figure(m: np.ndarray, names: Sequence[str], normalize: bool = Fals
     plt = _pyplot()
     labels = list(names) + ["background"]
     values = normalize_confusion(m) if normalize else m
-    side = 1.0 + 0.6 * len(labels)
-    fig, ax = plt.subplots(figsize=(side + 0.2, side), dpi=100)
+    side = max(4.5, 1.2 + 0.6 * len(labels))
+    fig, ax = plt.subplots(figsize=(side + 0.3, side), dpi=100)
     ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     for (i, j), v in np.ndenumerate(values):
         text = (f"{v:.2f}" if v else "") if normalize else str(v)
@@ -88,8 +88,9 @@ def confusion_figure(m: np.ndarray, names: Sequence[str], normalize: bool = Fals
                 color="white" if normalize and v > 0.6 else "black")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    kind = "normalised per true class, " if normalize else ""
-    ax.set(xlabel="true", ylabel="predicted", title=f"confusion ({kind}conf {conf:g}, IoU {iou:g})")
+    kind = "\nnormalised per true class" if normalize else ""
+    ax.set(xlabel="true", ylabel="predicted")
+    ax.set_title(f"confusion matrix (conf {conf:g}, IoU {iou:g}){kind}", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -79,3 +79,20 @@ def test_image_grid_tiles_mixed_sizes() -> None:
     assert grid.shape == (34, 42, 3)
     assert (grid[:10, :20] == 1).all() and (grid[:16, 22:30] == 2).all() and (grid[18:22, :4] == 3).all()
     assert (grid[16:18] == 255).all()  # the gap between the rows
+
+
+def test_validation_predictions_reads_metric_states_as_xyxy() -> None:
+    """torchmetrics keeps boxes as xywh internally; the curves need them back as xyxy."""
+    from detectkit.modules.curves import validation_predictions
+    from detectkit.modules.metrics import build_map_metric
+
+    metric = build_map_metric()
+    preds = [_p([[10, 20, 30, 60]], [0.9], [1]), _p([], [], [])]
+    targets = [_t([[12, 20, 30, 58]], [1]), _t([[0, 0, 5, 5]], [0])]
+    metric.update([{**p, "labels": p["labels"].long()} for p in preds], targets)
+    got_p, got_t = validation_predictions(metric, sync=False)
+    torch.testing.assert_close(got_p[0]["boxes"], preds[0]["boxes"])
+    torch.testing.assert_close(got_t[0]["boxes"], targets[0]["boxes"])
+    torch.testing.assert_close(got_t[1]["boxes"], targets[1]["boxes"])
+    assert got_p[1]["boxes"].shape == (0, 4)
+    assert validation_predictions(None, sync=False) is None

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
 
 __all__ = [
     "Predictions",
@@ -122,12 +122,20 @@ def validation_predictions(metric: Any, sync: bool) -> Predictions | None:
     validation, on the CPU, gathered across ranks with the metric's own sync when ``sync`` (every
     rank must call then). Read before the module computes and resets the metric (callbacks'
     ``on_validation_epoch_end`` runs before the module's). ``None`` when ``metric`` keeps no
-    per-image states."""
+    per-image states.
+
+    torchmetrics stores boxes in COCO's ``xywh`` whatever the metric's ``box_format``; they are
+    converted back to ``xyxy`` here."""
     if metric is None or not hasattr(metric, "detection_box"):
         return None
     with metric.sync_context(should_sync=sync, should_unsync=True):
-        preds = [{"boxes": b.cpu(), "scores": s.cpu(), "labels": lab.cpu()}
+        preds = [{"boxes": _xyxy(b), "scores": s.cpu(), "labels": lab.cpu()}
                  for b, s, lab in zip(metric.detection_box, metric.detection_scores, metric.detection_labels)]
-        targets = [{"boxes": b.cpu(), "labels": lab.cpu(), "iscrowd": c.cpu()}
+        targets = [{"boxes": _xyxy(b), "labels": lab.cpu(), "iscrowd": c.cpu()}
                    for b, lab, c in zip(metric.groundtruth_box, metric.groundtruth_labels, metric.groundtruth_crowds)]
     return preds, targets
+
+
+def _xyxy(stored: torch.Tensor) -> torch.Tensor:
+    boxes = stored.detach().cpu().float().reshape(-1, 4)
+    return box_convert(boxes, in_fmt="xywh", out_fmt="xyxy") if len(boxes) else boxes
