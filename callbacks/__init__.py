@@ -25,3 +25,7 @@ __all__ += ["NanGuard", "NonFiniteLossError", "NonFiniteWeightsError"]
 from detectkit.callbacks.run_report import RunReport  # noqa: E402
 
 __all__ += ["RunReport"]
+
+from detectkit.callbacks.progress import PlainProgressBar  # noqa: E402
+
+__all__ += ["PlainProgressBar"]
