@@ -10,7 +10,7 @@ import torch
 from compress_helpers import TinyDetector
 from detectkit.callbacks import NanGuard, NonFiniteLossError
 from detectkit.callbacks.nan_guard import NonFiniteWeightsError, nonfinite_tensors
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from module_helpers import float_state, tiny_data, trainer
 
 from detectkit.modules.detector import DetectionModule
@@ -121,3 +121,37 @@ def test_state_dict_roundtrip() -> None:
     assert (h.nonfinite_steps, h.consecutive) == (7, 2)
     with pytest.raises(ValueError, match="max_consecutive"):
         NanGuard(max_consecutive=0)
+
+
+class _NanOnRank1(DetectionModule):
+    """NaN images on rank 1 only, at its second step."""
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        if self.global_rank == 1 and self.global_step == 1:
+            batch = {**batch, "images": torch.full_like(batch["images"], math.nan)}
+        return super().training_step(batch, batch_idx)
+
+
+class _Record(Callback):
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        guard = next(cb for cb in trainer.callbacks if isinstance(cb, NanGuard))
+        weights = sum(float(p.double().sum()) for p in pl_module.parameters())  # BN statistics are per rank
+        Path(self.out, f"rank{trainer.global_rank}.txt").write_text(f"{guard.nonfinite_steps} {weights!r}")
+
+
+@pytest.mark.slow  # two spawned gloo processes: ~15 s idle, most of it importing torch twice
+def test_ddp_ranks_take_the_same_decision(tmp_path: Path) -> None:
+    """Only rank 1 sees a NaN loss (gradient check off, so only the all-reduced flag can tell
+    rank 0): both ranks skip that step and end with the same weights (a rank that stepped alone
+    would diverge from the other)."""
+    module = _module(lr=1e-3, cls=_NanOnRank1)
+    guard = NanGuard(check_gradients=False)
+    t = trainer(tmp_path, [guard, _Record(str(tmp_path))], max_steps=3, limit_val_batches=0,
+                strategy="ddp_spawn", devices=2)
+    t.fit(module, datamodule=tiny_data(tmp_path, n_train=8, batch_size=1))
+    r0, r1 = ((tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1))
+    assert r0[0] == r1[0] == "1"
+    assert r0[1] == r1[1] and math.isfinite(float(r0[1]))
