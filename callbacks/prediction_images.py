@@ -6,11 +6,12 @@ predicted boxes (W&B: interactive box overlays via ``wandb.Image(boxes=...)``; M
 validation predictions: per-class precision-recall curves at IoU 0.5 (COCO-style 101-point
 precision from faster-coco-eval) and a confusion matrix (with a background row/column).
 
-The predictions are read from the module's ``val_map`` metric states before the module computes
-and resets it (callback hooks run before the module's), gathered across ranks with torchmetrics'
-own sync, so the figures cover the whole validation set under DDP. The computations live in
-:mod:`detectkit.modules.curves`; the figure and drawing helpers below are shared with
-:class:`detectkit.callbacks.RunReport`, which writes the same plots into the run folder.
+The figures come from the evaluation that produced ``val/map`` (the module's
+``COCOMeanAveragePrecision.last_result``: all ranks' images, PR arrays and confusion matrix from
+one faster-coco-eval run), read in ``on_validation_end`` after the module computed it: no second
+evaluation, no extra sync. :mod:`detectkit.modules.curves` derives what the plots need; the
+figure and drawing helpers below are shared with :class:`detectkit.callbacks.RunReport`, which
+writes the same plots into the run folder.
 """
 
 from __future__ import annotations
@@ -26,16 +27,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from detectkit.modules.curves import (
-    ap50_per_class,
-    confusion_matrix,
-    normalize_confusion,
-    pr_curves,
-    validation_predictions,
-)
+from detectkit.modules.curves import ValidationCurves, normalize_confusion, validation_curves
+from detectkit.modules.metrics import COCOEvalResult, COCOMeanAveragePrecision
 
-__all__ = ["LogValidationPredictions", "collect_samples", "confusion_figure", "draw_sample", "image_grid", "pr_figure",
-           "save_figure"]
+__all__ = ["LogValidationPredictions", "collect_samples", "confusion_figure", "draw_sample", "image_grid",
+           "last_evaluation", "pr_figure", "save_figure"]
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +51,18 @@ def _pyplot() -> Any:
     return plt
 
 
-def pr_figure(recall: np.ndarray, prec: np.ndarray, classes: list[int], names: Sequence[str]) -> Any:
-    """Per-class precision-recall curves at IoU 0.5 (from :func:`detectkit.modules.curves.pr_curves`)."""
+def last_evaluation(pl_module: pl.LightningModule, metric_attr: str = "val_map") -> COCOEvalResult | None:
+    """The evaluation behind the module's last logged mAP (None before any, or for another metric)."""
+    metric = getattr(pl_module, metric_attr, None)
+    return metric.last_result if isinstance(metric, COCOMeanAveragePrecision) else None
+
+
+def pr_figure(curves: ValidationCurves, names: Sequence[str]) -> Any:
+    """Per-class precision-recall curves at IoU 0.5, each labelled with its AP50."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    aps = ap50_per_class(prec, classes)
-    for row, c in zip(prec, classes):
+    recall, aps = curves.recall, curves.ap50
+    for row, c in zip(curves.precision, curves.classes):
         valid = row >= 0
         if valid.any():
             ax.plot(recall[valid], row[valid], label=f"{_name(names, c)} AP50={aps[int(c)]:.3f}")
@@ -74,8 +76,8 @@ def pr_figure(recall: np.ndarray, prec: np.ndarray, classes: list[int], names: S
 
 def confusion_figure(m: np.ndarray, names: Sequence[str], normalize: bool = False, conf: float = 0.25,
                      iou: float = 0.5) -> Any:
-    """The ``[C+1, C+1]`` matrix of :func:`detectkit.modules.curves.confusion_matrix` (last
-    row/column: background); ``normalize`` shows each true-class column as fractions."""
+    """A ``[C+1, C+1]`` confusion matrix (rows predicted, columns true, last row/column:
+    background); ``normalize`` shows each true-class column as fractions."""
     plt = _pyplot()
     labels = list(names) + ["background"]
     values = normalize_confusion(m) if normalize else m
@@ -181,7 +183,7 @@ class LogValidationPredictions(Callback):
         iou: IoU to match a prediction to a ground truth in the confusion matrix.
         every_n_epochs: log every N validation epochs (the last one of ``fit`` included).
         plots: also log the PR-curve and confusion-matrix figures.
-        metric_attr: the module's ``MeanAveragePrecision`` attribute holding validation states.
+        metric_attr: the module's ``COCOMeanAveragePrecision`` attribute whose evaluation is plotted.
     """
 
     def __init__(self, num_images: int = 8, conf: float = 0.25, iou: float = 0.5, every_n_epochs: int = 1,
@@ -209,26 +211,20 @@ class LogValidationPredictions(Callback):
         n = min(self.num_images - len(self._samples), batch["images"].shape[0])
         self._samples.extend(collect_samples(pl_module, batch, n, self.conf))
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(trainer):
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the module computed (and logged) this validation's mAP: plot that evaluation."""
+        if not self._active(trainer) or not trainer.is_global_zero:
             return
         names = list(getattr(pl_module, "class_names", []))
-        metric = getattr(pl_module, self.metric_attr, None)
-        gathered = validation_predictions(metric, sync=trainer.world_size > 1) if self.plots else None
-        if not trainer.is_global_zero:
-            return
         step = trainer.global_step
         for i, s in enumerate(self._samples):
             self._log_sample(trainer, s, i, step, names)
-        if gathered is not None and len(gathered[0]):
-            preds, targets = gathered
-            try:
-                recall, prec, classes = pr_curves(preds, targets)
-                self._log_figure(trainer, pr_figure(recall, prec, classes, names), "val/pr_curve", step)
-            except Exception as e:
-                log.warning("LogValidationPredictions: PR curve failed: %s", e)
-            m = confusion_matrix(preds, targets, max(len(names), 1), self.conf, self.iou)
-            self._log_figure(trainer, confusion_figure(m, names or ["0"], conf=self.conf, iou=self.iou),
+        result = last_evaluation(pl_module, self.metric_attr) if self.plots else None
+        if result is not None and result.num_images:
+            curves = validation_curves(result, len(names), self.conf, self.iou)
+            names = names + [str(c) for c in range(len(names), len(curves.instances))]
+            self._log_figure(trainer, pr_figure(curves, names), "val/pr_curve", step)
+            self._log_figure(trainer, confusion_figure(curves.confusion, names, conf=self.conf, iou=self.iou),
                              "val/confusion_matrix", step)
         self.logged_epochs.append(int(trainer.current_epoch))
         self._samples = []

@@ -20,9 +20,10 @@ TensorBoard loggers (``<save_dir>/<name>/version_<n>``), ``<save_dir>/<name>/<ve
 others (where ``ModelCheckpoint`` puts that run's checkpoints: MLflow and W&B share one
 ``save_dir`` between runs), and ``default_root_dir`` without a logger.
 
-The PR curve and the confusion matrix come from :mod:`detectkit.modules.curves` over the
-module's validation metric states (the same detections ``val/map`` scores), gathered across
-ranks; the figures and drawings are ``LogValidationPredictions``' (one implementation).
+The PR curve, the per-class AP50 and the confusion matrix come from the evaluation that produced
+``val/map`` (the module's ``COCOMeanAveragePrecision.last_result``, every rank's images), via
+:mod:`detectkit.modules.curves`; the figures and drawings are ``LogValidationPredictions``' (one
+implementation).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from detectkit.callbacks.prediction_images import (
     confusion_figure,
     draw_sample,
     image_grid,
+    last_evaluation,
     pr_figure,
     save_figure,
 )
@@ -50,13 +52,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
-from detectkit.modules.curves import (
-    ap50_per_class,
-    class_instances,
-    confusion_matrix,
-    pr_curves,
-    validation_predictions,
-)
+from detectkit.modules.curves import validation_curves
 
 __all__ = ["RunReport", "run_folder", "metrics_table"]
 
@@ -169,23 +165,10 @@ class RunReport(Callback):
         n = min(self.num_images - len(self._samples), batch["images"].shape[0])
         self._samples.extend(collect_samples(pl_module, batch, n, self.conf))
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Runs before the module's (which computes and resets the metric): read its states now."""
-        if trainer.sanity_checking:
-            return
-        gathered = validation_predictions(getattr(pl_module, self.metric_attr, None), sync=trainer.world_size > 1)
-        if not trainer.is_global_zero or self.dir is None:
-            return
-        names = list(getattr(pl_module, "class_names", []))
-        if gathered is not None and len(gathered[0]):
-            self._curves(gathered, names)
-        if self.plots and self._samples:
-            self._try(lambda: self._grid(names), "val_batch_pred.jpg")
-        self._samples = []
-
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The module has logged this validation's summary by now."""
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        """The module has computed and logged this validation's mAP by now: record its summary and
+        plot the evaluation behind it (``metric.last_result``: every rank's images, no second run)."""
+        if trainer.sanity_checking or not trainer.is_global_zero or self.dir is None:
             return
         metrics = trainer.callback_metrics
         val = {k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/") and not k.startswith("val/AP/")}
@@ -193,9 +176,27 @@ class RunReport(Callback):
         self._val = dict(sorted(val.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
         self._last_val = dict(self._val)
         self._val_epoch = trainer.current_epoch
-        for r in self._per_class:
-            ap = metrics.get(f"val/AP/{r['name']}")
-            r["ap"] = None if ap is None else float(ap)
+        names = list(getattr(pl_module, "class_names", []))
+        result = last_evaluation(pl_module, self.metric_attr)
+        if result is not None and result.num_images:
+            curves = validation_curves(result, len(names), self.conf, self.iou)
+            names = names + [str(c) for c in range(len(names), len(curves.instances))]
+            self._val_images = curves.num_images
+            self._per_class = []
+            for c, name in enumerate(names):
+                if curves.instances[c] or c in curves.ap50:
+                    ap = metrics.get(f"val/AP/{name}")
+                    self._per_class.append({"name": name, "images": int(curves.images[c]),
+                                            "instances": int(curves.instances[c]), "ap50": curves.ap50.get(c),
+                                            "ap": None if ap is None else float(ap)})
+            if self.plots:
+                self._try(lambda: save_figure(pr_figure(curves, names), self.dir / "PR_curve.png"), "PR_curve.png")
+                self._try(lambda: save_figure(confusion_figure(curves.confusion, names, normalize=True, conf=self.conf,
+                                                               iou=self.iou), self.dir / "confusion_matrix.png"),
+                          "confusion_matrix.png")
+        if self.plots and self._samples:
+            self._try(lambda: self._grid(names), "val_batch_pred.jpg")
+        self._samples = []
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not self.print_table or not self._last_val:
@@ -216,27 +217,6 @@ class RunReport(Callback):
         Console().print(table)
 
     # ----------------------------------------------------------------- writing
-    def _curves(self, gathered: tuple[list, list], names: list[str]) -> None:
-        preds, targets = gathered
-        num_classes = max(len(names), 1 + max((int(t["labels"].max()) for t in targets if t["labels"].numel()), default=0))
-        names = names + [str(c) for c in range(len(names), num_classes)]
-        inst, imgs = class_instances(targets, num_classes)
-        ap50: dict[int, float] = {}
-        try:
-            recall, prec, classes = pr_curves(preds, targets)
-            ap50 = ap50_per_class(prec, classes)
-            if self.plots:
-                save_figure(pr_figure(recall, prec, classes, names), self.dir / "PR_curve.png")
-        except Exception as e:  # a plot must never end a fit
-            log.warning("RunReport: could not write PR_curve.png: %s", e)
-        self._per_class = [{"name": names[c], "images": int(imgs[c]), "instances": int(inst[c]),
-                            "ap50": ap50.get(c), "ap": None} for c in range(num_classes) if inst[c] or c in ap50]
-        self._val_images = len(targets)
-        if self.plots:
-            m = confusion_matrix(preds, targets, num_classes, self.conf, self.iou)
-            self._try(lambda: save_figure(confusion_figure(m, names, normalize=True, conf=self.conf, iou=self.iou),
-                                          self.dir / "confusion_matrix.png"), "confusion_matrix.png")
-
     def _grid(self, names: list[str]) -> None:
         tiles = [draw_sample(s["image"], s["gt"], s["gt_labels"], s["det"], names) for s in self._samples]
         Image.fromarray(image_grid(tiles)).save(self.dir / "val_batch_pred.jpg", quality=90)
