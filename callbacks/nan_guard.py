@@ -37,13 +37,16 @@ from detectkit.callbacks.utils import weight_averaging_callbacks
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
+from detectkit.errors import UserError
+
 __all__ = ["NanGuard", "NonFiniteLossError", "NonFiniteWeightsError", "nonfinite_tensors"]
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The fit was stopped because the loss or the gradients stayed NaN/Inf."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The fit was stopped because the loss or the gradients stayed NaN/Inf (the CLI prints it as
+    one line: the fix is the user's, e.g. a lower learning rate)."""
 
 
 class NonFiniteWeightsError(NonFiniteLossError):
@@ -133,8 +136,8 @@ class NanGuard(Callback):
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"NanGuard: the loss, gradients or BatchNorm statistics were NaN/Inf for {self.consecutive} consecutive steps "
-                f"(the last at {where}); the fit stops. Every skipped step left the weights unchanged, so the "
-                "last checkpoint written holds finite weights. Lower the learning rate (or lengthen the warmup), "
+                f"(the last at {where}); the fit stops. Skipped steps leave the weights unchanged, so every checkpoint "
+                "written holds finite weights. Lower the learning rate (or lengthen the warmup), "
                 "enable gradient clipping (trainer.gradient_clip_val), or check the data."
             )
         if trainer.is_global_zero:

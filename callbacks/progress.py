@@ -9,8 +9,9 @@ carriage-returned line per refresh. This bar prints one complete line every ``ev
     validate epoch 3/100: 125 batches in 35s: map 0.412 map_50 0.601 ...
 
 The losses are the means since the epoch started (accumulated on the device: no host sync per
-step), images/s counts every rank's images, the ETA covers the rest of the fit (from the wall
-time per optimizer step so far, validation included). Rank 0 prints; the other ranks are silent.
+step), images/s is the training throughput of all ranks together (validation time excluded), the
+ETA covers the rest of the fit (from the wall time per optimizer step so far, validation
+included). Rank 0 prints; the other ranks are silent.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class PlainProgressBar(ProgressBar):
         self._steps_at_start = 0
         self._val_t0 = self._last_val_print = 0.0
         self._val_batches = 0
+        self._val_seconds = 0.0  # validation time inside the current training epoch
 
     # ----------------------------------------------------------- ProgressBar
     def disable(self) -> None:
@@ -90,7 +92,7 @@ class PlainProgressBar(ProgressBar):
         self._steps_at_start = trainer.global_step
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sums, self._count, self._images = {}, 0, 0
+        self._sums, self._count, self._images, self._val_seconds = {}, 0, 0, 0.0
         self._epoch_t0 = self._last_print = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -117,7 +119,8 @@ class PlainProgressBar(ProgressBar):
             return
         now = time.perf_counter()
         elapsed = now - self._epoch_t0
-        rate = self._images / elapsed if elapsed > 0 else 0.0
+        train = elapsed - self._val_seconds
+        rate = self._images / train if train > 0 else 0.0  # training throughput, validation excluded
         line = f"{self._epoch_str(trainer)} done in {format_duration(elapsed)}: {self._losses()} {rate:.1f} img/s"
         eta = self._eta(trainer, now)
         self.print(line + (f" ETA {eta}" if eta and not self._last_epoch(trainer) else ""))
@@ -139,6 +142,7 @@ class PlainProgressBar(ProgressBar):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After the module logged this validation's metrics."""
+        self._val_seconds += time.perf_counter() - self._val_t0
         if self.is_enabled and not trainer.sanity_checking:
             self.print(self._eval_line(trainer, "val/"))
 
@@ -157,7 +161,7 @@ class PlainProgressBar(ProgressBar):
     def _train_line(self, trainer: pl.Trainer, batches_done: int, now: float) -> str:
         total = self.total_train_batches
         of = f"/{int(total)}" if total != float("inf") else ""
-        elapsed = now - self._epoch_t0
+        elapsed = now - self._epoch_t0 - self._val_seconds
         rate = self._images / elapsed if elapsed > 0 else 0.0
         eta = self._eta(trainer, now)
         return (f"{self._epoch_str(trainer)} step {batches_done}{of} {self._losses()} {rate:.1f} img/s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,25 @@ def test_ddp_ranks_take_the_same_decision(tmp_path: Path) -> None:
     r0, r1 = ((tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1))
     assert r0[0] == r1[0] == "1"
     assert r0[1] == r1[1] and math.isfinite(float(r0[1]))
+
+
+def test_detectkit_fit_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``detectkit fit`` (which adds NanGuard by default; here configured to stop sooner) at lr 1e6:
+    exit 1 with the guard's message as one line, no traceback. (The checkpoints are checked above.)"""
+    from detectkit.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    code = main([
+        "fit", "--config", str(root / "experiments" / "quickstart.yaml"),
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--data.cache_dir", str(tmp_path / "data"), "--data.image_size", "64", "--data.synthetic.size", "64",
+        "--data.synthetic.train_images", "4", "--data.synthetic.val_images", "2", "--data.batch_size", "1",
+        "--data.num_workers", "0", "--trainer.max_epochs", "3",
+        "--model.lr", "1e6", "--model.warmup_steps", "3", "--model.warmup_initial_lr", "1e-4",
+        "--trainer.callbacks+=detectkit.callbacks.NanGuard", "--trainer.callbacks.max_consecutive", "3",
+    ])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert re.fullmatch(r"detectkit fit: error: NanGuard: .* NaN/Inf for 3 consecutive steps \(the last at global "
+                        r"step \d+, epoch \d\); the fit stops\..*", err[-1]), err[-3:]
+    assert not any("Traceback" in line for line in err)
