@@ -8,10 +8,11 @@ carriage-returned line per refresh. This bar prints one complete line every ``ev
     epoch 3/100 done in 4m10s: loss 1.198 (cls 0.48 box 0.39 dfl 0.29) 44.8 img/s
     validate epoch 3/100: 125 batches in 35s: map 0.412 map_50 0.601 ...
 
-The losses are the means since the epoch started (accumulated on the device: no host sync per
-step), images/s is the training throughput of all ranks together (validation time excluded), the
-ETA covers the rest of the fit (from the wall time per optimizer step so far, validation
-included). Rank 0 prints; the other ranks are silent.
+The losses are the means since the epoch started, accumulated on the device from the values the
+module logged this step (``trainer.callback_metrics``, which Lightning's own bars read each step
+too; the host sync happens once per printed line); images/s is the training throughput of all
+ranks together (validation time excluded); the ETA covers the rest of the fit (from the wall
+time per optimizer step so far, validation included). Rank 0 prints; the other ranks are silent.
 """
 
 from __future__ import annotations
