@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,14 @@ class RunReport(Callback):
         iou: IoU that matches a prediction to a ground truth in the confusion matrix.
         plots: write the PNG/JPEG files (``results.csv`` and the table are always written).
         print_table: print the final metrics table at the end of ``fit``.
-        metric_attr: the module's validation ``MeanAveragePrecision`` attribute.
+        metric_attr: the module's validation ``COCOMeanAveragePrecision`` attribute.
+        hide: logged ``train/*`` diagnostics kept in ``results.csv`` but not plotted in ``results.png``.
     """
 
     def __init__(self, num_images: int = 16, conf: float = 0.25, iou: float = 0.5, plots: bool = True,
-                 print_table: bool = True, metric_attr: str = "val_map") -> None:
-        self.num_images, self.conf, self.iou = num_images, conf, iou
+                 print_table: bool = True, metric_attr: str = "val_map",
+                 hide: Sequence[str] = ("num_fg", "normalizer", "nonfinite_steps")) -> None:
+        self.num_images, self.conf, self.iou, self.hide = num_images, conf, iou, tuple(hide)
         self.plots, self.print_table, self.metric_attr = plots, print_table, metric_attr
         self.rows: list[dict[str, Any]] = []
         self.dir: Path | None = None
@@ -240,7 +243,7 @@ class RunReport(Callback):
 
         rows = sorted(self.rows, key=lambda r: r["epoch"])
         epochs = [r["epoch"] for r in rows]
-        train = [k for k in rows[-1] if k.startswith("train/")]
+        train = [k for k in rows[-1] if k.startswith("train/") and k[len("train/"):] not in self.hide]
         val = [k for k in ("val/map_50", "val/map", "val/mar_100") if any(k in r for r in rows)]
         lrs = sorted({k for r in rows for k in r if k.startswith("lr/")})
         panels: list[tuple[str, list[str]]] = [(k, [k]) for k in train] + [(k, [k]) for k in val]

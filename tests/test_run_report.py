@@ -21,10 +21,10 @@ from detectkit.modules.detector import DetectionModule
 NAMES = ["circle_thing", "square_thing"]
 
 
-def _fit(tmp_path: Path, epochs: int, logger=None, **trainer_kw) -> tuple[pl.Trainer, RunReport]:  # noqa: ANN001
+def _fit(tmp_path: Path, epochs: int, logger=None, plots: bool = True, **trainer_kw) -> tuple[pl.Trainer, RunReport]:  # noqa: ANN001
     torch.manual_seed(0)
     module = DetectionModule(TinyDetector(num_classes=2), class_names=NAMES, lr=1e-3, warmup_steps=2)
-    report = RunReport(num_images=3)
+    report = RunReport(num_images=3, plots=plots)
     t = pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_epochs=epochs,
                    logger=logger if logger is not None else False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -74,10 +74,12 @@ def test_tiny_fit_writes_run_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_val_only_every_other_epoch_and_resume_state(tmp_path: Path) -> None:
     """Epochs without validation get empty val columns (not the previous epoch's values), and the
     rows travel in the callback state (a resumed fit writes the whole history)."""
-    t, report = _fit(tmp_path, epochs=2, check_val_every_n_epoch=2, limit_train_batches=1, limit_val_batches=1)
+    t, report = _fit(tmp_path, epochs=2, plots=False, check_val_every_n_epoch=2, limit_train_batches=1,
+                     limit_val_batches=1)
     with open(tmp_path / "results.csv") as fh:  # no logger: default_root_dir
         rows = list(csv.DictReader(fh))
     assert rows[0]["val/map"] == "" and rows[1]["val/map"] != ""
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.jpg"))  # plots=False
     again = RunReport()
     again.load_state_dict(report.state_dict())
     assert [r["epoch"] for r in again.rows] == [0, 1]
