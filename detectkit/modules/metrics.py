@@ -27,6 +27,7 @@ scoring all 300); on images with at most 100 detections the two are identical.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,6 +226,27 @@ def evaluate_coco(
     groundtruths: np.ndarray,
     image_ids: np.ndarray,
     max_dets: Sequence[int] = (1, 10, 100),
+) -> COCOEvalResult:
+    """:func:`_evaluate_coco` with Python's cyclic garbage collector paused.
+
+    COCO's API wants one dict per box (half a million on COCO val at 100 detections an image),
+    and faster-coco-eval's ``evaluate`` adds a list per (image, class) pair. None of them form
+    reference cycles, but each allocation burst triggers collections that re-walk every live
+    dict: measured 2-3x the time of building them. Reference counting still frees everything."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _evaluate_coco(detections, groundtruths, image_ids, max_dets)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _evaluate_coco(
+    detections: np.ndarray,
+    groundtruths: np.ndarray,
+    image_ids: np.ndarray,
+    max_dets: Sequence[int],
 ) -> COCOEvalResult:
     """Run faster-coco-eval once on merged rows (layouts as in :class:`COCOEvalResult`, rows grouped
     by image in ascending image order, detections already capped per image).
