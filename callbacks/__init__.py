@@ -17,3 +17,15 @@ from detectkit.callbacks.prediction_images import LogValidationPredictions  # no
 from detectkit.callbacks.tracking import TrackRun  # noqa: E402
 
 __all__ += ["LogValidationPredictions", "TrackRun"]
+
+from detectkit.callbacks.nan_guard import NanGuard, NonFiniteLossError, NonFiniteWeightsError  # noqa: E402
+
+__all__ += ["NanGuard", "NonFiniteLossError", "NonFiniteWeightsError"]
+
+from detectkit.callbacks.run_report import RunReport  # noqa: E402
+
+__all__ += ["RunReport"]
+
+from detectkit.callbacks.progress import PlainProgressBar  # noqa: E402
+
+__all__ += ["PlainProgressBar"]

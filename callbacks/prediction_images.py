@@ -6,9 +6,12 @@ predicted boxes (W&B: interactive box overlays via ``wandb.Image(boxes=...)``; M
 validation predictions: per-class precision-recall curves at IoU 0.5 (COCO-style 101-point
 precision from faster-coco-eval) and a confusion matrix (with a background row/column).
 
-The predictions are read from the module's ``val_map`` metric states before the module computes
-and resets it (callback hooks run before the module's), gathered across ranks with torchmetrics'
-own sync, so the figures cover the whole validation set under DDP.
+The figures come from the evaluation that produced ``val/map`` (the module's
+``COCOMeanAveragePrecision.last_result``: all ranks' images, PR arrays and confusion matrix from
+one faster-coco-eval run), read in ``on_validation_end`` after the module computed it: no second
+evaluation, no extra sync. :mod:`detectkit.modules.curves` derives what the plots need; the
+figure and drawing helpers below are shared with :class:`detectkit.callbacks.RunReport`, which
+writes the same plots into the run folder.
 """
 
 from __future__ import annotations
@@ -16,15 +19,19 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from torchvision.ops import box_iou
 
-__all__ = ["LogValidationPredictions", "confusion_matrix", "pr_curves"]
+from detectkit.modules.curves import ValidationCurves, normalize_confusion, validation_curves
+from detectkit.modules.metrics import COCOEvalResult, COCOMeanAveragePrecision
+
+__all__ = ["LogValidationPredictions", "collect_samples", "confusion_figure", "draw_sample", "image_grid",
+           "last_evaluation", "pr_figure", "save_figure"]
 
 log = logging.getLogger(__name__)
 
@@ -33,98 +40,70 @@ _PRED_COLOR = (230, 40, 40)
 _MIN_SIDE = 320  # drawn images are enlarged (integer factor) up to about this side
 
 
-# ---------------------------------------------------------------------------- computations
-def confusion_matrix(
-    preds: Sequence[dict[str, torch.Tensor]],
-    targets: Sequence[dict[str, torch.Tensor]],
-    num_classes: int,
-    conf: float = 0.25,
-    iou: float = 0.5,
-) -> np.ndarray:
-    """``[C+1, C+1]`` counts, rows = predicted class, columns = true class; index ``C`` is
-    background (row C: missed objects, column C: false detections). Greedy matching by IoU,
-    highest-confidence detections first, each ground truth used once."""
-    m = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
-    bg = num_classes
-    for p, t in zip(preds, targets):
-        keep = p["scores"] >= conf
-        pb, ps, pl_ = p["boxes"][keep].float(), p["scores"][keep], p["labels"][keep].long()
-        tb, tl = t["boxes"].float().reshape(-1, 4), t["labels"].long().reshape(-1)
-        used = torch.zeros(len(tl), dtype=torch.bool)
-        if len(pb) and len(tb):
-            ious = box_iou(pb, tb)
-        for i in torch.argsort(ps, descending=True).tolist():
-            j_best = -1
-            if len(tb):
-                cand = ious[i].clone()
-                cand[used] = -1
-                j = int(cand.argmax())
-                if cand[j] >= iou:
-                    j_best = j
-            if j_best >= 0:
-                used[j_best] = True
-                m[int(pl_[i]), int(tl[j_best])] += 1
-            else:
-                m[int(pl_[i]), bg] += 1
-        for j in torch.nonzero(~used).flatten().tolist():
-            m[bg, int(tl[j])] += 1
-    return m
-
-
-def pr_curves(
-    preds: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]]
-) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """COCO precision at IoU 0.5 (all areas, most detections): ``recall [101]``,
-    ``precision [K, 101]`` (-1 where undefined) and the class ids of the K rows."""
-    from torchmetrics.detection import MeanAveragePrecision
-
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval",
-                                  class_metrics=True, extended_summary=True)
-    metric.update(list(preds), list(targets))
-    res = metric.compute()
-    precision = res["precision"]  # [T, R, K, A, M]
-    t50 = int(torch.argmin((torch.as_tensor(metric.iou_thresholds) - 0.5).abs()))
-    prec = precision[t50, :, :, 0, -1].T.cpu().numpy()  # [K, R]
-    classes = res["classes"].reshape(-1).tolist()
-    recall = np.asarray(metric.rec_thresholds, dtype=np.float64)
-    return recall, prec, classes
-
-
-def _figure_pr(recall: np.ndarray, prec: np.ndarray, classes: list[int], names: Sequence[str]) -> Any:
+# ---------------------------------------------------------------------------- figures and drawings
+# Shared by LogValidationPredictions (tracker images) and RunReport (run-folder files).
+def _pyplot() -> Any:
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    matplotlib.use("Agg", force=False)  # no display on training machines; a no-op when already chosen
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def last_evaluation(pl_module: pl.LightningModule, metric_attr: str = "val_map") -> COCOEvalResult | None:
+    """The evaluation behind the module's last logged mAP (None before any, or for another metric)."""
+    metric = getattr(pl_module, metric_attr, None)
+    return metric.last_result if isinstance(metric, COCOMeanAveragePrecision) else None
+
+
+def pr_figure(curves: ValidationCurves, names: Sequence[str]) -> Any:
+    """Per-class precision-recall curves at IoU 0.5, each labelled with its AP50."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    for row, c in zip(prec, classes):
+    recall, aps = curves.recall, curves.ap50
+    for row, c in zip(curves.precision, curves.classes):
         valid = row >= 0
         if valid.any():
-            name = names[c] if 0 <= c < len(names) else str(c)
-            ap = float(row[valid].mean())
-            ax.plot(recall[valid], row[valid], label=f"{name} AP50={ap:.2f}")
+            ax.plot(recall[valid], row[valid], label=f"{_name(names, c)} AP50={aps[int(c)]:.3f}")
+    if aps:
+        ax.plot([], [], " ", label=f"all classes mAP50={np.mean(list(aps.values())):.3f}")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="PR @ IoU 0.5")
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
 
-def _figure_confusion(m: np.ndarray, names: Sequence[str]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+def confusion_figure(m: np.ndarray, names: Sequence[str], normalize: bool = False, conf: float = 0.25,
+                     iou: float = 0.5) -> Any:
+    """A ``[C+1, C+1]`` confusion matrix (rows predicted, columns true, last row/column:
+    background); ``normalize`` shows each true-class column as fractions."""
+    plt = _pyplot()
     labels = list(names) + ["background"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)), dpi=100)
-    ax.imshow(m, cmap="Blues")
-    for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="black")
+    values = normalize_confusion(m) if normalize else m
+    side = max(4.5, 1.2 + 0.6 * len(labels))
+    fig, ax = plt.subplots(figsize=(side + 0.3, side), dpi=100)
+    ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    for (i, j), v in np.ndenumerate(values):
+        text = (f"{v:.2f}" if v else "") if normalize else str(v)
+        ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                color="white" if normalize and v > 0.6 else "black")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set(xlabel="true", ylabel="predicted", title="confusion (conf 0.25, IoU 0.5)")
+    kind = "\nnormalised per true class" if normalize else ""
+    ax.set(xlabel="true", ylabel="predicted")
+    ax.set_title(f"confusion matrix (conf {conf:g}, IoU {iou:g}){kind}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write ``fig`` as an image file and free it (pyplot keeps every open figure alive)."""
+    plt = _pyplot()
+    try:
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
 
 
 def _figure_to_array(fig: Any) -> np.ndarray:
@@ -136,8 +115,8 @@ def _figure_to_array(fig: Any) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
-def _draw(image: np.ndarray, gt: torch.Tensor, gt_labels: torch.Tensor, det: torch.Tensor,
-          names: Sequence[str]) -> np.ndarray:
+def draw_sample(image: np.ndarray, gt: torch.Tensor, gt_labels: torch.Tensor, det: torch.Tensor,
+                names: Sequence[str]) -> np.ndarray:
     """Ground truth in green (captions inside the bottom edge), predictions in red with class and
     confidence, through the one drawer; small inputs are enlarged so the captions stay readable."""
     from detectkit.predict.draw import draw_boxes
@@ -151,8 +130,47 @@ def _draw(image: np.ndarray, gt: torch.Tensor, gt_labels: torch.Tensor, det: tor
     return draw_boxes(out, det[:, :4], det[:, 5].long(), det[:, 4], names, color=_PRED_COLOR, line_width=1)
 
 
+
 def _name(names: Sequence[str], c: int) -> str:
     return names[c] if 0 <= c < len(names) else str(c)
+
+
+@torch.no_grad()
+def collect_samples(pl_module: pl.LightningModule, batch: dict[str, Any], n: int, conf: float) -> list[dict[str, Any]]:
+    """The first ``n`` images of a validation batch with their ground truth and the module's
+    detections at ``conf`` (input pixels, uint8 HWC images on the CPU), ready for drawing."""
+    images = batch["images"][:n]
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    dets = pl_module.detect(images, pl_module.val_postprocess.replace(conf=conf))
+    targets = batch["targets"]
+    out = []
+    for i in range(images.shape[0]):
+        rows = targets[targets[:, 0] == i]
+        out.append({
+            "image": (images[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy(),
+            "gt": rows[:, 2:6].float().cpu(),
+            "gt_labels": rows[:, 1].long().cpu(),
+            "det": dets[i].float().cpu(),
+            "id": batch["meta"][i].get("image_id", i) if "meta" in batch else i,
+        })
+    return out
+
+
+def image_grid(tiles: Sequence[np.ndarray], columns: int | None = None, gap: int = 4) -> np.ndarray:
+    """Tile HWC uint8 images (any sizes) into one image, row by row, on a white background."""
+    if not tiles:
+        raise ValueError("image_grid needs at least one image")
+    columns = columns or int(np.ceil(np.sqrt(len(tiles))))
+    rows = int(np.ceil(len(tiles) / columns))
+    th = max(t.shape[0] for t in tiles)
+    tw = max(t.shape[1] for t in tiles)
+    grid = np.full((rows * th + (rows - 1) * gap, columns * tw + (columns - 1) * gap, 3), 255, np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, columns)
+        y, x = r * (th + gap), c * (tw + gap)
+        grid[y:y + t.shape[0], x:x + t.shape[1]] = t[..., :3]
+    return grid
 
 
 # ---------------------------------------------------------------------------- the callback
@@ -165,7 +183,7 @@ class LogValidationPredictions(Callback):
         iou: IoU to match a prediction to a ground truth in the confusion matrix.
         every_n_epochs: log every N validation epochs (the last one of ``fit`` included).
         plots: also log the PR-curve and confusion-matrix figures.
-        metric_attr: the module's ``MeanAveragePrecision`` attribute holding validation states.
+        metric_attr: the module's ``COCOMeanAveragePrecision`` attribute whose evaluation is plotted.
     """
 
     def __init__(self, num_images: int = 8, conf: float = 0.25, iou: float = 0.5, every_n_epochs: int = 1,
@@ -190,58 +208,28 @@ class LogValidationPredictions(Callback):
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.is_global_zero or len(self._samples) >= self.num_images or not self._active(trainer):
             return
-        images = batch["images"]
-        n = min(self.num_images - len(self._samples), images.shape[0])
-        images = images[:n]
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        dets = pl_module.detect(images, pl_module.val_postprocess.replace(conf=self.conf))
-        targets = batch["targets"]
-        for i in range(n):
-            rows = targets[targets[:, 0] == i]
-            self._samples.append({
-                "image": (images[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy(),
-                "gt": rows[:, 2:6].float().cpu(),
-                "gt_labels": rows[:, 1].long().cpu(),
-                "det": dets[i].float().cpu(),
-                "id": batch["meta"][i].get("image_id", i) if "meta" in batch else i,
-            })
+        n = min(self.num_images - len(self._samples), batch["images"].shape[0])
+        self._samples.extend(collect_samples(pl_module, batch, n, self.conf))
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(trainer):
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the module computed (and logged) this validation's mAP: plot that evaluation."""
+        if not self._active(trainer) or not trainer.is_global_zero:
             return
         names = list(getattr(pl_module, "class_names", []))
-        preds, targets = self._gather_predictions(trainer, pl_module) if self.plots else (None, None)
-        if not trainer.is_global_zero:
-            return
         step = trainer.global_step
         for i, s in enumerate(self._samples):
             self._log_sample(trainer, s, i, step, names)
-        if preds is not None and len(preds):
-            try:
-                recall, prec, classes = pr_curves(preds, targets)
-                self._log_figure(trainer, _figure_pr(recall, prec, classes, names), "val/pr_curve", step)
-            except Exception as e:
-                log.warning("LogValidationPredictions: PR curve failed: %s", e)
-            m = confusion_matrix(preds, targets, max(len(names), 1), self.conf, self.iou)
-            self._log_figure(trainer, _figure_confusion(m, names or ["0"]), "val/confusion_matrix", step)
+        result = last_evaluation(pl_module, self.metric_attr) if self.plots else None
+        if result is not None and result.num_images:
+            curves = validation_curves(result, len(names), self.conf, self.iou)
+            names = names + [str(c) for c in range(len(names), len(curves.instances))]
+            self._log_figure(trainer, pr_figure(curves, names), "val/pr_curve", step)
+            self._log_figure(trainer, confusion_figure(curves.confusion, names, conf=self.conf, iou=self.iou),
+                             "val/confusion_matrix", step)
         self.logged_epochs.append(int(trainer.current_epoch))
         self._samples = []
 
     # ------------------------------------------------------------ the work
-    def _gather_predictions(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list, list] | tuple[None, None]:
-        """Per-image preds/targets from the metric states, synced across ranks (all ranks call)."""
-        metric = getattr(pl_module, self.metric_attr, None)
-        if metric is None or not hasattr(metric, "detection_box"):
-            return None, None
-        with metric.sync_context(should_sync=trainer.world_size > 1, should_unsync=True):
-            preds = [{"boxes": b.cpu(), "scores": s.cpu(), "labels": lab.cpu()}
-                     for b, s, lab in zip(metric.detection_box, metric.detection_scores, metric.detection_labels)]
-            targets = [{"boxes": b.cpu(), "labels": lab.cpu(), "iscrowd": c.cpu()}
-                       for b, lab, c in zip(metric.groundtruth_box, metric.groundtruth_labels,
-                                            metric.groundtruth_crowds)]
-        return preds, targets
-
     def _log_sample(self, trainer: pl.Trainer, s: dict[str, Any], i: int, step: int, names: list[str]) -> None:
         drawn = None
         for logger in trainer.loggers:
@@ -251,7 +239,7 @@ class LogValidationPredictions(Callback):
                     logger.experiment.log({f"val/predictions/{i}": self._wandb_image(s, names),
                                            "trainer/global_step": step})
                     continue
-                drawn = drawn if drawn is not None else _draw(s["image"], s["gt"], s["gt_labels"], s["det"], names)
+                drawn = drawn if drawn is not None else draw_sample(s["image"], s["gt"], s["gt_labels"], s["det"], names)
                 if "MLFlow" in kind:
                     logger.experiment.log_image(logger.run_id, drawn,
                                                 artifact_file=f"val_images/epoch{trainer.current_epoch:03d}_{i}.png")

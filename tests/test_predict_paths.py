@@ -145,10 +145,10 @@ def test_one_drawer_everywhere():
     boxes, scores, labels = np.array([[5.0, 8.0, 40.0, 30.0]]), np.array([0.8]), np.array([1])
     pred = ImagePrediction(img, boxes, scores, labels, class_names=["a", "b"])
     np.testing.assert_array_equal(pred.draw(), draw_boxes(img, boxes, labels, scores, ["a", "b"]))
-    from detectkit.callbacks.prediction_images import _draw
+    from detectkit.callbacks.prediction_images import draw_sample
 
     det = torch.tensor([[5.0, 8.0, 40.0, 30.0, 0.8, 1.0]])
-    grid = _draw(img, torch.tensor([[6.0, 9.0, 41.0, 31.0]]), torch.tensor([0]), det, ["a", "b"])
+    grid = draw_sample(img, torch.tensor([[6.0, 9.0, 41.0, 31.0]]), torch.tensor([0]), det, ["a", "b"])
     assert grid.shape[0] > img.shape[0]  # enlarged for readable captions, drawn by draw_boxes
     # nothing else in the code draws boxes
     drawers = re.compile(r"cv2\.rectangle|ImageDraw|draw_bounding_boxes")

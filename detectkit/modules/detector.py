@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from detectkit.models.outputs import HeadOutput
-from detectkit.modules.metrics import build_map_metric, metric_inputs, summarize_map, to_original
+from detectkit.modules.metrics import build_map_metric, summarize_map, to_original
 from detectkit.modules.schedule import warmup_cosine_scheduler
 from detectkit.ops.nms import PostprocessConfig, postprocess
 
@@ -59,8 +59,11 @@ class DetectionModule(pl.LightningModule):
             (SG ``LinearBatchLRWarmup`` + ``CosineLRScheduler``).
         warmup_epochs: SG's per-epoch warmup (``LinearEpochLRWarmup``, fine-tuning recipes);
             replaces ``warmup_steps`` when > 0.
-        val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe);
-            together :attr:`val_postprocess`.
+        val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe: NMS
+            keeps up to 300 boxes an image); together :attr:`val_postprocess`. The mAP then scores
+            each image's top 100 by score, COCO's ``maxDets=(1, 10, 100)`` and its
+            100-detections-an-image result rule (see :mod:`detectkit.modules.metrics`), so boxes
+            101-300 never change ``val/map``.
         predict_conf, predict_iou, predict_max_det: post-processing for ``predict``; ``None``
             keeps the model's own (``model.inference.postprocess``, from its checkpoint), so
             ``predict_step`` and ``model.predict`` agree; together :attr:`predict_postprocess`.
@@ -212,8 +215,7 @@ class DetectionModule(pl.LightningModule):
 
     def _eval_step(self, batch: dict[str, Any], metric: Any) -> None:
         dets = self.detect(self._images(batch), self.val_postprocess)
-        preds, targets = metric_inputs(dets, batch["meta"])
-        metric.update(preds, targets)
+        metric.update(dets, batch["meta"], letterboxed=True)  # one array per batch, original pixels
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_map)
@@ -222,9 +224,11 @@ class DetectionModule(pl.LightningModule):
         self._eval_step(batch, self.test_map)
 
     def _log_map(self, metric: Any, prefix: str) -> dict[str, float]:
+        # one faster-coco-eval run on the states gathered across ranks (no sync_dist needed); a
+        # callback that already called metric.compute()/pr_curve()/confusion_matrix() this epoch
+        # gets the same cached run, which stays readable as metric.last_result after the reset
         summary = summarize_map(metric.compute(), self.class_names)
         metric.reset()
-        # computed from states already synced across ranks by torchmetrics: no sync_dist needed
         for k, v in summary.items():
             self.log(f"{prefix}/{k}", v, prog_bar=k == "map_50")
         return summary
