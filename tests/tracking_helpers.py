@@ -72,8 +72,10 @@ def mlflow_server(root: Path, timeout: float = 180.0):
         log.close()
 
 
-def tiny_config(tmp: Path, logger: dict[str, Any], callbacks: list[dict[str, Any]], epochs: int = 1) -> Path:
-    """A LightningCLI config: TinyDetector on a 12-image synthetic set at 64 px."""
+def tiny_config(tmp: Path, logger: dict[str, Any], callbacks: list[dict[str, Any]], epochs: int = 1,
+                model_args: dict[str, Any] | None = None) -> Path:
+    """A LightningCLI config: TinyDetector on a 12-image synthetic set at 64 px (written under
+    ``tmp``; ``model_args`` override DetectionModule arguments)."""
     cfg = {
         "seed_everything": 0,
         "trainer": {
@@ -94,6 +96,7 @@ def tiny_config(tmp: Path, logger: dict[str, Any], callbacks: list[dict[str, Any
             "model": {"class_path": "compress_helpers.TinyDetector", "init_args": {"num_classes": 3, "cls_prior": 0.2}},
             "lr": 1e-3,
             "warmup_steps": 1,
+            **(model_args or {}),
         },
         "data": {
             "image_size": 64,
@@ -103,6 +106,7 @@ def tiny_config(tmp: Path, logger: dict[str, Any], callbacks: list[dict[str, Any
             "synthetic": {"train_images": 8, "val_images": 4, "size": 64, "num_classes": 3},
         },
     }
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "config_in.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
