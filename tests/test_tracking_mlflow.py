@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+from compress_helpers import TinyDetector  # noqa: E402
 from tracking_helpers import mlflow_server, tiny_config  # noqa: E402
 
 pytest.importorskip("mlflow")
@@ -135,3 +136,36 @@ def test_default_mlflow_store_is_local_sqlite(tmp_path: Path, monkeypatch: pytes
     run = MlflowClient(logger._tracking_uri).get_run(logger.run_id)
     assert run.data.metrics["x"] == 1.5
     assert run.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
+
+
+def test_pyfunc_inputs_and_clear_errors(tmp_path: Path) -> None:
+    """The pyfunc's input forms give the same detections; bad inputs name the image and the problem."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from detectkit.mlflow_pyfunc import OUTPUT_COLUMNS, DetectkitPythonModel
+
+    pyfunc = DetectkitPythonModel()
+    pyfunc.model = TinyDetector(num_classes=3, cls_prior=0.3).eval()  # what load_context sets from the weights
+    pyfunc.model.class_names = ["a", "b", "c"]
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    raw = (tmp_path / "x.png").read_bytes()
+
+    from_path = pyfunc.predict(None, pd.DataFrame({"image": [str(tmp_path / "x.png")]}))
+    assert list(from_path.columns) == list(OUTPUT_COLUMNS) and len(from_path) > 0
+    assert set(from_path.class_name) <= {"a", "b", "c"} and from_path.source.iloc[0] == str(tmp_path / "x.png")
+    for other in ([rgb], rgb, rgb[None], [raw], pd.DataFrame({"anything": [base64.b64encode(raw).decode()]})):
+        out = pyfunc.predict(None, other)
+        assert out.score.tolist() == from_path.score.tolist() and out.box.tolist() == from_path.box.tolist()
+    assert len(pyfunc.predict(None, [])) == 0
+
+    with pytest.raises(ValueError, match="image 1: neither an existing file, a URL nor base64"):
+        pyfunc.predict(None, [str(tmp_path / "x.png"), str(tmp_path / "missing.png")])
+    with pytest.raises(ValueError, match="image 0: the bytes are not a readable image"):
+        pyfunc.predict(None, [b"not an image"])
+    with pytest.raises(ValueError, match="image 0: arrays must be HWC RGB uint8"):
+        pyfunc.predict(None, [rgb.astype(np.float32)])
+    with pytest.raises(ValueError, match="needs an 'image' column"):
+        pyfunc.predict(None, pd.DataFrame({"a": [1], "b": [2]}))
