@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -58,7 +57,7 @@ class DetectkitCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams = importlib.import_module("detectkit.checkpoint").read_checkpoint(ckpt_path).get("hyper_parameters", {})
         keep = {k: v for k, v in hparams.items() if k in ARCHITECTURE_HPARAMS}
         if keep:
             self.config = self.parser.parse_object({sub: {"model": keep}}, self.config)

@@ -1,8 +1,8 @@
 """``detectkit export``: a trained checkpoint -> checked ONNX (optionally NMS/uint8) or TensorRT.
 
-``--checkpoint`` is a detectkit Lightning checkpoint (its pruned shapes and quantizers are
-rebuilt from the callbacks' saved state, then the ``model.*`` weights load strictly) or a
-weights file the registry builder understands (e.g. super-gradients' YOLO-NAS ``.pth``).
+``--checkpoint`` is anything ``detectkit.load`` reads: a detectkit ``.ckpt`` or weights file
+(its recorded pruned shapes and quantizers are rebuilt, then the weights load strictly), a
+super-gradients ``.pth`` or an ultralytics ``.pt``.
 ``--int8`` exports the Q/DQ graph of a QAT/PTQ checkpoint as is, or runs PTQ first on
 ``--calib`` images (a folder) when the checkpoint is float.
 """
@@ -24,7 +24,6 @@ __all__ = [
     "add_export_arguments",
     "run_export",
     "load_for_export",
-    "restore_checkpoint_architecture",
     "calibration_images",
     "main",
 ]
@@ -61,42 +60,15 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def restore_checkpoint_architecture(model: nn.Module, callback_states: dict[str, Any]) -> nn.Module:
-    """Apply the pruning shapes, then the quantizers, recorded by the callbacks (weights not loaded)."""
-    from detectkit.callbacks.pruning import apply_pruned_shapes
-    from detectkit.callbacks.quantization import restore_quantized
-
-    for key, state in callback_states.items():
-        if key.startswith("StructuredPruning") and state.get("shapes"):
-            apply_pruned_shapes(model, state["shapes"], fused=state.get("fused", True))
-    for key, state in callback_states.items():
-        if key.startswith("QuantizationAwareTraining") and state.get("quantized"):
-            model = restore_quantized(model, state)
-    return model
-
-
 def load_for_export(name: str | None, checkpoint: str, num_classes: int | None = None) -> nn.Module:
-    """A detector with the checkpoint's architecture and weights, eval mode, on CPU."""
-    from detectkit.registry import create_model
+    """A detector with the checkpoint's architecture and weights, eval mode, on CPU (``detectkit.load``:
+    safe reading, integrity check, recorded pruning/quantization replayed, EMA weights)."""
+    from detectkit.checkpoint import CheckpointError, load
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
-        hp = ckpt.get("hyper_parameters", {})
-        name = name or (hp.get("model") if isinstance(hp.get("model"), str) else None)
-        if name is None:
-            raise SystemExit("the checkpoint does not name its model: pass --model")
-        num_classes = num_classes or hp.get("num_classes") or 80
-        model = create_model(name, num_classes=num_classes, **(hp.get("model_kwargs") or {}))
-        model = restore_checkpoint_architecture(model, ckpt.get("callbacks", {}))
-        weights = {k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(weights, strict=True)
-        if hp.get("class_names"):
-            model.class_names = list(hp["class_names"])
-    else:
-        if name is None:
-            raise SystemExit("--model is required with a plain weights file")
-        model = create_model(name, num_classes=num_classes or 80, checkpoint=checkpoint)
-    return model.eval()
+    try:
+        return load(checkpoint, model=name, num_classes=num_classes).eval()
+    except CheckpointError as e:
+        raise SystemExit(f"detectkit export: {e}") from None
 
 
 def calibration_images(folder: str, size: int, batch_size: int = 8) -> list[torch.Tensor]:
@@ -112,7 +84,7 @@ def calibration_images(folder: str, size: int, batch_size: int = 8) -> list[torc
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from detectkit.callbacks.quantization import is_quantized, quantize_model
+    from detectkit.compress.quantize import is_quantized, quantize_model
     from detectkit.export.deploy import ExportConfig, export_detector
     from detectkit.export.tensorrt import add_efficient_nms, build_engine
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -125,6 +125,10 @@ class DetectionModule(pl.LightningModule):
         self.criterion = build_loss(self.loss_name, self.num_classes, **(loss_kwargs or {}))
         self.val_map = build_map_metric()
         self.test_map = build_map_metric()
+        #: architecture ops (pruning, quantization) applied to ``self.model`` in order; saved in the
+        #: checkpoint record and replayed on load (see ``detectkit.checkpoint.ArchitectureRecorder``)
+        self.architecture: list[dict[str, Any]] = []
+        self._restore_listeners: list[Callable[[Mapping[str, Any]], None]] = []
 
     def setup(self, stage: str) -> None:
         if self.world is not None:  # encode the class names (no-op when the vocabulary already holds them)
@@ -249,6 +253,93 @@ class DetectionModule(pl.LightningModule):
             det = to_original(det, meta).cpu()
             out.append({"meta": meta, "boxes": det[:, :4], "scores": det[:, 4], "labels": det[:, 5].long()})
         return out
+
+    # ----------------------------------------------------------- checkpoints
+    def record_architecture(self, op: dict[str, Any]) -> None:
+        """Append an architecture change (``{"op": "prune" | "quantize", ...}``) made to ``self.model``."""
+        self.architecture.append(dict(op))
+
+    def add_restore_listener(self, fn: Callable[[Mapping[str, Any]], None]) -> None:
+        """``fn(checkpoint)`` runs after a checkpoint's architecture was replayed, before the weights
+        load (e.g. distillation adapters sized to a pruned student)."""
+        self._restore_listeners.append(fn)
+
+    def inference_defaults(self) -> Any:
+        """What predict/export/serve should use: the validation input and letterbox of the data this
+        module is trained on, and its predict thresholds."""
+        from detectkit.models.base import InferenceDefaults
+
+        hp = self.hparams
+        base = getattr(self.model, "inference", None) or InferenceDefaults()
+        post = base.postprocess.replace(conf=float(hp.predict_conf), iou=float(hp.predict_iou),
+                                        max_det=int(hp.predict_max_det))
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        size = getattr(dm, "image_size", None)
+        if isinstance(size, int):  # the validation letterbox: fit inside, centred as val_center says
+            return InferenceDefaults(image_size=(size, size), longest=None, center=bool(getattr(dm, "val_center", True)),
+                                     pad_value=114, postprocess=post)
+        return InferenceDefaults(image_size=base.image_size, longest=base.longest, center=base.center,
+                                 pad_value=base.pad_value, postprocess=post)
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """The ``checkpoint["detectkit"]`` record of this module's detector (digest not yet set)."""
+        from detectkit.checkpoint import build_record
+
+        hp = self.hparams
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        cats = getattr(dm, "category_ids", None)  # the dataset's category id per label, when it has them
+        return build_record(
+            self.model, name=hp.get("model") if isinstance(hp.get("model"), str) else None,
+            model_kwargs=hp.get("model_kwargs") if isinstance(hp.get("model"), str) else None,
+            class_names=self.class_names, category_ids=cats if cats is not None else getattr(self.model, "category_ids", None),
+            architecture=self.architecture, inference=self.inference_defaults(),
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this last (after callbacks and hyper-parameters): the digest covers it all
+        from detectkit.checkpoint import RECORD_KEY, seal
+
+        checkpoint[RECORD_KEY] = self.checkpoint_record()
+        seal(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Verify the content hash, then replay the recorded architecture on ``self.model`` so that
+        Lightning's strict weight load that follows finds the same shapes and quantizers."""
+        from detectkit.checkpoint import (
+            RECORD_KEY,
+            CheckpointError,
+            architecture_from_callback_states,
+            replay_architecture,
+            verify,
+        )
+
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        verify(checkpoint, path)
+        record = checkpoint.get(RECORD_KEY)
+        ops = list(record.get("architecture", [])) if isinstance(record, Mapping) else \
+            architecture_from_callback_states(checkpoint.get("callbacks"))
+        done = len(self.architecture)
+        if [o.get("op") for o in ops[:done]] != [o.get("op") for o in self.architecture]:
+            raise CheckpointError(f"{path or 'checkpoint'}: its architecture ops {[o.get('op') for o in ops]} do not "
+                                  f"continue this model's {[o.get('op') for o in self.architecture]}")
+        replayed = len(ops) > done
+        if replayed:
+            self.model = replay_architecture(self.model, ops[done:])
+            self.architecture = [dict(o) for o in ops]
+        for fn in self._restore_listeners:
+            fn(checkpoint)
+        if replayed:  # last: the EMA copy must include what the listeners rebuilt
+            self._refresh_weight_averaging()
+
+    def _refresh_weight_averaging(self) -> None:
+        """An EMA copy made before the replay has the old architecture: re-create it from the new one."""
+        if self._trainer is None:
+            return
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        for cb in self._trainer.callbacks:
+            if isinstance(cb, WeightAveraging) and getattr(cb, "_average_model", None) is not None:
+                cb.setup(self._trainer, self, "fit")
 
     # ------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> dict[str, Any]:
