@@ -126,11 +126,12 @@ class TrackRun(Callback):
         as a dict; ``("", None)`` outside the CLI."""
         from lightning.pytorch.cli import SaveConfigCallback
 
+        import yaml
+
         for cb in trainer.callbacks:
             if isinstance(cb, SaveConfigCallback):
                 text = cb.parser.dump(cb.config, skip_none=False)
-                config = cb.config.as_dict() if hasattr(cb.config, "as_dict") else dict(cb.config)
-                return text, config
+                return text, yaml.safe_load(text)  # the params are the file, nothing else
         return "", None
 
     @staticmethod

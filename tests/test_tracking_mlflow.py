@@ -64,7 +64,7 @@ def test_fit_logs_everything_to_mlflow_server(tmp_path: Path, monkeypatch: pytes
         for r, lr in zip(runs, ("0.001", "0.002")):
             local = Path(client.download_artifacts(r.info.run_id, "config/config.yaml", str(dl / r.info.run_id)))
             config = yaml.safe_load(local.read_text())
-            assert config["model"]["lr"] == float(lr) and "TinyDetector" in local.read_text()
+            assert config["model"]["lr"] == float(lr) and "tracking_tiny" in local.read_text()
             own = shared / exp.experiment_id / r.info.run_id / "config.yaml"
             assert own.read_text() == local.read_text()
             # parameters: the flattened resolved config, each once; no second copy of the

@@ -100,7 +100,7 @@ def test_fit_logs_to_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert config - {"_wandb"} == expected, sorted((config - {"_wandb"}) ^ expected)
     assert "lightning_config.yaml" in files
     assert (run_dir / "files" / "lightning_config.yaml").read_text() == own_config.read_text()
-    assert "TinyDetector" in own_config.read_text()
+    assert "tracking_tiny" in own_config.read_text()
     # metrics history: losses, learning rate, mAP, per-class AP
     assert {"train/loss_epoch", "train/lr_decay", "train/lr_no_decay", "val/map_50", "val/AP/rectangle"} <= history, sorted(history)
     # images with W&B box overlays (predictions and ground truth) and the two plots

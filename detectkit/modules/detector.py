@@ -179,7 +179,7 @@ class DetectionModule(pl.LightningModule):
             if k == "image_losses":
                 out["image_losses"] = v.detach()
             elif torch.is_tensor(v) and v.numel() == 1:
-                logs[f"train/{k}"] = v.detach().reshape(())  # no float(): that would sync the GPU per term
+                logs[f"train/{k}"] = v.detach().reshape(()).float()  # no float(v): that syncs the GPU per term
             elif isinstance(v, float | int):
                 logs[f"train/{k}"] = float(v)
         logs["train/loss"] = total.detach()
