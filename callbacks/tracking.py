@@ -124,9 +124,8 @@ class TrackRun(Callback):
     def _cli_config(trainer: pl.Trainer) -> tuple[str, dict[str, Any] | None]:
         """The resolved CLI config as YAML text (exactly what ``SaveConfigCallback`` writes) and
         as a dict; ``("", None)`` outside the CLI."""
-        from lightning.pytorch.cli import SaveConfigCallback
-
         import yaml
+        from lightning.pytorch.cli import SaveConfigCallback
 
         for cb in trainer.callbacks:
             if isinstance(cb, SaveConfigCallback):

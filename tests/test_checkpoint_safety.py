@@ -104,7 +104,7 @@ def test_stand_in_globals_stay_inert(tmp_path):
 def test_export_command(payloads, tmp_path):
     from detectkit.cli import main
 
-    _check(payloads, lambda p: main(["export", "--checkpoint", str(p), "--output", str(tmp_path / "x.onnx")]))
+    _check(payloads, lambda p: main(["export", "--debug", "--checkpoint", str(p), "--output", str(tmp_path / "x.onnx")]))
 
 
 @pytest.mark.parametrize("command", ["validate", "fit"])
@@ -115,7 +115,7 @@ def test_lightning_cli_ckpt_path(payloads, tmp_path, command):
             "--data.image_size=64", "--data.num_workers=0", f"--data.cache_dir={tmp_path / 'data'}",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.enable_progress_bar=false"]
-    _check(payloads, lambda p: main([command, *args, f"--ckpt_path={p}"]))
+    _check(payloads, lambda p: main([command, "--debug", *args, f"--ckpt_path={p}"]))
 
 
 def test_distillation_teacher(payloads, tmp_path):

@@ -12,7 +12,7 @@ import torch.nn as nn
 from detectkit.models.outputs import HeadOutput
 from detectkit.modules.metrics import build_map_metric, metric_inputs, summarize_map, to_original
 from detectkit.modules.schedule import warmup_cosine_scheduler
-from detectkit.ops.nms import postprocess
+from detectkit.ops.nms import PostprocessConfig, postprocess
 
 __all__ = ["DetectionModule", "param_groups"]
 
@@ -59,8 +59,11 @@ class DetectionModule(pl.LightningModule):
             (SG ``LinearBatchLRWarmup`` + ``CosineLRScheduler``).
         warmup_epochs: SG's per-epoch warmup (``LinearEpochLRWarmup``, fine-tuning recipes);
             replaces ``warmup_steps`` when > 0.
-        val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe).
-        predict_conf, predict_iou, predict_max_det: post-processing for ``predict``.
+        val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe);
+            together :attr:`val_postprocess`.
+        predict_conf, predict_iou, predict_max_det: post-processing for ``predict``; ``None``
+            keeps the model's own (``model.inference.postprocess``, from its checkpoint), so
+            ``predict_step`` and ``model.predict`` agree; together :attr:`predict_postprocess`.
         text_encoder, prompt_tuning: YOLO-World only (see :mod:`detectkit.modules.world`): the
             encoder that turns ``class_names`` into prompts at setup (CLIP folder/hub id in the
             local cache, ``.pt`` embeddings file; default ``$DETECTKIT_CLIP`` / HF cache), and
@@ -87,9 +90,9 @@ class DetectionModule(pl.LightningModule):
         val_iou: float = 0.7,
         val_top_k: int = 1000,
         val_max_det: int = 300,
-        predict_conf: float = 0.25,
-        predict_iou: float = 0.7,
-        predict_max_det: int = 300,
+        predict_conf: float | None = None,
+        predict_iou: float | None = None,
+        predict_max_det: int | None = None,
         text_encoder: str | None = None,
         prompt_tuning: bool = False,
     ) -> None:
@@ -210,17 +213,30 @@ class DetectionModule(pl.LightningModule):
             if lrs:
                 self.log_dict(lrs, on_step=True, on_epoch=False, batch_size=batch_size)
 
+    @property
+    def val_postprocess(self) -> PostprocessConfig:
+        """Post-processing for validation/test mAP (from the ``val_*`` arguments)."""
+        hp, d = self.hparams, PostprocessConfig()
+        return PostprocessConfig(conf=hp.get("val_conf", 0.01), iou=hp.get("val_iou", d.iou),
+                                 top_k=hp.get("val_top_k", d.top_k), max_det=hp.get("val_max_det", d.max_det))
+
+    @property
+    def predict_postprocess(self) -> PostprocessConfig:
+        """Post-processing for ``predict_step``: the model's defaults with the ``predict_*`` overrides."""
+        hp = self.hparams
+        base = getattr(getattr(self.model, "inference", None), "postprocess", None) or PostprocessConfig()
+        return base.replace(conf=hp.get("predict_conf"), iou=hp.get("predict_iou"), max_det=hp.get("predict_max_det"))
+
     @torch.no_grad()
-    def detect(
-        self, images: torch.Tensor, conf: float, iou: float, top_k: int, max_det: int
-    ) -> list[torch.Tensor]:
-        """Eval-mode forward + NMS: per image ``[N,6]`` in input pixels."""
+    def detect(self, images: torch.Tensor, config: PostprocessConfig | None = None) -> list[torch.Tensor]:
+        """Eval-mode forward + the one post-processing (default :attr:`val_postprocess`):
+        per image ``[N,6]`` in input pixels."""
+        config = config or self.val_postprocess
         boxes, scores = self.model(images)
-        return postprocess(boxes.float(), scores.float(), conf=conf, iou=iou, top_k=top_k, max_det=max_det)
+        return postprocess(boxes.float(), scores.float(), **config.to_dict())
 
     def _eval_step(self, batch: dict[str, Any], metric: Any) -> None:
-        hp = self.hparams
-        dets = self.detect(self._images(batch), hp.val_conf, hp.val_iou, hp.val_top_k, hp.val_max_det)
+        dets = self.detect(self._images(batch), self.val_postprocess)
         preds, targets = metric_inputs(dets, batch["meta"])
         metric.update(preds, targets)
 
@@ -246,8 +262,7 @@ class DetectionModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Per image: ``meta`` plus ``boxes`` (original pixels), ``scores`` and ``labels``."""
-        hp = self.hparams
-        dets = self.detect(self._images(batch), hp.predict_conf, hp.predict_iou, 1000, hp.predict_max_det)
+        dets = self.detect(self._images(batch), self.predict_postprocess)
         out = []
         for det, meta in zip(dets, batch["meta"]):
             det = to_original(det, meta).cpu()
@@ -269,10 +284,8 @@ class DetectionModule(pl.LightningModule):
         module is trained on, and its predict thresholds."""
         from detectkit.models.base import InferenceDefaults
 
-        hp = self.hparams
         base = getattr(self.model, "inference", None) or InferenceDefaults()
-        post = base.postprocess.replace(conf=float(hp.predict_conf), iou=float(hp.predict_iou),
-                                        max_det=int(hp.predict_max_det))
+        post = self.predict_postprocess
         dm = self._trainer.datamodule if self._trainer is not None else None
         size = getattr(dm, "image_size", None)
         if isinstance(size, int):  # the validation letterbox: fit inside, centred as val_center says
