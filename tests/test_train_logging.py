@@ -60,4 +60,6 @@ def test_fit_logs_lr_and_no_sync_dist_warning_for_train_values(tmp_path: Path, m
     step_losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert len(epoch_losses) == 2 and len(step_losses) == 4
     assert epoch_losses[0] == pytest.approx(sum(step_losses[:2]) / 2, rel=1e-5)  # the mean of the epoch's steps
-    assert "train/lr_decay" in trainer.callback_metrics  # visible to callbacks (run report, progress)
+    # visible to callbacks (run report, progress, NaN guard) under their names
+    assert {"train/lr_decay", "train/loss", "train/loss_epoch"} <= set(trainer.callback_metrics)
+    assert "train/loss" not in rows[0]  # ... and not logged twice

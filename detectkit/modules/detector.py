@@ -191,8 +191,8 @@ class DetectionModule(pl.LightningModule):
         return out
 
     def _log_train(self, logs: dict[str, Any], batch_size: int) -> None:
-        """Losses as ``<name>_step`` (this rank's value, like Lightning's ``on_step`` logging) and
-        ``<name>_epoch`` (the epoch mean over every rank: ``sync_dist`` reduces once at epoch end,
+        """Losses as ``<name>_step`` (this rank's value, like Lightning's ``on_step`` logging; also
+        as ``<name>`` in ``callback_metrics``) and ``<name>_epoch`` (the epoch mean over every rank: ``sync_dist`` reduces once at epoch end,
         not per step), plus the learning rate of each optimizer param group as ``train/lr_<group>``.
 
         The split is what ``on_step=True, on_epoch=True`` would name the values, without Lightning's
@@ -202,6 +202,8 @@ class DetectionModule(pl.LightningModule):
         the progress bar and ``trainer.callback_metrics`` would not see it; every fit logs it.
         """
         self.log_dict({f"{k}_step": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=batch_size)
+        # the bare names for callbacks (``trainer.callback_metrics["train/loss"]``), not sent to loggers
+        self.log_dict(logs, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
         self.log_dict({f"{k}_epoch": v for k, v in logs.items()}, on_step=False, on_epoch=True, sync_dist=True,
                       batch_size=batch_size)
         if self._trainer is not None:
