@@ -193,12 +193,16 @@ class TrackRun(Callback):
             self._register(logger)
 
     def _exported_files(self, trainer: pl.Trainer) -> list[Path]:
-        """Model files under the run folder that no exporter callback has uploaded already."""
+        """Model files under this run's folder that no exporter callback has uploaded already.
+
+        Not ``trainer.log_dir``: for MLflow and W&B that is the ``save_dir`` every run shares."""
+        from detectkit.callbacks.export import ExportOnFitEnd
+
         already = set()
         for cb in trainer.callbacks:
-            if type(cb).__name__ == "ExportOnFitEnd":
-                already.update(os.path.abspath(f) for f in getattr(cb, "files", []))
-        roots = {Path(trainer.log_dir or trainer.default_root_dir), run_dir(trainer)}
+            if isinstance(cb, ExportOnFitEnd):
+                already.update(os.path.abspath(f) for f in cb.files)
+        roots = {run_dir(trainer)}
         for cb in trainer.checkpoint_callbacks:
             if getattr(cb, "dirpath", None):
                 roots.add(Path(cb.dirpath).parent)
