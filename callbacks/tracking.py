@@ -25,8 +25,9 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 
-from detectkit.tracking import find_logger, flatten_config, run_dir
+from detectkit.tracking import flatten_config, run_dir
 
 __all__ = ["TrackRun"]
 
@@ -94,7 +95,7 @@ class TrackRun(Callback):
         params = {k: v for k, v in flatten_config(config).items() if v is not None}
         for logger in trainer.loggers:
             try:
-                if "Wandb" in type(logger).__name__:
+                if isinstance(logger, WandbLogger):
                     logger.experiment.config.update(params, allow_val_change=True)
                 else:
                     logger.log_hyperparams(params)
@@ -166,9 +167,9 @@ class TrackRun(Callback):
     def _log_model_file(self, trainer: pl.Trainer, path: Path) -> None:
         for logger in trainer.loggers:
             kind = type(logger).__name__
-            if "MLFlow" in kind:
+            if isinstance(logger, MLFlowLogger):
                 self._mlflow_model(logger, path)
-            elif "Wandb" in kind:
+            elif isinstance(logger, WandbLogger):
                 try:
                     self._wandb_artifact(logger.experiment, path, "model")
                     self.logged.append(f"{kind}:model/{path.name}")
@@ -218,9 +219,9 @@ class TrackRun(Callback):
     def _upload(self, trainer: pl.Trainer, path: Path, artifact_path: str, wandb_type: str = "file") -> None:
         for logger in trainer.loggers:
             kind = type(logger).__name__
-            if "MLFlow" in kind:
+            if isinstance(logger, MLFlowLogger):
                 self._upload_to(logger, path, artifact_path)
-            elif "Wandb" in kind:
+            elif isinstance(logger, WandbLogger):
                 try:
                     if wandb_type == "file":
                         self._wandb_file(logger.experiment, path)
@@ -283,4 +284,4 @@ class TrackRun(Callback):
 
 def _tracking_loggers(trainer: pl.Trainer) -> bool:
     """Whether any logger here is one TrackRun uploads to (MLflow, W&B)."""
-    return find_logger(trainer.loggers, "MLFlow") is not None or find_logger(trainer.loggers, "Wandb") is not None
+    return any(isinstance(logger, MLFlowLogger | WandbLogger) for logger in trainer.loggers)
