@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compress_helpers import TinyDetector  # noqa: E402
+from compress_helpers import TinyDetector, tiny_datamodule  # noqa: E402
 from tracking_helpers import mlflow_server, tiny_config  # noqa: E402
 
 pytest.importorskip("mlflow")
@@ -169,3 +169,40 @@ def test_pyfunc_inputs_and_clear_errors(tmp_path: Path) -> None:
         pyfunc.predict(None, [rgb.astype(np.float32)])
     with pytest.raises(ValueError, match="needs an 'image' column"):
         pyfunc.predict(None, pd.DataFrame({"a": [1], "b": [2]}))
+
+
+def test_plain_trainer_full_checkpoint_artifact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the CLI (no config): Lightning's hyper-parameters are the params, once; with
+    ``artifact="checkpoint"`` the pyfunc model wraps the full checkpoint and still predicts."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import lightning.pytorch as pl
+    import mlflow
+    import numpy as np
+    from detectkit.callbacks import TrackRun
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from mlflow.tracking import MlflowClient
+
+    from detectkit.modules.detector import DetectionModule
+    from detectkit.tracking import MLFlowLogger
+
+    logger = MLFlowLogger(experiment_name="plain", save_dir=str(tmp_path / "runs"))
+    track = TrackRun(artifact="checkpoint")
+    module = DetectionModule("tracking_tiny", num_classes=3, lr=1e-3, warmup_steps=1, predict_conf=0.01, predict_max_det=5)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                         accelerator="cpu", logger=logger, callbacks=[ModelCheckpoint(save_last=True), track],
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=tiny_datamodule(tmp_path / "data"))
+
+    client = MlflowClient(logger._tracking_uri)
+    run = client.get_run(logger.run_id)
+    params = run.data.params
+    assert params["lr"] == "0.001" and params["model"] == "tracking_tiny"  # Lightning's hparams, bare names
+    assert not [k for k in params if k.startswith(("model.", "trainer.", "config"))], sorted(params)
+    files = _all_artifacts(client, logger.run_id)
+    assert [f for f in files if f.endswith(".ckpt")] == [f"model/artifacts/{Path(track._checkpoint(trainer)).name}"], files
+    assert not [f for f in files if f.startswith("config/")], files
+    assert track.config_path is None and track.weights_path is None
+    pyfunc = mlflow.pyfunc.load_model(f"{run.info.artifact_uri}/model")
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    out = pyfunc.predict([image])
+    assert 0 < len(out) <= 5 and set(out.class_name) <= set(module.class_names)
