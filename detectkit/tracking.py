@@ -25,6 +25,7 @@ __all__ = [
     "mlflow_logger",
     "wandb_logger",
     "find_logger",
+    "run_dir",
 ]
 
 
@@ -127,11 +128,28 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "", sep: str = ".") 
         name = f"{prefix}{sep}{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             out.update(flatten_config(value, name, sep))
+        elif isinstance(value, list | tuple) and any(isinstance(v, Mapping) for v in value):
+            # callbacks, loggers: one name per entry and field, not one long (truncated) string
+            out.update(flatten_config({str(i): v for i, v in enumerate(value)}, name, sep))
         elif isinstance(value, list | tuple):
             out[name] = str(list(value))
         else:
             out[name] = value
     return out
+
+
+def run_dir(trainer: Any) -> Path:
+    """This run's own folder: ``ModelCheckpoint``'s default rule minus ``checkpoints/``.
+
+    ``trainer.log_dir`` is the logger's ``save_dir`` for MLflow and W&B, shared by every run
+    logged there; the per-run folder is ``<save_dir>/<experiment id or project>/<run id>``
+    (``<save_dir>/<name>/version_<n>`` for TensorBoard/CSV); without a logger ``default_root_dir``.
+    """
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
 def find_logger(loggers: list[Logger], kind: str) -> Logger | None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tracking_helpers import tiny_config  # noqa: E402
@@ -64,7 +65,7 @@ def test_fit_logs_to_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         logger={"class_path": "lightning.pytorch.loggers.WandbLogger",
                 "init_args": {"project": "detectkit-test", "offline": True, "save_dir": str(tmp_path / "run")}},
         callbacks=[
-            {"class_path": "detectkit.callbacks.TrackRun"},
+            {"class_path": "detectkit.callbacks.TrackRun", "init_args": {"half": True}},
             {"class_path": "detectkit.callbacks.LogValidationPredictions", "init_args": {"num_images": 2}},
         ],
     )
@@ -91,12 +92,17 @@ def test_fit_logs_to_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         elif kind == "artifact":
             artifacts.append((rec.artifact.type, [m.path for m in rec.artifact.manifest.contents]))
 
-    # hyperparameters (Lightning) and the resolved CLI config (TrackRun)
-    assert {"lr", "image_size", "config"} <= config, config
+    # parameters: the flattened resolved CLI config, each once (Lightning's hparams not again)
+    from detectkit.tracking import flatten_config
+
+    own_config = next((tmp_path / "run" / "detectkit-test").glob("*/config.yaml"))  # the run's own folder
+    expected = {k for k, v in flatten_config(yaml.safe_load(own_config.read_text())).items() if v is not None}
+    assert config - {"_wandb"} == expected, sorted((config - {"_wandb"}) ^ expected)
     assert "lightning_config.yaml" in files
-    assert "TinyDetector" in (run_dir / "files" / "lightning_config.yaml").read_text()
-    # metrics history: losses, mAP, per-class AP
-    assert {"train/loss_epoch", "val/map_50", "val/AP/rectangle"} <= history, sorted(history)
+    assert (run_dir / "files" / "lightning_config.yaml").read_text() == own_config.read_text()
+    assert "tracking_tiny" in own_config.read_text()
+    # metrics history: losses, learning rate, mAP, per-class AP
+    assert {"train/loss_epoch", "train/lr_decay", "train/lr_no_decay", "val/map_50", "val/AP/rectangle"} <= history, sorted(history)
     # images with W&B box overlays (predictions and ground truth) and the two plots
     assert {"val/predictions/0/boxes/predictions/path", "val/predictions/0/boxes/ground_truth/path"} <= history
     assert {"val/pr_curve/path", "val/confusion_matrix/path"} <= history
@@ -105,5 +111,21 @@ def test_fit_logs_to_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     gt = [f for f in (run_dir / "files").rglob("*.boxes2D.json") if json.loads(f.read_text())["box_data"]
           and "scores" not in json.loads(f.read_text())["box_data"][0]]
     assert gt, "no ground-truth box overlay written"
-    # the best checkpoint as a model artifact
-    assert any(t == "model" and any(p.endswith(".ckpt") for p in paths) for t, paths in artifacts), artifacts
+    # the fp16 weights file as the model artifact, not the training checkpoint
+    assert [paths for t, paths in artifacts if t == "model"] == [["weights_fp16.pt"]], artifacts
+    weights = own_config.parent / "weights_fp16.pt"
+    ckpt = next((own_config.parent / "checkpoints").glob("last*.ckpt"))
+    assert weights.stat().st_size < ckpt.stat().st_size / 4, (weights.stat().st_size, ckpt.stat().st_size)
+    import torch
+
+    import detectkit
+
+    stored = torch.load(weights, map_location="cpu", weights_only=True)["state_dict"]
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    loaded = detectkit.load(weights)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        boxes, scores = loaded(x)
+        ref_boxes, ref_scores = cli.model.model.eval()(x)
+    torch.testing.assert_close(scores, ref_scores, atol=5e-3, rtol=0)
+    torch.testing.assert_close(boxes, ref_boxes, atol=0.5, rtol=0)  # pixels, after fp16 weights

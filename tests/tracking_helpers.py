@@ -14,6 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from compress_helpers import TinyDetector
+
+from detectkit.registry import register_model
+
+
+@register_model
+def tracking_tiny(num_classes: int = 3, checkpoint: str | None = None, cls_prior: float | None = 0.2) -> TinyDetector:
+    """TinyDetector under a registry name, as real recipes name models: checkpoints and weights
+    files then say which model they hold and ``detectkit.load`` rebuilds it."""
+    if checkpoint is not None:
+        raise ValueError("tracking_tiny has no pretrained weights")
+    return TinyDetector(num_classes=num_classes, cls_prior=cls_prior)
 
 
 def free_port() -> int:
@@ -72,14 +84,17 @@ def mlflow_server(root: Path, timeout: float = 180.0):
         log.close()
 
 
-def tiny_config(tmp: Path, logger: dict[str, Any], callbacks: list[dict[str, Any]], epochs: int = 1) -> Path:
-    """A LightningCLI config: TinyDetector on a 12-image synthetic set at 64 px."""
+def tiny_config(tmp: Path, logger: dict[str, Any], callbacks: list[dict[str, Any]], epochs: int = 1,
+                model_args: dict[str, Any] | None = None) -> Path:
+    """A LightningCLI config: ``tracking_tiny`` on a 12-image synthetic set at 64 px (written under
+    ``tmp``; ``model_args`` override DetectionModule arguments)."""
     cfg = {
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu",
             "devices": 1,
             "max_epochs": epochs,
+            "log_every_n_steps": 1,
             "default_root_dir": str(tmp / "run"),
             "logger": logger,
             "enable_progress_bar": False,
@@ -91,9 +106,10 @@ def tiny_config(tmp: Path, logger: dict[str, Any], callbacks: list[dict[str, Any
             ],
         },
         "model": {
-            "model": {"class_path": "compress_helpers.TinyDetector", "init_args": {"num_classes": 3, "cls_prior": 0.2}},
+            "model": "tracking_tiny",
             "lr": 1e-3,
             "warmup_steps": 1,
+            **(model_args or {}),
         },
         "data": {
             "image_size": 64,
@@ -103,6 +119,7 @@ def tiny_config(tmp: Path, logger: dict[str, Any], callbacks: list[dict[str, Any
             "synthetic": {"train_images": 8, "val_images": 4, "size": 64, "num_classes": 3},
         },
     }
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "config_in.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

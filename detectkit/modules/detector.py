@@ -184,12 +184,39 @@ class DetectionModule(pl.LightningModule):
         for k, v in (components or {}).items():
             if k == "image_losses":
                 out["image_losses"] = v.detach()
-            elif torch.is_tensor(v) and v.numel() == 1 or isinstance(v, float | int):
+            elif torch.is_tensor(v) and v.numel() == 1:
+                logs[f"train/{k}"] = v.detach().reshape(()).float()  # no float(v): that syncs the GPU per term
+            elif isinstance(v, float | int):
                 logs[f"train/{k}"] = float(v)
         logs["train/loss"] = total.detach()
-        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        self._log_train(logs, images.shape[0])
         self.log("loss", total.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return out
+
+    def _log_train(self, logs: dict[str, Any], batch_size: int) -> None:
+        """Losses as ``<name>_step`` (this rank's value, like Lightning's ``on_step`` logging; also
+        as ``<name>`` in ``callback_metrics``) and ``<name>_epoch`` (the epoch mean over every rank: ``sync_dist`` reduces once at epoch end,
+        not per step), plus the learning rate of each optimizer param group as ``train/lr_<group>``.
+
+        The split is what ``on_step=True, on_epoch=True`` would name the values, without Lightning's
+        epoch-level ``sync_dist`` warning under DDP and without an all-reduce per step. The learning
+        rate is logged here rather than by ``LearningRateMonitor`` because that callback needs a
+        logger (it raises without one) and bypasses ``self.log``, so the run folder's results.csv,
+        the progress bar and ``trainer.callback_metrics`` would not see it; every fit logs it.
+        """
+        self.log_dict({f"{k}_step": v for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=batch_size)
+        # the bare names for callbacks (``trainer.callback_metrics["train/loss"]``), not sent to loggers
+        self.log_dict(logs, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
+        self.log_dict({f"{k}_epoch": v for k, v in logs.items()}, on_step=False, on_epoch=True, sync_dist=True,
+                      batch_size=batch_size)
+        if self._trainer is not None:
+            lrs: dict[str, float] = {}
+            for i, opt in enumerate(self.trainer.optimizers):
+                for j, group in enumerate(opt.param_groups):
+                    name = str(group.get("name") or (j if len(self.trainer.optimizers) == 1 else f"{i}_{j}"))
+                    lrs[f"train/lr_{name}"] = float(group["lr"])
+            if lrs:
+                self.log_dict(lrs, on_step=True, on_epoch=False, batch_size=batch_size)
 
     @property
     def val_postprocess(self) -> PostprocessConfig:
