@@ -1,0 +1,322 @@
+"""The LitServe API of ``detectkit serve``: one worker's decode -> batch -> predict -> encode.
+
+Requests arrive already validated by the HTTP gate (``gate.py``) as ``{"image": base64,
+conf?, iou?, max_det?, classes?, annotate?, received}``. Per request, in the worker:
+
+* ``decode_request`` decodes the image with the project's one decoder
+  (``detectkit.data.images``: EXIF orientation, palette/16-bit/alpha handling) after a
+  header-only size check (decompression bombs are refused before decoding). A bad image becomes
+  a :class:`Rejected` item instead of an exception, because LitServe fails every request of a
+  batch when ``decode_request`` raises.
+* ``predict`` letterboxes with ``model.inference`` (the one letterbox), runs the whole batch in
+  one backend call and post-processes each image with its own :class:`PostprocessConfig`
+  (``model.inference.postprocess`` with the request's overrides) through
+  ``detectkit.ops.postprocess``, then maps boxes back to original pixels: the steps of
+  ``model.predict``, so the server returns the same detections.
+* YOLO-World: a request may bring its own ``classes``. Their text embeddings come from an LRU
+  cache over the text encoder; a batch mixing vocabularies runs once through the masked path
+  ``model(x, text=[B,K,512], text_mask=[B,K])`` (requests without classes use the model's own
+  vocabulary as their row).
+* ``encode_response`` builds COCO-style JSON (``bbox`` = [x, y, w, h] in original pixels,
+  ``category_id`` by the one rule: ``model.category_ids[label]`` when set, else ``label + 1``)
+  and, if asked, the annotated image from the one drawer as base64 JPEG. Rejected items become a
+  4xx ``JSONResponse`` for that request only.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import litserve as ls
+import numpy as np
+import torch
+from starlette.responses import JSONResponse
+
+from detectkit.data.letterbox import LetterboxInfo, letterbox, unletterbox_boxes
+from detectkit.ops.nms import PostprocessConfig, postprocess
+from detectkit.serve.backends import (
+    OnnxRuntimeBackend,
+    TensorRTBackend,
+    TorchBackend,
+)
+from detectkit.serve.metrics import BATCH_SIZE, INFERENCE_SECONDS, QUEUE_SECONDS, configure_json_logging
+
+log = logging.getLogger("detectkit.serve")
+
+#: decoded-pixel limit per image (a 20 MB PNG can hold a 50000x50000 image: a decompression bomb)
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+@dataclass
+class Rejected:
+    """A request that failed in the worker (bad image, bad vocabulary): answered alone with ``status``."""
+
+    status: int
+    message: str
+
+
+@dataclass
+class Item:
+    image: np.ndarray  # HWC uint8 RGB, original pixels
+    post: PostprocessConfig
+    classes: list[str] | None
+    annotate: bool
+    received: float | None
+
+
+@dataclass
+class Result:
+    item: Item
+    boxes: np.ndarray  # [N,4] xyxy original pixels
+    scores: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    category_ids: list[int] | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_detector(checkpoint: str | os.PathLike, device: str | torch.device | None = None) -> torch.nn.Module:
+    """The one checkpoint loader, ``detectkit.load`` (eval mode, ``model.inference`` from the record)."""
+    import detectkit
+
+    loader = getattr(detectkit, "load", None)
+    if loader is None:  # until the checkpoint branch is merged: the same record, read here
+        from detectkit.serve._interim_load import load as loader
+    return loader(checkpoint, device=device)
+
+
+class DetectionAPI(ls.LitAPI):
+    """Serve one detectkit checkpoint. Everything heavy happens in :meth:`setup`, in the worker."""
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        backend: str = "torch",
+        max_batch: int = 16,
+        batch_timeout_ms: float = 10.0,
+        model_file: str | os.PathLike | None = None,
+        text_encoder: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        vocabulary_cache: int = 256,
+        threads: int | None = None,
+        log_level: str = "info",
+    ) -> None:
+        super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout_ms / 1000.0, api_path="/predict")
+        self.checkpoint = str(checkpoint)
+        self.backend_name = backend
+        self.model_file = None if model_file is None else str(model_file)
+        self.text_encoder_spec = text_encoder
+        self.max_pixels = int(max_pixels)
+        self.vocabulary_cache = vocabulary_cache
+        self.threads = threads
+        self.log_level = log_level
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, device: str) -> None:
+        # Let the main process decide when to stop: a Ctrl-C sent to the whole process group must not
+        # kill this worker while it holds accepted requests (the server drains, then stops us).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        configure_json_logging(self.log_level)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.torch_device = torch.device(device)
+        model = load_detector(self.checkpoint, device="cpu").eval()
+        self.model = model
+        self.inference = model.inference
+        self.class_names = list(model.class_names)
+        self.category_ids = getattr(model, "category_ids", None)
+        self.stride = max(getattr(model, "strides", (32,)))
+        if self.backend_name == "torch":
+            self.runner = TorchBackend(model, self.torch_device)
+        elif self.backend_name == "onnxruntime":
+            self.runner = OnnxRuntimeBackend(self.model_file, self.torch_device, self.threads)
+        elif self.backend_name == "tensorrt":
+            self.runner = TensorRTBackend(self.model_file, self.torch_device)
+        else:
+            raise ValueError(f"unknown backend {self.backend_name!r}")
+        self.encoder = None
+        self.default_text: torch.Tensor | None = None
+        if self.runner.supports_text:
+            from detectkit.models.yolo_world.text import TextEmbeddingCache
+
+            self.text_cache = TextEmbeddingCache(max_entries=self.vocabulary_cache)
+            self.default_text = model.txt_feats.detach().float().cpu()
+            if self.text_encoder_spec:
+                from detectkit.modules.world import resolve_text_encoder
+
+                self.encoder = resolve_text_encoder(self.text_encoder_spec)
+        log.info("worker ready", extra={"fields": {
+            "event": "worker_ready", "checkpoint": self.checkpoint, "backend": self.backend_name,
+            "device": str(self.torch_device), "image_size": list(self.inference.image_size),
+            "classes": len(self.class_names), "open_vocabulary": self.encoder is not None,
+            "max_batch": self.max_batch_size, "batch_timeout_ms": self.batch_timeout * 1000}})
+
+    # ------------------------------------------------------------------ decode
+    def decode_request(self, request):  # no annotation: LitServe then passes the parsed JSON body
+        try:
+            image = self._decode_image(base64.b64decode(request["image"]))
+            post = self.inference.postprocess.replace(
+                conf=request.get("conf"), iou=request.get("iou"), max_det=request.get("max_det"))
+            classes = request.get("classes")
+            if classes is not None:
+                if not self.runner.supports_text:
+                    return Rejected(400, "this model serves a fixed vocabulary "
+                                         f"({self.backend_name} backend or not a YOLO-World model); "
+                                         "omit 'classes' or serve a YOLO-World checkpoint with --backend torch")
+                if self.encoder is None:
+                    return Rejected(400, "per-request classes need a text encoder: start the server with "
+                                         "--text-encoder (CLIP folder or embeddings file)")
+            return Item(image, post, classes, bool(request.get("annotate", False)), request.get("received"))
+        except _BadImage as e:
+            return Rejected(e.status, str(e))
+
+    def _decode_image(self, data: bytes) -> np.ndarray:
+        from PIL import Image
+
+        from detectkit.data.images import ImageReadError, image_size, read_image
+
+        # The one decoder reads files; /dev/shm keeps the round trip in memory where it exists.
+        tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="detectkit-serve-", suffix=".img") as f:
+            f.write(data)
+            f.flush()
+            try:
+                w, h = image_size(f.name)
+            except ImageReadError as e:
+                raise _BadImage(400, f"not a readable image: {e.reason}") from None
+            except Image.DecompressionBombError as e:  # PIL's own guard (2x its MAX_IMAGE_PIXELS) fired first
+                raise _BadImage(413, f"image too large to decode safely: {e}") from None
+            if w * h > self.max_pixels:
+                raise _BadImage(413, f"image is {w}x{h} = {w * h} pixels; the limit is {self.max_pixels} "
+                                     "(a decompression bomb guard; detectkit serve --max-pixels)")
+            try:
+                return read_image(f.name)
+            except ImageReadError as e:
+                raise _BadImage(400, f"corrupt or truncated image: {e.reason}") from None
+            except Exception as e:  # PIL raises plain Exceptions for some malformed files (e.g. bombs)
+                raise _BadImage(400, f"cannot decode image: {e.__class__.__name__}: {e}") from None
+
+    # ------------------------------------------------------------------ batch / predict
+    def batch(self, inputs: list[Item | Rejected]) -> list[Item | Rejected]:
+        return list(inputs)  # per-request settings and vocabularies: predict handles the list itself
+
+    def unbatch(self, output: list[Any]) -> list[Any]:
+        return list(output)
+
+    def predict(self, items: list[Item | Rejected]) -> list[Result | Rejected]:
+        start = time.time()
+        out: list[Any] = list(items)
+        for i, item in enumerate(out):
+            if not isinstance(item, Item):
+                continue
+            if item.received is not None:
+                self.log(QUEUE_SECONDS, start - item.received)
+            if item.classes is not None:
+                try:  # encode (or find in the LRU) now, so one unknown name fails only its own request
+                    self.text_cache.get(self.encoder, item.classes)
+                except (KeyError, ValueError) as e:
+                    out[i] = Rejected(422, f"cannot encode classes: {e}")
+        good = [i for i, item in enumerate(out) if isinstance(item, Item)]
+        if good:
+            text, mask, names = self._vocabularies([out[i] for i in good])
+            self._run(out, good, text, mask, names)
+            self.log(BATCH_SIZE, len(good))
+            self.log(INFERENCE_SECONDS, time.time() - start)
+        return out
+
+    def _vocabularies(self, items: list[Item]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[list[str]]]:
+        """Per-image text embeddings: None (all default), ``[K,D]`` (one shared), or ``[B,K,D]`` + mask."""
+        names = [it.classes if it.classes is not None else self.class_names for it in items]
+        if all(it.classes is None for it in items):
+            return None, None, names
+        embeddings = [self.text_cache.get(self.encoder, it.classes) if it.classes is not None else self.default_text
+                      for it in items]
+        if len({tuple(n) for n in names}) == 1:
+            return embeddings[0], None, names
+        k = max(e.shape[0] for e in embeddings)
+        text = torch.zeros(len(items), k, embeddings[0].shape[1])
+        mask = torch.zeros(len(items), k, dtype=torch.bool)
+        for b, e in enumerate(embeddings):
+            text[b, : e.shape[0]] = e
+            mask[b, : e.shape[0]] = True
+        return text, mask, names
+
+    def _run(self, out: list[Any], idx: list[int], text: torch.Tensor | None, mask: torch.Tensor | None,
+             names: list[list[str]]) -> None:
+        inf = self.inference
+        inputs, infos = [], []
+        for i in idx:
+            padded, info = letterbox(out[i].image, size=inf.image_size, longest=inf.longest, center=inf.center,
+                                     pad_value=inf.pad_value)
+            inputs.append(padded)
+            infos.append(info)
+        x = torch.from_numpy(np.stack(inputs)).permute(0, 3, 1, 2).float().div_(255.0)
+        if text is not None and text.ndim == 2:
+            text = text.unsqueeze(0).expand(len(idx), -1, -1)
+            mask = None
+        boxes, scores = self.runner(x, text, mask)
+        for b, (i, info, vocab) in enumerate(zip(idx, infos, names)):
+            item: Item = out[i]
+            det = postprocess(boxes[b : b + 1], scores[b : b + 1, :, : len(vocab)], **item.post.to_dict())[0]
+            out[i] = self._result(item, det.float().cpu(), info, vocab)
+
+    def _result(self, item: Item, det: torch.Tensor, info: LetterboxInfo, vocab: list[str]) -> Result:
+        custom = item.classes is not None
+        return Result(
+            item=item,
+            boxes=unletterbox_boxes(det[:, :4], info).numpy(),
+            scores=det[:, 4].numpy(),
+            labels=det[:, 5].round().long().numpy(),
+            class_names=list(vocab),
+            category_ids=None if custom else self.category_ids,
+        )
+
+    # ------------------------------------------------------------------ encode
+    def encode_response(self, output: Result | Rejected) -> Any:
+        if isinstance(output, Rejected):
+            return JSONResponse({"error": output.message, "status": output.status}, status_code=output.status)
+        h, w = output.item.image.shape[:2]
+        detections = []
+        for box, score, label in zip(output.boxes, output.scores, output.labels):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            label = int(label)
+            detections.append({
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(score),
+                "category_id": int(output.category_ids[label]) if output.category_ids is not None else label + 1,
+                "label": label,
+                "class_name": output.class_names[label] if 0 <= label < len(output.class_names) else str(label),
+            })
+        response: dict[str, Any] = {"width": int(w), "height": int(h), "detections": detections}
+        if output.item.annotate:
+            response["annotated_image"] = self._annotated_jpeg(output)
+        return response
+
+    def _annotated_jpeg(self, output: Result) -> str:
+        from PIL import Image
+
+        from detectkit.predict import ImagePrediction  # the one drawer lives behind ImagePrediction.draw
+
+        drawn = ImagePrediction(image=output.item.image, boxes=output.boxes, scores=output.scores,
+                                labels=output.labels, class_names=output.class_names).draw()
+        buf = io.BytesIO()
+        Image.fromarray(drawn).save(buf, format="JPEG", quality=90)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _BadImage(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+__all__ = ["DetectionAPI", "Item", "Rejected", "Result", "load_detector", "DEFAULT_MAX_PIXELS"]
