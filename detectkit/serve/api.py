@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import multiprocessing
 import os
 import signal
 import tempfile
@@ -121,10 +122,11 @@ class DetectionAPI(ls.LitAPI):
 
     # ------------------------------------------------------------------ setup
     def setup(self, device: str) -> None:
-        # Let the main process decide when to stop: a Ctrl-C sent to the whole process group must not
-        # kill this worker while it holds accepted requests (the server drains, then stops us).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if multiprocessing.current_process().name == "inference-worker":  # LitServe's worker process
+            # Let the main process decide when to stop: a Ctrl-C sent to the whole process group must
+            # not kill this worker while it holds accepted requests (the server drains, then stops us).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         configure_json_logging(self.log_level)
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -219,7 +221,7 @@ class DetectionAPI(ls.LitAPI):
             if not isinstance(item, Item):
                 continue
             if item.received is not None:
-                self.log(QUEUE_SECONDS, start - item.received)
+                self._metric(QUEUE_SECONDS, start - item.received)
             if item.classes is not None:
                 try:  # encode (or find in the LRU) now, so one unknown name fails only its own request
                     self.text_cache.get(self.encoder, item.classes)
@@ -229,9 +231,13 @@ class DetectionAPI(ls.LitAPI):
         if good:
             text, mask, names = self._vocabularies([out[i] for i in good])
             self._run(out, good, text, mask, names)
-            self.log(BATCH_SIZE, len(good))
-            self.log(INFERENCE_SECONDS, time.time() - start)
+            self._metric(BATCH_SIZE, len(good))
+            self._metric(INFERENCE_SECONDS, time.time() - start)
         return out
+
+    def _metric(self, key: str, value: float) -> None:
+        if self._logger_queue is not None:  # None when the API is driven outside a LitServer
+            self.log(key, value)
 
     def _vocabularies(self, items: list[Item]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[list[str]]]:
         """Per-image text embeddings: None (all default), ``[K,D]`` (one shared), or ``[B,K,D]`` + mask."""

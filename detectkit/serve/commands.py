@@ -153,9 +153,17 @@ def _install_drain(server, state, timeout: float) -> None:
         left = state.in_flight_count()
         log.info("drained", extra={"fields": {"event": "drain_end", "in_flight_left": left}})
         # LitServe's own graceful path (what its /shutdown endpoint sets); 0.2.19 has no public call for it
+        while getattr(server, "_shutdown_event", None) is None:  # a signal during start-up
+            time.sleep(0.05)
         server._shutdown_event.set()
 
+    main_pid = os.getpid()
+
     def handler(signum, frame) -> None:
+        if os.getpid() != main_pid:  # a forked LitServe process inherited this handler: default behaviour
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if started.is_set():
             log.warning("second signal: stopping now", extra={"fields": {"event": "shutdown_forced"}})
             raise KeyboardInterrupt

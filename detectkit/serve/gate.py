@@ -234,6 +234,9 @@ class RequestGate:
                 await self.app({**scope, "path": "/health", "raw_path": b"/health"}, receive, send)
         elif path == "/metrics" and method == "GET" and self.metrics is not None:
             body, ctype = self.metrics.render()
+            body += (b"# HELP detectkit_requests_in_flight Prediction requests accepted and not yet answered\n"
+                     b"# TYPE detectkit_requests_in_flight gauge\n"
+                     b"detectkit_requests_in_flight %d\n" % self.state.in_flight_count())
             await _reply(send, 200, body, ctype)
         elif path == self.api_path and method == "POST":
             await self._predict(scope, receive, send)
