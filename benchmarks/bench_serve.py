@@ -130,6 +130,8 @@ async def _load(url: str, body: bytes, ctype: str, clients: int, requests: int, 
                     latencies.append(time.perf_counter() - start)
                 else:
                     errors += 1
+                    if errors == 1:
+                        print(f"first error from {url}: {r.status_code} {r.text[:300]}", file=sys.stderr)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))

@@ -123,10 +123,9 @@ class DetectionAPI(ls.LitAPI):
     # ------------------------------------------------------------------ setup
     def setup(self, device: str) -> None:
         if multiprocessing.current_process().name == "inference-worker":  # LitServe's worker process
-            # Let the main process decide when to stop: a Ctrl-C sent to the whole process group must
-            # not kill this worker while it holds accepted requests (the server drains, then stops us).
+            # A Ctrl-C reaches the whole process group: it must not kill this worker while it holds
+            # accepted requests; the main process drains, then LitServe stops us with SIGTERM.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         configure_json_logging(self.log_level)
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -214,7 +213,9 @@ class DetectionAPI(ls.LitAPI):
     def unbatch(self, output: list[Any]) -> list[Any]:
         return list(output)
 
-    def predict(self, items: list[Item | Rejected]) -> list[Result | Rejected]:
+    def predict(self, items: list[Item | Rejected] | Item | Rejected) -> list[Result | Rejected] | Result | Rejected:
+        if not isinstance(items, list):  # --max-batch 1: LitServe's unbatched loop passes one request
+            return self.predict([items])[0]
         start = time.time()
         out: list[Any] = list(items)
         for i, item in enumerate(out):
