@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from detectkit.callbacks.utils import detector_of, prepare_architecture_restore, weight_averaging_callbacks
+from detectkit.callbacks.utils import detector_of, weight_averaging_callbacks
 from lightning.pytorch.callbacks import Callback
 
+from detectkit.checkpoint import ArchitectureRecorder
 from detectkit.models.outputs import HeadOutput
 
 __all__ = ["KnowledgeDistillation", "distillation_losses", "load_teacher"]
@@ -46,17 +48,17 @@ ADAPTERS_ATTR = "distill_adapters"
 
 
 def load_teacher(teacher: str | nn.Module, num_classes: int, checkpoint: str | None = None, **kwargs: Any) -> nn.Module:
-    """A registry name (+ weights file), or a module; a Lightning ``.ckpt`` loads its ``model.*`` weights."""
+    """A registry name (+ weights file: detectkit ``.ckpt``, super-gradients ``.pth``, ...), or a module.
+
+    The file is read by ``detectkit.checkpoint`` (safe unpickling, integrity check; a detectkit
+    ``.ckpt`` gives its EMA weights and recorded architecture).
+    """
     if isinstance(teacher, nn.Module):
         model = teacher
     else:
         from detectkit.registry import create_model
 
-        is_lightning = checkpoint is not None and str(checkpoint).endswith(".ckpt")
-        model = create_model(teacher, num_classes=num_classes, checkpoint=None if is_lightning else checkpoint, **kwargs)
-        if is_lightning:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-            model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=True)
+        model = create_model(teacher, num_classes=num_classes, checkpoint=checkpoint, **kwargs)
     model.eval().requires_grad_(False)
     return model
 
@@ -139,6 +141,7 @@ class KnowledgeDistillation(Callback):
         self.teacher: nn.Module | None = None
         self._max_epochs = 1
         self._module: pl.LightningModule | None = None
+        self._listening: pl.LightningModule | None = None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -152,15 +155,17 @@ class KnowledgeDistillation(Callback):
         self._max_epochs = max(1, trainer.max_epochs or 1)
         if self.feat_weight > 0 and not hasattr(pl_module, ADAPTERS_ATTR):
             setattr(pl_module, ADAPTERS_ATTR, self._build_adapters(student))
-        prepare_architecture_restore(trainer, pl_module)
+        if isinstance(pl_module, ArchitectureRecorder) and self._listening is not pl_module:
+            # resume: after the module replays a pruned student, size the adapters as saved
+            pl_module.add_restore_listener(self._restore_adapters)
+            self._listening = pl_module
 
-    #: adapters follow the student's (possibly pruned) neck: rebuilt after pruning and QAT
-    architecture_order = 2
-
-    def rebuild_architecture(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
-        """Resume: adapters sized as saved (the student may have been pruned) before the weights load."""
+    def _restore_adapters(self, checkpoint: Mapping[str, Any]) -> None:
+        """Adapters sized as saved (the student may have been pruned) before the weights load."""
+        pl_module = self._module
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
         sizes = state.get("adapters")
-        if sizes and getattr(pl_module, ADAPTERS_ATTR, None) is not None:
+        if sizes and pl_module is not None and getattr(pl_module, ADAPTERS_ATTR, None) is not None:
             setattr(pl_module, ADAPTERS_ATTR, nn.ModuleList(nn.Conv2d(i, o, 1) for i, o in sizes))
 
     def _refresh_adapters(self, pl_module: pl.LightningModule) -> bool:

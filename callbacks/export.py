@@ -112,7 +112,9 @@ class ExportOnFitEnd(Callback):
         model = copy.deepcopy(detector_of(pl_module)).cpu().float().eval()
         best = self._best_checkpoint(trainer)
         if best is not None:
-            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+            from detectkit.checkpoint import read_checkpoint  # safe unpickling + integrity check
+
+            state = read_checkpoint(best)["state_dict"]
             prefix = "model." if detector_of(pl_module) is not pl_module else ""
             weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             try:

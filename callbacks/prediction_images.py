@@ -138,24 +138,17 @@ def _figure_to_array(fig: Any) -> np.ndarray:
 
 def _draw(image: np.ndarray, gt: torch.Tensor, gt_labels: torch.Tensor, det: torch.Tensor,
           names: Sequence[str]) -> np.ndarray:
-    """Ground truth in green, predictions in red with class and confidence (small inputs are
-    enlarged so that the labels stay readable)."""
-    from PIL import Image, ImageDraw
+    """Ground truth in green (captions inside the bottom edge), predictions in red with class and
+    confidence, through the one drawer; small inputs are enlarged so the captions stay readable."""
+    from detectkit.predict.draw import draw_boxes
 
-    img = Image.fromarray(image)
-    k = max(1, _MIN_SIDE // max(img.size))
+    k = max(1, _MIN_SIDE // max(image.shape[:2]))
     if k > 1:
-        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
+        image = np.ascontiguousarray(image.repeat(k, axis=0).repeat(k, axis=1))  # nearest-neighbour
         gt, det = gt * k, det.clone()
         det[:, :4] *= k
-    draw = ImageDraw.Draw(img)
-    for box, label in zip(gt.tolist(), gt_labels.tolist()):
-        draw.rectangle(box, outline=_GT_COLOR, width=1)
-        draw.text((box[0] + 1, box[1] + 1), _name(names, int(label)), fill=_GT_COLOR)
-    for x1, y1, x2, y2, score, label in det.tolist():
-        draw.rectangle((x1, y1, x2, y2), outline=_PRED_COLOR, width=1)
-        draw.text((x1 + 1, max(0, y2 - 10)), f"{_name(names, int(label))} {score:.2f}", fill=_PRED_COLOR)
-    return np.asarray(img)
+    out = draw_boxes(image, gt, gt_labels, None, names, color=_GT_COLOR, line_width=1, caption_below=True)
+    return draw_boxes(out, det[:, :4], det[:, 5].long(), det[:, 4], names, color=_PRED_COLOR, line_width=1)
 
 
 def _name(names: Sequence[str], c: int) -> str:
@@ -202,9 +195,7 @@ class LogValidationPredictions(Callback):
         images = images[:n]
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
-        hp = getattr(pl_module, "hparams", {})
-        dets = pl_module.detect(images, self.conf, hp.get("val_iou", 0.7), hp.get("val_top_k", 1000),
-                                hp.get("val_max_det", 300))
+        dets = pl_module.detect(images, pl_module.val_postprocess.replace(conf=self.conf))
         targets = batch["targets"]
         for i in range(n):
             rows = targets[targets[:, 0] == i]

@@ -7,31 +7,40 @@ quantized engine and onnxruntime runs as is.
 
 As in super-gradients' QAT recipe, QARepVGG blocks are first *partially* fused (three branches
 -> one 3x3 conv, ``post_bn`` kept) so each block has one kernel to quantize, EMA is off during
-QAT and the LR is lowered. The quantized architecture is saved as ``mto.modelopt_state`` in the
-callback's checkpoint state; on resume it is rebuilt in ``setup`` (before Lightning loads the
-weights, which include every quantizer's ``_amax``).
+QAT and the LR is lowered. The quantized architecture (``mto.modelopt_state``) is appended to the
+module's architecture ops (``{"op": "quantize", ...}``); on resume/load it is rebuilt by the
+module's ``on_load_checkpoint`` before Lightning loads the weights (every quantizer's ``_amax``).
+The algorithms live in ``detectkit.compress.quantize``.
 """
 
 from __future__ import annotations
 
-import copy
-import fnmatch
-import inspect
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import torch.nn as nn
 from detectkit.callbacks.utils import (
     copy_average_to_model,
     detector_of,
-    prepare_architecture_restore,
     rebuild_after_surgery,
     weight_averaging_callbacks,
 )
 from lightning.pytorch.callbacks import Callback
+
+from detectkit.checkpoint import ArchitectureRecorder
+from detectkit.compress.quantize import (  # noqa: F401 (re-exported: the algorithms live in detectkit.compress)
+    calibration_loop,
+    is_quantized,
+    partial_fuse,
+    quantization_config,
+    quantization_sensitivity,
+    quantize_model,
+    quantize_op,
+    restore_quantized,
+    select_skip_layers,
+)
 
 __all__ = [
     "QuantizationAwareTraining",
@@ -45,160 +54,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def _mtq():
-    import modelopt.torch.quantization as mtq
-
-    return mtq
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """The model holds modelopt quantizers (QAT/PTQ applied)."""
-    return any(type(m).__name__ == "TensorQuantizer" for m in model.modules())
-
-
-def quantization_config(skip_layers: Sequence[str] = ()) -> dict[str, Any]:
-    """``INT8_DEFAULT_CFG`` plus one disabling entry per ``skip_layers`` module-name pattern (fnmatch)."""
-    cfg = copy.deepcopy(_mtq().INT8_DEFAULT_CFG)
-    entries = cfg["quant_cfg"]
-    for pattern in skip_layers:
-        if isinstance(entries, list):
-            entries.append({"quantizer_name": f"{pattern}.*quantizer", "enable": False})
-        else:  # older modelopt: dict keyed by pattern
-            entries[f"{pattern}.*quantizer"] = {"enable": False}
-    return cfg
-
-
-def partial_fuse(model: nn.Module) -> nn.Module:
-    """Merge QARepVGG branches, keep ``post_bn`` (SG's ``prep_model_for_conversion`` before QAT)."""
-    from detectkit.nn.qarepvgg import QARepVGGBlock
-
-    was_training = model.training
-    model.eval()  # fusion folds eval-mode BN statistics
-    fuse = getattr(model, "fuse", None)
-    if fuse is not None and "full" in inspect.signature(fuse).parameters:
-        fuse(full=False)
-    else:
-        for m in model.modules():
-            if isinstance(m, QARepVGGBlock):
-                m.partial_fusion()
-    model.train(was_training)
-    return model
-
-
-def _images(batch: Any) -> torch.Tensor:
-    images = batch["images"] if isinstance(batch, dict) else batch[0] if isinstance(batch, list | tuple) else batch
-    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-
-
-def calibration_loop(batches: Iterable[Any], num_batches: int, device: torch.device) -> Callable[[nn.Module], None]:
-    """modelopt ``forward_loop``: eval-mode forwards over the first ``num_batches`` batches."""
-
-    def forward_loop(model: nn.Module) -> None:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if i >= num_batches:
-                    break
-                model(_images(batch).to(device))
-        model.train(was_training)
-
-    return forward_loop
-
-
-def quantize_model(
-    model: nn.Module,
-    batches: Iterable[Any],
-    num_batches: int = 16,
-    skip_layers: Sequence[str] = (),
-    fuse: bool = True,
-) -> nn.Module:
-    """PTQ: partial QARepVGG fusion, INT8 quantizers, max calibration on ``num_batches`` batches."""
-    if fuse:
-        partial_fuse(model)
-    device = next(model.parameters()).device
-    return _mtq().quantize(model, quantization_config(skip_layers), calibration_loop(batches, num_batches, device))
-
-
-def restore_quantized(model: nn.Module, state: dict[str, Any]) -> nn.Module:
-    """Rebuild the quantized architecture saved by :class:`QuantizationAwareTraining` (weights not loaded)."""
-    import modelopt.torch.opt as mto
-
-    if state.get("partial_fused", True):
-        partial_fuse(model)
-    return mto.restore_from_modelopt_state(model, state["modelopt_state"])
-
-
-# ----------------------------------------------------------------------------- sensitivity
-def _quantizers_by_layer(model: nn.Module) -> dict[str, list[nn.Module]]:
-    layers: dict[str, list[nn.Module]] = {}
-    for name, m in model.named_modules():
-        if type(m).__name__ == "TensorQuantizer" and m.is_enabled:
-            layers.setdefault(name.rsplit(".", 1)[0], []).append(m)
-    return layers
-
-
-def _output_error(model: nn.Module, inputs: list[torch.Tensor], refs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean |score| error + mean |box| error / image size: 0 for an exact model."""
-    err = 0.0
-    with torch.no_grad():
-        for x, (rb, rs) in zip(inputs, refs):
-            b, s = model(x)
-            err += float((s - rs).abs().mean()) + float((b - rb).abs().mean()) / max(x.shape[-2:])
-    return err / max(1, len(inputs))
-
-
-def quantization_sensitivity(
-    model: nn.Module,
-    batches: Iterable[Any],
-    num_batches: int = 4,
-    metric_fn: Callable[[nn.Module], float] | None = None,
-    layers: Sequence[str] | None = None,
-) -> list[tuple[str, float]]:
-    """Rank layers by the damage INT8 does to each one alone (super-gradients' unreleased "adaptive" QAT).
-
-    The model is copied, partially fused and calibrated once; then, for each layer, only that
-    layer's quantizers are enabled and the model is scored: ``metric_fn(model)`` (higher is
-    better, e.g. mAP on a validation subset; the score is the drop from the float model) or,
-    by default, the output error against the float model on the calibration batches. Returns
-    ``(layer name, score)`` sorted from most to least sensitive; the head of the list is what
-    :func:`select_skip_layers` keeps in float.
-    """
-    float_model = partial_fuse(copy.deepcopy(model)).eval()
-    device = next(float_model.parameters()).device
-    inputs = []
-    for i, batch in enumerate(batches):
-        if i >= num_batches:
-            break
-        inputs.append(_images(batch).to(device))
-    with torch.no_grad():
-        refs = [float_model(x) for x in inputs]
-    base = metric_fn(float_model) if metric_fn is not None else 0.0
-    qmodel = quantize_model(copy.deepcopy(float_model), inputs, len(inputs), fuse=False).eval()
-    by_layer = _quantizers_by_layer(qmodel)
-    names = [n for n in by_layer if layers is None or any(fnmatch.fnmatch(n, p) for p in layers)]
-    for qs in by_layer.values():
-        for q in qs:
-            q.disable()
-    scores = []
-    for name in names:
-        for q in by_layer[name]:
-            q.enable()
-        if metric_fn is not None:
-            score = base - metric_fn(qmodel)
-        else:
-            score = _output_error(qmodel, inputs, refs)
-        for q in by_layer[name]:
-            q.disable()
-        scores.append((name, float(score)))
-    return sorted(scores, key=lambda t: t[1], reverse=True)
-
-
-def select_skip_layers(sensitivity: Sequence[tuple[str, float]], top_k: int) -> list[str]:
-    """The ``top_k`` most sensitive layer names, ready for ``skip_layers``."""
-    return [name for name, _ in list(sensitivity)[: max(0, top_k)]]
 
 
 # ----------------------------------------------------------------------------- callback
@@ -245,21 +100,11 @@ class QuantizationAwareTraining(Callback):
         return self._generate_state_key(start_epoch=self.start_epoch, ptq=self.ptq)
 
     # ------------------------------------------------------------------ hooks
-    #: rebuilt after pruning (order 0), before distillation adapters
-    architecture_order = 1
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._module = pl_module  # state_dict() serialises modelopt's state of this model
-        if stage == "fit":
-            prepare_architecture_restore(trainer, pl_module)
-
-    def rebuild_architecture(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
-        """Resume: quantize the (float) model the way the checkpoint's model was, weights not loaded."""
-        if state.get("quantized") and not self.quantized:
-            self._set_detector(pl_module, restore_quantized(detector_of(pl_module), state))
-            self.quantized, self.quantized_at_epoch = True, state.get("quantized_at_epoch")
-            self.skip_layers = list(state.get("skip_layers", self.skip_layers))
-            log.info("QAT: rebuilt the quantized model from the checkpoint")
+        if stage == "fit" and not isinstance(pl_module, ArchitectureRecorder):
+            raise TypeError(f"QuantizationAwareTraining needs a LightningModule that records architecture ops "
+                            f"(detectkit.checkpoint.ArchitectureRecorder, e.g. DetectionModule), got {type(pl_module).__name__}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.ptq:
@@ -310,6 +155,7 @@ class QuantizationAwareTraining(Callback):
         model = quantize_model(model, batches, self.calib_batches, skip_layers=skip)
         model.train(pl_module.training)
         self._set_detector(pl_module, model)
+        pl_module.record_architecture(quantize_op(model, skip))  # resume/load rebuild the quantizers
         self.quantized, self.quantized_at_epoch = True, trainer.current_epoch
         n = sum(1 for m in model.modules() if type(m).__name__ == "TensorQuantizer" and m.is_enabled)
         log.info("QAT: %d quantizers calibrated on %d batches at epoch %d", n, self.calib_batches, trainer.current_epoch)
@@ -330,6 +176,8 @@ class QuantizationAwareTraining(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # the module's on_load_checkpoint has already rebuilt the quantizers from the record
+        self.quantized = bool(state_dict.get("quantized", False))
         self.quantized_at_epoch = state_dict.get("quantized_at_epoch")
         self.skip_layers = list(state_dict.get("skip_layers", self.skip_layers))
         self.sensitivity = [tuple(t) for t in state_dict.get("sensitivity", [])]

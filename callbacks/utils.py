@@ -8,7 +8,6 @@ ends with :func:`rebuild_after_surgery`.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import lightning.pytorch as pl
 import torch.nn as nn
@@ -21,8 +20,6 @@ __all__ = [
     "weight_averaging_callbacks",
     "copy_average_to_model",
     "rebuild_after_surgery",
-    "prepare_architecture_restore",
-    "restore_architecture",
 ]
 
 
@@ -94,48 +91,3 @@ def rebuild_after_surgery(
         for cb in weight_averaging_callbacks(trainer):
             if getattr(cb, "_average_model", None) is not None:
                 cb.setup(trainer, pl_module, "fit")  # a fresh average of the new architecture
-
-
-# --------------------------------------------------------------------------- resume
-# Pruning and QAT change the architecture, so a checkpoint written after them only loads into a
-# model rebuilt to the same shape. Lightning loads the weights (``restore_model``) right after the
-# LightningModule's ``on_load_checkpoint`` and before any callback sees the checkpoint, so in
-# ``setup`` the architecture callbacks chain a step in front of the module's
-# ``on_load_checkpoint`` (on this instance only, any LightningModule): it rebuilds every recorded
-# change in a fixed order (pruned shapes, then quantizers) and re-creates the EMA copy from the
-# rebuilt model; Lightning then loads the weights strictly as usual.
-_RESTORED_FLAG = "_detectkit_architecture_restored"
-
-
-def architecture_callbacks(trainer: pl.Trainer) -> list[Any]:
-    cbs = [cb for cb in trainer.callbacks if hasattr(cb, "rebuild_architecture")]
-    return sorted(cbs, key=lambda cb: cb.architecture_order)
-
-
-def prepare_architecture_restore(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Called from ``setup``: run :func:`restore_architecture` before Lightning loads weights."""
-    current = pl_module.on_load_checkpoint
-    if getattr(current, "_detectkit_restore", False):
-        return
-
-    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-        restore_architecture(trainer, pl_module, checkpoint)
-        current(checkpoint)
-
-    on_load_checkpoint._detectkit_restore = True  # type: ignore[attr-defined]
-    pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
-
-
-def restore_architecture(trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-    """Rebuild every architecture change recorded in ``checkpoint`` (weights are loaded after)."""
-    if checkpoint.get(_RESTORED_FLAG):
-        return
-    states = checkpoint.get("callbacks", {})
-    for cb in architecture_callbacks(trainer):
-        state = states.get(cb.state_key)
-        if state:
-            cb.rebuild_architecture(pl_module, state)
-    for ema in weight_averaging_callbacks(trainer):
-        if getattr(ema, "_average_model", None) is not None:
-            ema.setup(trainer, pl_module, "fit")  # its copy must have the rebuilt architecture
-    checkpoint[_RESTORED_FLAG] = True

@@ -3,9 +3,9 @@
 from detectkit.registry import create_model, list_models, register_model
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "register_model", "DetectionModule", "ModelEMA", "__version__"]
+__all__ = ["create_model", "list_models", "register_model", "load", "DetectionModule", "ModelEMA", "__version__"]
 
-_LAZY = {"DetectionModule": "detectkit.modules.detector", "ModelEMA": "detectkit.modules.ema"}
+_LAZY = {"DetectionModule": "detectkit.modules.detector", "ModelEMA": "detectkit.modules.ema", "load": "detectkit.checkpoint"}
 
 
 def __getattr__(name: str):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch.nn as nn
+if TYPE_CHECKING:  # `import detectkit` (and the CLI's --help) must not pay for importing torch
+    import torch.nn as nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -31,11 +32,40 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def create_model(name: str, num_classes: int = 80, checkpoint: str | None = None, **kwargs: Any) -> nn.Module:
-    """Build a registered model; ``checkpoint`` (a path) is loaded strictly by the family's weight loader."""
+    """Build a registered model; ``checkpoint`` (a path) is loaded strictly.
+
+    A detectkit ``.ckpt`` or weights file goes through :func:`detectkit.checkpoint.load_state`
+    (its recorded architecture, classes and inference defaults); any other file (super-gradients
+    ``.pth``, ultralytics ``.pt``, a state dict) through the family's weight loader, which may
+    re-initialise the class predictors for another ``num_classes``.
+    """
     _import_families()
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
-    return _MODELS[name](num_classes=num_classes, checkpoint=checkpoint, **kwargs)
+    if checkpoint is not None:
+        from detectkit.checkpoint import is_detectkit_checkpoint, load_state, read_checkpoint
+
+        obj = read_checkpoint(checkpoint)
+        if is_detectkit_checkpoint(obj):
+            if kwargs:
+                raise TypeError(f"{checkpoint}: a detectkit checkpoint records its own model arguments; got {sorted(kwargs)}")
+            model = load_state(obj, checkpoint, model=name, num_classes=num_classes)
+            model.train()
+            return model
+        del obj
+    model = _MODELS[name](num_classes=num_classes, checkpoint=checkpoint, **kwargs)
+    # what a checkpoint record needs to rebuild this model (see detectkit.checkpoint.build_record)
+    model.registry_name = name
+    model.registry_kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained", "download")}
+    return model
+
+
+def name_of(model: nn.Module) -> str | None:
+    """The registry name a model was built under (or whose builder is its class), else None."""
+    name = getattr(model, "registry_name", None)
+    if isinstance(name, str):
+        return name
+    return next((n for n, f in _MODELS.items() if f is type(model)), None)
 
 
 def _import_families() -> None:

@@ -85,3 +85,24 @@ def messy_yolo(root: Path) -> Path:
     )
     (root / "data.yaml").write_text(yaml_text)
     return root / "data.yaml"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(path: Path, w: int = 30000, h: int = 30000) -> Path:
+    """A ~100-byte PNG whose header claims ``w x h`` pixels (a decompression bomb)."""
+    import struct
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
+    return path

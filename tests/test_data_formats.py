@@ -141,6 +141,7 @@ def test_voc(tmp_path):
     src = open_dataset(tmp_path)
     assert src.format == "voc" and src.splits == ["train", "val"]
     assert src.class_names == ["cat", "dog", "person"]  # from all files, so splits agree
+    assert src.problems == []  # all Pascal VOC class names: no class list needed, no typo possible
     train = src.load("train")
     rec = train.records[0]
     assert rec.labels.tolist() == [1, 0] and rec.difficult.tolist() == [False, True]

@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 import detectkit
+from detectkit.data.images import ImageReadError
 from detectkit.models.base import Detector
 from detectkit.ops import postprocess
-from detectkit.predict import iter_source
-from detectkit.results import ImagePrediction, Predictions
+from detectkit.predict import ImagePrediction, Predictions, iter_source
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "fixtures" / "yolo_nas_s_parity" / "yolo_nas_s_random.pth"
@@ -184,7 +184,7 @@ def test_save_draws_on_an_original_size_image_and_coco_rows(all_sources, tmp_pat
     rows = pred.to_coco(image_id=7)
     assert len(rows) == len(pred)
     x1, y1, x2, y2 = pred.boxes[0].tolist()
-    assert rows[0]["image_id"] == 7 and rows[0]["category_id"] == int(pred.labels[0])
+    assert rows[0]["image_id"] == 7 and rows[0]["category_id"] == int(pred.labels[0]) + 1  # no mapping: label + 1
     assert rows[0]["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
     assert rows[0]["score"] == pytest.approx(float(pred.scores[0]))
     assert pred.to_coco(1, category_ids=list(range(100, 180)))[0]["category_id"] == 100 + int(pred.labels[0])
@@ -237,7 +237,7 @@ def test_source_errors_are_clear(tmp_path):
         list(iter_source(tmp_path / "no_such.jpg"))
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image at all")
-    with pytest.raises(ValueError, match="broken.jpg"):
+    with pytest.raises(ImageReadError, match="broken.jpg"):
         list(iter_source(bad))
     with pytest.raises(TypeError, match="unsupported source type int"):
         list(iter_source(42))

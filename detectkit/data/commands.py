@@ -43,6 +43,7 @@ def add_data_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="dataset folder or annotation file (COCO, Roboflow, YOLO, VOC, CreateML)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.add_argument("--fast", action="store_true", help="read image headers only (no full decode)")
+    _add_classes(p)
     p.set_defaults(data_command="inspect")
 
     p = subparsers.add_parser("convert", help="convert a dataset to COCO JSON (or YOLO txt), per split")
@@ -50,7 +51,29 @@ def add_data_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dst")
     p.add_argument("--to", choices=("coco", "yolo"), default="coco")
     p.add_argument("--no-copy", action="store_true", help="write annotations only (images are not copied)")
+    _add_classes(p)
     p.set_defaults(data_command="convert")
+
+
+def _add_classes(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="class list of a VOC/CreateML set: comma-separated names or a text file with one per line "
+        "(default: the set's labelmap.txt/classes.txt, else the names found)",
+    )
+
+
+def _classes(value: str | None) -> list[str] | None:
+    """``--classes``: a file of names (one per line) or a comma-separated list."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    if Path(value).is_file():
+        text = Path(value).read_text(encoding="utf-8-sig")
+        return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return [n.strip() for n in value.split(",") if n.strip()]
 
 
 def run_data_command(args: argparse.Namespace) -> int:
@@ -83,7 +106,9 @@ def run_data_command(args: argparse.Namespace) -> int:
         if command == "inspect":
             from detectkit.data.inspect import format_report, has_fatal, inspect_dataset
 
-            report = inspect_dataset(args.path, decode_images=not args.fast, progress=not args.json)
+            report = inspect_dataset(
+                args.path, decode_images=not args.fast, progress=not args.json, class_names=_classes(args.classes)
+            )
             if args.json:
                 sys.stdout.write(json.dumps(report) + "\n")
             else:
@@ -92,7 +117,9 @@ def run_data_command(args: argparse.Namespace) -> int:
         if command == "convert":
             from detectkit.data.convert import convert_dataset
 
-            summary = convert_dataset(args.src, args.dst, to=args.to, copy_images=not args.no_copy)
+            summary = convert_dataset(
+                args.src, args.dst, to=args.to, copy_images=not args.no_copy, class_names=_classes(args.classes)
+            )
             for name, s in summary["splits"].items():
                 extra = f", {s['skipped']} unusable image(s) left out" if s["skipped"] else ""
                 print(f"{name}: {s['images']} images, {s['boxes']} boxes{extra}")

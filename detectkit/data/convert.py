@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from detectkit.data.formats.detect import canonical_split, open_dataset
 from detectkit.data.images import check_images
-from detectkit.data.records import DatasetError, DetectionSplit
+from detectkit.data.records import DatasetError, DetectionSplit, log_problems
 
 __all__ = ["convert_dataset", "write_coco_split", "write_yolo_split"]
 
@@ -102,23 +102,38 @@ def write_yolo_split(
 
 
 def convert_dataset(
-    src: str | Path, dst: str | Path, to: str = "coco", copy_images: bool = True, progress: bool = True
+    src: str | Path,
+    dst: str | Path,
+    to: str = "coco",
+    copy_images: bool = True,
+    progress: bool = True,
+    class_names: list[str] | None = None,
 ) -> dict:
     """Convert every split of ``src``; images that cannot be read are left out and reported.
 
-    Returns ``{"format", "splits": {name: {"images", "boxes", "skipped"}}, "output"}``.
+    ``class_names``: the class list of a VOC or CreateML source (see :func:`open_dataset`).
+    Returns ``{"format", "splits": {name: {"images", "boxes", "skipped"}}, "output", "problems"}``
+    (``problems``: dataset-level ones, e.g. a split folder read without its data.yaml key).
     """
     if to not in ("coco", "yolo"):
         raise ValueError(f"--to must be 'coco' or 'yolo', got {to!r}")
-    source = open_dataset(src)
+    source = open_dataset(src, class_names)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"format": source.format, "to": to, "splits": {}, "output": str(dst)}
+    problems = source.problems
+    log_problems(problems, str(src))
+    summary: dict = {
+        "format": source.format,
+        "to": to,
+        "splits": {},
+        "output": str(dst),
+        "problems": [p.to_dict() for p in problems],
+    }
     for name in source.splits:
         split = source.load(name)
         if split.fatal_problems():
             raise DatasetError("; ".join(str(p) for p in split.fatal_problems()))
-        bad = {p.file for p in check_images(split)}
+        bad = {p.file for p in check_images(split) if p.severity == "error"}
         skipped = len(bad)
         split.records = [r for r in split.records if str(r.path) not in bad]
         if to == "coco":
@@ -127,8 +142,13 @@ def convert_dataset(
             write_yolo_split(split, dst / name, copy_images, progress)
         summary["splits"][name] = {"images": len(split.records), "boxes": split.num_boxes, "skipped": skipped}
     if to == "yolo":
+        # ultralytics joins relative split paths onto ``path``, and resolves a relative ``path``
+        # (or, in some versions, the folder of a relative yaml path when ``path`` is left out)
+        # against its DATASETS_DIR or the current directory, never the yaml's folder: only an
+        # absolute ``path`` works from any directory. (detectkit's reader falls back to the
+        # yaml's folder if the output is moved and that path is gone.)
         data = {
-            "path": ".",
+            "path": str(dst.resolve()),
             "names": {i: n for i, n in enumerate(source.class_names)},
             "nc": len(source.class_names),
         }

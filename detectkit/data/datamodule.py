@@ -28,7 +28,7 @@ from detectkit.data.collate import collate
 from detectkit.data.dataset import DetectionDataset
 from detectkit.data.formats.detect import DatasetSource, canonical_split, open_dataset
 from detectkit.data.formats.roboflow import fetch_roboflow
-from detectkit.data.records import DatasetError, DetectionSplit
+from detectkit.data.records import DatasetError, DetectionSplit, log_problems
 from detectkit.data.synthetic import SyntheticConfig, synthetic_class_names, synthetic_dataset
 from detectkit.data.transforms import AugmentConfig
 
@@ -109,6 +109,8 @@ class DetectionDataModule(L.LightningDataModule):
             ``max_epochs`` or ``max_epochs`` here).
         val_center: centre the validation letterbox (False pads bottom/right only).
         skip_bad_images: skip (count, log) missing/corrupt images instead of failing setup.
+        classes: class list of a VOC or CreateML set, whose files carry none (default: the set's
+            ``labelmap.txt``/``classes.txt``, else the names found, reported in the setup log).
         synthetic: options of the generated dataset used when no path is given.
     """
 
@@ -142,6 +144,7 @@ class DetectionDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         pin_memory: bool = False,
         drop_last: bool | None = None,
+        classes: list[str] | None = None,
     ):
         super().__init__()
         if image_size % 32:
@@ -178,6 +181,9 @@ class DetectionDataModule(L.LightningDataModule):
             self.synthetic = synthetic or SyntheticConfig()
         self.data_dir = data_dir
         self.paths = {"train": train, "val": val, "test": test}
+        self.classes = list(classes) if classes is not None else None
+        self._sources: dict[str, DatasetSource] = {}
+        self._reported: set[str] = set()
         # set by other components (curriculum sampler, progressive resizing)
         self.train_sampler: Sampler | Callable[[DetectionDataset], Sampler] | None = None
         self.batch_transform: Callable[[dict], dict] | None = None
@@ -193,15 +199,20 @@ class DetectionDataModule(L.LightningDataModule):
             return None
         return self.data_dir
 
+    def _open(self, path: str) -> DatasetSource:
+        if path not in self._sources:
+            self._sources[path] = open_dataset(path, self.classes)
+        return self._sources[path]
+
     def _source_for(self, role: str) -> tuple[DatasetSource, str | None] | None:
         path = self.paths.get(role)
         if path:
-            src = open_dataset(path)
+            src = self._open(path)
             return src, (None if len(src.splits) == 1 else role)
         root = self._root()
         if root is None:
             return None
-        src = open_dataset(root)
+        src = self._open(root)
         if any(canonical_split(s) == role for s in src.splits):
             return src, role
         if role == "train" and len(src.splits) == 1:
@@ -240,6 +251,9 @@ class DetectionDataModule(L.LightningDataModule):
         found = self._source_for(role)
         if found is None:
             return None
+        if str(found[0].root) not in self._reported:  # dataset-level problems, once per dataset
+            self._reported.add(str(found[0].root))
+            log_problems(found[0].problems, str(found[0].root))
         split = found[0].load(found[1])
         if split.fatal_problems():
             raise DatasetError("; ".join(str(p) for p in split.fatal_problems()[:5]))

@@ -58,7 +58,7 @@ class DetectionDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         records = list(split.records)
         if check:
-            bad = check_images(split)
+            bad = [p for p in check_images(split) if p.severity == "error"]
             if bad:
                 listing = "; ".join(f"{p.file}: {p.message}" for p in bad[:5]) + (
                     f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -224,6 +224,9 @@ class DetectionDataset(Dataset):
         scale, pad = (info.scale, info.pad) if info is not None else (1.0, (0, 0))
         meta = {
             "image_id": int(rec.image_id),
+            # the id as the annotation file wrote it when that was not an int (COCO string ids):
+            # a COCO results file for that annotation file needs it instead of image_id
+            "source_id": rec.source_id,
             "index": int(used),
             "path": str(rec.path),
             "orig_size": (int(rec.height), int(rec.width)),

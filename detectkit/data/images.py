@@ -3,10 +3,23 @@
 Annotation tools draw boxes on the image as displayed, i.e. after the EXIF orientation is
 applied, so both the pixel data and the size used for normalised coordinates go through
 ``ImageOps.exif_transpose``.
+
+Pixel limit: a PNG header can claim 30000x30000 pixels in a few bytes (a decompression bomb: 2.7 GB
+once decoded). detectkit keeps Pillow's guard as it is and turns it into a named error: an image
+over ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels by default, about 13,000 x 13,000) is
+refused as unreadable (a named error, or a counted skip with ``skip_bad_images``); one over
+``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485) is read and reported as a ``large_image`` warning by
+:func:`check_images`. We do not raise Pillow's limit: it is a process-wide setting the user's own
+code relies on too, and the model sees 640 px inputs, so an image that large should be tiled
+rather than decoded whole. A user with real images that large sets ``PIL.Image.MAX_IMAGE_PIXELS``
+(read at every call) before training.
 """
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +27,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from detectkit.data.records import DetectionSplit, Problem
 
-__all__ = ["ImageReadError", "read_image", "image_size", "check_images", "IMAGE_EXTENSIONS"]
+__all__ = [
+    "ImageReadError",
+    "read_image",
+    "decode_image",
+    "to_rgb",
+    "image_size",
+    "check_images",
+    "IMAGE_EXTENSIONS",
+    "pixel_limit",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -24,12 +46,46 @@ _EXIF_ORIENTATION_TAG = 0x0112
 
 
 class ImageReadError(OSError):
-    """An image that is missing or cannot be decoded; the message names the file."""
+    """An image that is missing or cannot be decoded; the message names the file. ``kind`` is the
+    problem kind :func:`check_images` reports (``missing_image``, ``broken_symlink``,
+    ``image_too_large``, ``unreadable_image``)."""
 
-    def __init__(self, path: str | Path, reason: str):
+    def __init__(self, path: str | Path, reason: str, kind: str = "unreadable_image"):
         self.path = str(path)
         self.reason = reason
+        self.kind = kind
         super().__init__(f"{path}: {reason}")
+
+
+def pixel_limit() -> int | None:
+    """Largest image (width x height) that is decoded: Pillow's decompression-bomb error
+    threshold, read now so a user who raises ``PIL.Image.MAX_IMAGE_PIXELS`` is obeyed."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def _bomb_error(path: Path, e: Exception) -> ImageReadError:
+    return ImageReadError(
+        path,
+        f"refused as a possible decompression bomb ({e}); detectkit decodes images up to "
+        f"{pixel_limit():,} pixels (2 x PIL.Image.MAX_IMAGE_PIXELS): tile the image, or raise "
+        "PIL.Image.MAX_IMAGE_PIXELS if it is real",
+        "image_too_large",
+    )
+
+
+def _missing(path: Path) -> ImageReadError:
+    """Not a regular file: say whether it is absent, a symlink loop or a dangling symlink."""
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            target = os.readlink(path)
+            what = "a symlink loop" if e.errno == errno.ELOOP else f"a dangling symlink ({e.strerror})"
+            return ImageReadError(path, f"{what} (links to {target!r})", "broken_symlink")
+    if path.exists():
+        return ImageReadError(path, "not a regular file")
+    return ImageReadError(path, "image file not found", "missing_image")
 
 
 def _orientation(img: Image.Image) -> int:
@@ -43,12 +99,14 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) as displayed, from the header only (no decoding)."""
     path = Path(path)
     if not path.is_file():
-        raise ImageReadError(path, "image file not found")
+        raise _missing(path)
     try:
         with Image.open(path) as img:
             w, h = img.size
             if _orientation(img) in _SWAPPING_ORIENTATIONS:
                 w, h = h, w
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(path, e) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(path, f"not a readable image ({e.__class__.__name__}: {e})") from e
     if w < 1 or h < 1:
@@ -74,38 +132,66 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return (arr.astype(np.float64) * (255.0 / hi)).astype(np.uint8)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """HWC uint8 RGB array of the displayed image; grayscale, palette, RGBA, CMYK and 16-bit
-    inputs are converted. Raises :class:`ImageReadError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(path, "image file not found")
+def to_rgb(img: Image.Image, name: str | Path = "<image>") -> np.ndarray:
+    """The one decoder's conversion: EXIF orientation applied, then HWC uint8 RGB (grayscale,
+    palette, RGBA composited on the padding grey, CMYK, 16-bit and float images converted).
+    Used for files, downloaded bytes and PIL images handed to ``predict`` alike."""
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = _to_uint8(np.asarray(img))
-                return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-                # composite on the padding grey so transparent areas look like background
-                rgba = img.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (114, 114, 114, 255))
-                img = Image.alpha_composite(bg, rgba)
-            arr = np.asarray(img.convert("RGB"))
+        img = ImageOps.exif_transpose(img)
+        mode = img.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = _to_uint8(np.asarray(img))
+            return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
+        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+            # composite on the padding grey so transparent areas look like background
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (114, 114, 114, 255))
+            img = Image.alpha_composite(bg, rgba)
+        arr = np.asarray(img.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(Path(str(name)), e) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(name, f"cannot decode image ({e.__class__.__name__}: {e})") from e
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageReadError(name, f"decoded to an unexpected shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Encoded image bytes (a download, an upload) -> HWC uint8 RGB; errors name ``name``."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return to_rgb(img, name)
     except ImageReadError:
         raise
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(Path(name), e) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(name, f"not a readable image ({e.__class__.__name__}: {e})") from e
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """HWC uint8 RGB array of the displayed image (see :func:`to_rgb`): THE image file reader of
+    detectkit (datasets, predict, calibration, drawing). Raises :class:`ImageReadError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        with Image.open(path) as img:
+            return to_rgb(img, path)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _bomb_error(path, e) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(path, f"cannot decode image ({e.__class__.__name__}: {e})") from e
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageReadError(path, f"decoded to an unexpected shape {arr.shape}")
-    return np.ascontiguousarray(arr)
 
 
 def check_images(split: DetectionSplit, decode: bool = False, progress: bool = False) -> list[Problem]:
     """Find missing/unreadable images and size mismatches (header reads unless ``decode``).
 
     Returns the problems (also appended to ``split.problems``); ``problem.file`` is the image.
+    Severity ``error`` marks an unusable image; ``warning`` (``large_image``) one that is read.
     """
     from tqdm import tqdm
 
@@ -120,9 +206,17 @@ def check_images(split: DetectionSplit, decode: bool = False, progress: bool = F
             else:
                 w, h = image_size(rec.path)
         except ImageReadError as e:
-            kind = "missing_image" if "not found" in e.reason else "unreadable_image"
-            found.append(Problem(kind, str(rec.path), e.reason, "error"))
+            found.append(Problem(e.kind, str(rec.path), e.reason, "error"))
             continue
+        if Image.MAX_IMAGE_PIXELS is not None and w * h > Image.MAX_IMAGE_PIXELS:
+            found.append(
+                Problem(
+                    "large_image",
+                    str(rec.path),
+                    f"{w}x{h} = {w * h:,} pixels is over PIL.Image.MAX_IMAGE_PIXELS "
+                    f"({Image.MAX_IMAGE_PIXELS:,}): read, but each read takes {w * h * 3 / 2**20:,.0f} MiB",
+                )
+            )
         if rec.width and rec.height and (w, h) != (rec.width, rec.height):
             found.append(
                 Problem(

@@ -12,13 +12,21 @@ from detectkit.data.records import DatasetError, Problem
 __all__ = ["inspect_dataset", "format_report"]
 
 
-def inspect_dataset(path: str | Path, decode_images: bool = True, progress: bool = False) -> dict:
+def inspect_dataset(
+    path: str | Path,
+    decode_images: bool = True,
+    progress: bool = False,
+    class_names: list[str] | None = None,
+) -> dict:
     """``{"format", "classes", "splits": {name: {"images", "boxes", "per_class"}}, "problems"}``.
 
     Split names are the dataset's own. Counts are of usable images and of the boxes kept after
     cleaning (clipped boxes count, dropped ones do not). ``decode_images`` fully decodes every
-    image (finds truncated files); otherwise only headers are read. Each problem names its file;
-    ``severity == "fatal"`` marks what makes a split unreadable.
+    image (finds truncated files); otherwise only headers are read. Each problem names its file
+    and its ``split`` (``None`` for the dataset as a whole: ``nc`` vs ``names``, a split folder
+    without its data.yaml key, VOC classes inferred from the XML files);
+    ``severity == "fatal"`` marks what makes a split unreadable. ``class_names``: the class list
+    of a VOC or CreateML set (see :func:`open_dataset`).
     """
     report: dict = {"format": None, "classes": [], "splits": {}, "problems": []}
     # readers log a summary of their problems; the report lists them all, so keep logs quiet
@@ -27,9 +35,10 @@ def inspect_dataset(path: str | Path, decode_images: bool = True, progress: bool
     logger.setLevel(logging.ERROR)
     try:
         try:
-            src = open_dataset(path)
+            src = open_dataset(path, class_names)
             report["format"] = src.format
             report["classes"] = src.class_names
+            report["problems"].extend({**p.to_dict(), "split": None} for p in src.problems)
         except DatasetError as e:
             report["problems"].append(Problem("unreadable_dataset", str(path), str(e), "fatal").to_dict())
             return report
@@ -41,7 +50,11 @@ def inspect_dataset(path: str | Path, decode_images: bool = True, progress: bool
                     {**Problem("unreadable_split", str(path), str(e), "fatal").to_dict(), "split": name}
                 )
                 continue
-            bad = {p.file for p in check_images(split, decode=decode_images, progress=progress)}
+            bad = {
+                p.file
+                for p in check_images(split, decode=decode_images, progress=progress)
+                if p.severity == "error"
+            }
             good = [r for r in split.records if str(r.path) not in bad]
             per_class = dict.fromkeys(split.class_names, 0)
             for r in good:

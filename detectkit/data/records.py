@@ -28,7 +28,8 @@ log = logging.getLogger("detectkit.data")
 
 # canonical split -> names datasets use for it (Roboflow writes "valid")
 SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
-    "train": ("train", "training", "train2017"),
+    # ``trainval`` last: VOC offers it as a split only without train.txt + val.txt
+    "train": ("train", "training", "train2017", "trainval"),
     "val": ("val", "valid", "validation", "val2017"),
     "test": ("test", "testing", "test2017", "test-dev"),
 }
@@ -71,6 +72,9 @@ class ImageRecord:
     labels: np.ndarray  # int64 [n], contiguous 0..C-1
     iscrowd: np.ndarray = None  # bool [n]; crowd boxes are kept for evaluation only
     difficult: np.ndarray = None  # bool [n] (VOC)
+    #: the image id as the annotation file wrote it, where that is not ``image_id`` (COCO string
+    #: ids are mapped to 1..N in file order; results written for that file need the original)
+    source_id: int | str | None = None
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)

@@ -1,8 +1,8 @@
 """``detectkit export``: a trained checkpoint -> checked ONNX (optionally NMS/uint8) or TensorRT.
 
-``--checkpoint`` is a detectkit Lightning checkpoint (its pruned shapes and quantizers are
-rebuilt from the callbacks' saved state, then the ``model.*`` weights load strictly) or a
-weights file the registry builder understands (e.g. super-gradients' YOLO-NAS ``.pth``).
+``--checkpoint`` is anything ``detectkit.load`` reads: a detectkit ``.ckpt`` or weights file
+(its recorded pruned shapes and quantizers are rebuilt, then the weights load strictly), a
+super-gradients ``.pth`` or an ultralytics ``.pt``.
 ``--int8`` exports the Q/DQ graph of a QAT/PTQ checkpoint as is, or runs PTQ first on
 ``--calib`` images (a folder) when the checkpoint is float.
 """
@@ -15,22 +15,22 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn as nn
+if TYPE_CHECKING:  # torch is imported when a command runs, so `detectkit export --help` is instant
+    import torch
+    import torch.nn as nn
 
 __all__ = [
     "add_export_arguments",
     "run_export",
     "load_for_export",
-    "restore_checkpoint_architecture",
     "calibration_images",
     "main",
 ]
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,12 +47,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--nms", choices=("batch", "flat", "none"), default="none",
                    help="embed NMS with super-gradients' output format (onnx); tensorrt always uses EfficientNMS_TRT")
     p.add_argument("--output", help="output file (default: <model>.onnx)")
-    p.add_argument("--size", type=int, default=640, help="input side (multiple of 32)")
+    p.add_argument("--size", type=int, default=None,
+                   help="input side, a multiple of 32 (default: the size the checkpoint was validated at)")
     p.add_argument("--batch-size", type=int, default=1, help="example/optimal batch (the batch stays dynamic)")
-    p.add_argument("--conf", type=float, default=0.25)
-    p.add_argument("--iou", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=1000)
-    p.add_argument("--max-det", type=int, default=300)
+    p.add_argument("--conf", type=float, default=None, help="NMS score threshold (default: the checkpoint's, 0.25)")
+    p.add_argument("--iou", type=float, default=None, help="NMS IoU threshold (default: the checkpoint's, 0.7)")
+    p.add_argument("--top-k", type=int, default=None, help="candidates to NMS (default: the checkpoint's, 1000)")
+    p.add_argument("--max-det", type=int, default=None, help="detections kept (default: the checkpoint's, 300)")
+    p.add_argument("--agnostic", action="store_true", default=None, help="class-agnostic NMS")
     p.add_argument("--uint8", action="store_true", help="uint8 input with /255 (and layout/order) embedded")
     p.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw")
     p.add_argument("--channel-order", choices=("rgb", "bgr"), default="rgb")
@@ -61,50 +63,25 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def restore_checkpoint_architecture(model: nn.Module, callback_states: dict[str, Any]) -> nn.Module:
-    """Apply the pruning shapes, then the quantizers, recorded by the callbacks (weights not loaded)."""
-    from detectkit.callbacks.pruning import apply_pruned_shapes
-    from detectkit.callbacks.quantization import restore_quantized
-
-    for key, state in callback_states.items():
-        if key.startswith("StructuredPruning") and state.get("shapes"):
-            apply_pruned_shapes(model, state["shapes"], fused=state.get("fused", True))
-    for key, state in callback_states.items():
-        if key.startswith("QuantizationAwareTraining") and state.get("quantized"):
-            model = restore_quantized(model, state)
-    return model
-
-
 def load_for_export(name: str | None, checkpoint: str, num_classes: int | None = None) -> nn.Module:
-    """A detector with the checkpoint's architecture and weights, eval mode, on CPU."""
-    from detectkit.registry import create_model
+    """A detector with the checkpoint's architecture and weights, eval mode, on CPU (``detectkit.load``:
+    safe reading, integrity check, recorded pruning/quantization replayed, EMA weights)."""
+    from detectkit.checkpoint import CheckpointError, load
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
-        hp = ckpt.get("hyper_parameters", {})
-        name = name or (hp.get("model") if isinstance(hp.get("model"), str) else None)
-        if name is None:
-            raise SystemExit("the checkpoint does not name its model: pass --model")
-        num_classes = num_classes or hp.get("num_classes") or 80
-        model = create_model(name, num_classes=num_classes, **(hp.get("model_kwargs") or {}))
-        model = restore_checkpoint_architecture(model, ckpt.get("callbacks", {}))
-        weights = {k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(weights, strict=True)
-        if hp.get("class_names"):
-            model.class_names = list(hp["class_names"])
-    else:
-        if name is None:
-            raise SystemExit("--model is required with a plain weights file")
-        model = create_model(name, num_classes=num_classes or 80, checkpoint=checkpoint)
-    return model.eval()
+    try:
+        return load(checkpoint, model=name, num_classes=num_classes).eval()
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None  # one line via detectkit.cli.main
 
 
 def calibration_images(folder: str, size: int, batch_size: int = 8) -> list[torch.Tensor]:
     """Letterboxed float RGB NCHW batches from the images in ``folder`` (PTQ calibration)."""
-    from detectkit.data.images import read_image
+    import torch
+
+    from detectkit.data.images import IMAGE_EXTENSIONS, read_image
     from detectkit.data.letterbox import letterbox
 
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         raise SystemExit(f"no images found in {folder}")
     tensors = [torch.from_numpy(letterbox(read_image(p), size)[0]).permute(2, 0, 1) for p in paths]
@@ -112,14 +89,17 @@ def calibration_images(folder: str, size: int, batch_size: int = 8) -> list[torc
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from detectkit.callbacks.quantization import is_quantized, quantize_model
+    from detectkit.compress.quantize import is_quantized, quantize_model
     from detectkit.export.deploy import ExportConfig, export_detector
     from detectkit.export.tensorrt import add_efficient_nms, build_engine
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.size % 32:
+    if args.size is not None and args.size % 32:
         raise SystemExit(f"--size must be a multiple of 32, got {args.size}")
+    if not Path(args.checkpoint).is_file():
+        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
     model = load_for_export(args.model, args.checkpoint, args.num_classes)
+    _fill_defaults_from_model(args, model)
     quantized = is_quantized(model)
     if args.int8 and args.int8_backend == "onnxruntime":
         return _export_onnxruntime_int8(model, args, quantized)
@@ -135,7 +115,8 @@ def run_export(args: argparse.Namespace) -> int:
     nms = None if args.nms == "none" or args.format == "tensorrt" else args.nms
     config = ExportConfig(
         image_size=args.size, batch_size=args.batch_size, nms=nms, conf=args.conf, iou=args.iou, top_k=args.top_k,
-        max_det=args.max_det, uint8_input=args.uint8, layout=args.layout, channel_order=args.channel_order,
+        max_det=args.max_det, agnostic=args.agnostic, uint8_input=args.uint8, layout=args.layout,
+        channel_order=args.channel_order,
     )
     if args.format == "onnx":
         result = export_detector(model, output, config, check=not args.no_check, exact=not quantized)
@@ -143,7 +124,8 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         raw = output.with_suffix(".raw.onnx")
         result = export_detector(model, raw, config, check=not args.no_check, exact=not quantized)
-        trt_onnx = add_efficient_nms(raw, output.with_suffix(".trt.onnx"), args.conf, args.iou, args.max_det)
+        trt_onnx = add_efficient_nms(raw, output.with_suffix(".trt.onnx"), args.conf, args.iou, args.max_det,
+                                     agnostic=args.agnostic)
         raw.unlink()
         shape = result.input_shape
         built = build_engine(trt_onnx, output.with_suffix(".engine"), input_shape=shape, fp16=not args.no_fp16,
@@ -151,6 +133,23 @@ def run_export(args: argparse.Namespace) -> int:
         summary = {**result.to_dict(), "path": str(trt_onnx), "engine_or_script": str(built), "quantized": quantized}
     print(json.dumps(summary, default=str))
     return 0
+
+
+def _fill_defaults_from_model(args: argparse.Namespace, model: nn.Module) -> None:
+    """Options left unset take the model's own inference defaults (from its checkpoint record)."""
+    from detectkit.models.base import InferenceDefaults
+
+    inference = getattr(model, "inference", None) or InferenceDefaults()
+    if args.size is None:
+        h, w = inference.image_size
+        if h != w:
+            raise SystemExit(f"the checkpoint was validated at {h}x{w}; pass --size for a square export")
+        args.size = int(h)
+    post = inference.postprocess
+    for name, value in (("conf", post.conf), ("iou", post.iou), ("top_k", post.top_k), ("max_det", post.max_det),
+                        ("agnostic", post.agnostic)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _export_onnxruntime_int8(model: nn.Module, args: argparse.Namespace, quantized: bool) -> int:
@@ -176,7 +175,9 @@ def _export_onnxruntime_int8(model: nn.Module, args: argparse.Namespace, quantiz
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_export_arguments(argparse.ArgumentParser(prog="detectkit export", description=__doc__))
+    from detectkit.errors import OptionParser
+
+    parser = add_export_arguments(OptionParser(prog="detectkit export", description=__doc__))
     return run_export(parser.parse_args(argv))
 
 

@@ -2,7 +2,10 @@
 
 One function, :func:`export_detector`, serves the ``ExportOnFitEnd`` callback, the QAT callback
 and ``detectkit export``. The check is part of the export: a graph that does not reproduce the
-PyTorch model in onnxruntime is an error, not a warning, because the file is what ships.
+PyTorch model in onnxruntime is an error, not a warning, because the file is what ships. The check
+always compares the raw head outputs (boxes/scores before NMS; an NMS graph is exported with
+those tensors tapped, then untapped), and for NMS graphs also the detections; a check that
+compared nothing (no raw outputs, zero detections on both sides) is an error too.
 """
 
 from __future__ import annotations
@@ -18,19 +21,33 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from detectkit.export.nms import OUTPUT_NAMES, DetectorWithNMS, NMSPostprocess, split_batch, split_flat
+from detectkit.export.nms import (
+    OUTPUT_NAMES,
+    RAW_TAPS,
+    DetectorWithNMS,
+    NMSPostprocess,
+    split_batch,
+    split_flat,
+)
 from detectkit.export.preprocess import ImagePreprocess, WithPreprocess
+from detectkit.ops.nms import PostprocessConfig
 
-__all__ = ["ExportConfig", "ExportResult", "build_export_module", "export_detector", "verify_onnx", "onnx_op_counts"]
+__all__ = ["ExportConfig", "ExportResult", "ExportCheckError", "build_export_module", "export_detector",
+           "verify_onnx", "onnx_op_counts"]
 
 log = logging.getLogger(__name__)
 
 
+class ExportCheckError(AssertionError):
+    """onnxruntime does not reproduce PyTorch, or the check had nothing to compare."""
+
+
 @dataclass
 class ExportConfig:
-    """What the exported graph contains. ``nms``: ``None`` (raw boxes/scores), ``"batch"`` or ``"flat"``."""
+    """What the exported graph contains. ``nms``: ``None`` (raw boxes/scores), ``"batch"`` or ``"flat"``.
+    ``image_size=None``: the model's own (``model.inference.image_size``, from its checkpoint)."""
 
-    image_size: tuple[int, int] = (640, 640)
+    image_size: tuple[int, int] | None = None
     batch_size: int = 1
     dynamic_batch: bool = True
     nms: str | None = None
@@ -48,9 +65,25 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
-        self.image_size = tuple(int(s) for s in self.image_size)
+        if self.image_size is not None:
+            self.image_size = tuple(int(s) for s in self.image_size)
         if self.nms not in (None, "batch", "flat"):
             raise ValueError(f"nms must be None, 'batch' or 'flat', got {self.nms!r}")
+
+
+    @property
+    def postprocess(self) -> PostprocessConfig:
+        """The NMS settings as the one :class:`PostprocessConfig`."""
+        return PostprocessConfig(conf=self.conf, iou=self.iou, top_k=self.top_k, max_det=self.max_det,
+                                 multi_label=self.multi_label, agnostic=self.agnostic)
+
+    def for_model(self, model: nn.Module) -> ExportConfig:
+        """A copy with ``image_size`` filled in from ``model.inference`` when it is None."""
+        if self.image_size is not None:
+            return self
+        inference = getattr(model, "inference", None)
+        size = tuple(inference.image_size) if inference is not None else (640, 640)
+        return ExportConfig(**{**asdict(self), "image_size": size})
 
 
 @dataclass
@@ -62,7 +95,9 @@ class ExportResult:
     input_shape: tuple[int, ...]
     input_dtype: str
     output_names: list[str]
+    #: worst raw-output difference (boxes relative to the image side, scores absolute)
     max_abs_error: float | None = None
+    raw_compared: bool = False
     detections_match: bool | None = None
     num_detections: int | None = None
     op_counts: dict[str, int] = field(default_factory=dict)
@@ -71,14 +106,12 @@ class ExportResult:
         return asdict(self)
 
 
-def build_export_module(model: nn.Module, config: ExportConfig) -> nn.Module:
-    """The module that gets traced: ``[preprocess ->] model(eval) [-> NMS]``."""
+def build_export_module(model: nn.Module, config: ExportConfig, expose_raw: bool = False) -> nn.Module:
+    """The module that gets traced: ``[preprocess ->] model(eval) [-> NMS]`` (``expose_raw``: NMS
+    graphs also output the boxes/scores before NMS, see :data:`detectkit.export.nms.RAW_TAPS`)."""
     module: nn.Module = model.eval()
     if config.nms is not None:
-        post = NMSPostprocess(
-            config.conf, config.iou, config.top_k, config.max_det, config.multi_label, config.agnostic, config.nms
-        )
-        module = DetectorWithNMS(module, post)
+        module = DetectorWithNMS(module, NMSPostprocess.from_config(config.postprocess, config.nms), expose_raw)
     if config.uint8_input:
         module = WithPreprocess(module, ImagePreprocess(config.layout, config.channel_order))
     return module.eval()
@@ -119,13 +152,14 @@ def export_detector(
     The model is deep-copied so export never
     changes the caller's module (modelopt quantizers switch state while exporting).
     """
-    config = config or ExportConfig()
+    config = (config or ExportConfig()).for_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().float().eval()
-    module = build_export_module(model, config)
+    module = build_export_module(model, config, expose_raw=config.nms is not None)
     dummy = example_input(config)
     output_names = list(OUTPUT_NAMES[config.nms])
+    taps = list(RAW_TAPS) if config.nms is not None else []
     dynamic_axes: dict[str, dict[int, str]] | None = None
     if config.dynamic_batch:
         dynamic_axes = {"images": {0: "batch"}}
@@ -135,6 +169,7 @@ def export_detector(
             dynamic_axes.update({n: {0: "batch"} for n in output_names})
         else:
             dynamic_axes["predictions"] = {0: "num_detections"}
+        dynamic_axes.update({n: {0: "batch"} for n in taps})
     with torch.no_grad():
         torch.onnx.export(
             module,
@@ -143,11 +178,11 @@ def export_detector(
             dynamo=False,
             opset_version=config.opset,
             input_names=["images"],
-            output_names=output_names,
+            output_names=output_names + taps,
             dynamic_axes=dynamic_axes,
             do_constant_folding=True,
         )
-        _set_static_output_dims(path, module(dummy), dynamic_axes or {}, output_names)
+        _set_static_output_dims(path, module(dummy), dynamic_axes or {}, output_names + taps, keep=output_names)
     result = ExportResult(
         path=str(path),
         input_name="images",
@@ -163,8 +198,9 @@ def export_detector(
     return result
 
 
-def _set_static_output_dims(path: Path, outputs, dynamic_axes: dict, names: list[str]) -> None:
-    """Write the known static output dims (anchors, classes, max_det) into the graph's outputs.
+def _set_static_output_dims(path: Path, outputs, dynamic_axes: dict, names: list[str], keep: list[str]) -> None:
+    """Write the known static output dims (anchors, classes, max_det) into the graph's outputs,
+    and drop the outputs not in ``keep`` (the raw taps of an NMS graph; their nodes stay).
 
     The TorchScript exporter leaves them symbolic after Concat/Transpose; consumers such as
     TensorRT plugins and serving configs read them from the graph.
@@ -183,10 +219,13 @@ def _set_static_output_dims(path: Path, outputs, dynamic_axes: dict, names: list
                 dim.dim_param = dyn[i]
             elif i < len(shapes[out.name]):
                 dim.dim_value = int(shapes[out.name][i])
+    for out in [o for o in model.graph.output if o.name not in keep]:
+        model.graph.output.remove(out)
     onnx.save(model, str(path))
 
 
-def _verify_matched(ref: list[torch.Tensor], got: list[np.ndarray], path, result: ExportResult | None):
+def _verify_matched(ref: list[torch.Tensor], got: list[np.ndarray], path) -> int:
+    """Q/DQ graphs: >= 90% of the detections on either side have a same-class IoU > 0.9 partner."""
     from torchvision.ops import box_iou
 
     matched, total = 0, 0
@@ -201,10 +240,9 @@ def _verify_matched(ref: list[torch.Tensor], got: list[np.ndarray], path, result
     frac = matched / total if total else 1.0
     log.info("ONNX NMS check (quantized) %s: %.1f%% of %d detections matched", path, 100 * frac, total)
     if frac < 0.9:
-        raise AssertionError(f"only {100 * frac:.1f}% of the detections match between onnxruntime and PyTorch")
-    if result is not None:
-        result.detections_match, result.num_detections = True, int(sum(len(g) for g in got))
-    return result
+        raise ExportCheckError(f"{path}: only {100 * frac:.1f}% of the detections match between onnxruntime "
+                               "and PyTorch")
+    return int(sum(len(g) for g in got))
 
 
 def onnx_op_counts(path: str | os.PathLike) -> dict[str, int]:
@@ -227,6 +265,26 @@ def run_onnx(path: str | os.PathLike, images: np.ndarray | torch.Tensor) -> list
     return session.run(None, {session.get_inputs()[0].name: images})
 
 
+def _run_onnx_tapped(path: str | os.PathLike, images: np.ndarray | torch.Tensor,
+                     taps: tuple[str, ...]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The graph's outputs, plus the tensors named ``taps`` when the graph has them (else None):
+    the shipped file is run, with those intermediate tensors added as outputs in memory."""
+    import onnx
+    import onnxruntime as ort
+
+    if torch.is_tensor(images):
+        images = images.cpu().numpy()
+    model = onnx.load(str(path))
+    produced = {o for node in model.graph.node for o in node.output}
+    n_out = len(model.graph.output)
+    have = all(t in produced for t in taps)
+    if have:
+        model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in taps)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: images})
+    return outputs[:n_out], (outputs[n_out:] if have else None)
+
+
 def verify_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -236,11 +294,14 @@ def verify_onnx(
     atol: float = 1e-3,
     exact: bool = True,
 ) -> ExportResult | None:
-    """Compare onnxruntime with PyTorch on ``sample``; raise if they disagree.
+    """Compare onnxruntime with PyTorch on ``sample``; raise :class:`ExportCheckError` if they disagree
+    or if nothing was compared.
 
-    Raw graphs: max abs error of boxes (relative to the image size) and scores. NMS graphs: the
-    detections must equal :func:`detectkit.ops.nms.postprocess` on the same input (same count,
-    boxes/scores within ``atol`` relative to image size, same classes).
+    Raw head outputs (boxes relative to the image side, and scores; an NMS graph's tapped
+    :data:`RAW_TAPS`) must agree within ``atol``. NMS graphs: the detections must also equal
+    :func:`detectkit.ops.nms.postprocess` on the same input (same count, boxes/scores within
+    ``atol`` relative to image size, same classes). An NMS graph without taps whose sample gives
+    zero detections on both sides proved nothing: that is an error, not a pass.
 
     ``exact=False`` (Q/DQ graphs): onnxruntime's integer rounding and PyTorch's fake
     quantization may land one step apart, which moves scores by a quantization step and can
@@ -250,43 +311,62 @@ def verify_onnx(
     """
     from detectkit.ops.nms import postprocess
 
-    outputs = run_onnx(path, sample)
+    config = config.for_model(model)
+    if config.nms is None:
+        outputs = run_onnx(path, sample)
+        raw: list[np.ndarray] | None = outputs[:2]
+    else:
+        outputs, raw = _run_onnx_tapped(path, sample, RAW_TAPS)
     model = model.eval()
     with torch.no_grad():
         boxes, scores = model(to_model_input(sample, config).float())
     scale = float(max(config.image_size))
-    if config.nms is None:
-        err_boxes = float(np.abs(outputs[0] - boxes.numpy()).max()) / scale
-        err_scores = float(np.abs(outputs[1] - scores.numpy()).max())
-        err = max(err_boxes, err_scores)
-        log.info("ONNX check %s: max abs error boxes %.3g px, scores %.3g", path, err_boxes * scale, err_scores)
-        if result is not None:
-            result.max_abs_error = err
-        if err > (atol if exact else 0.1):
-            raise AssertionError(f"onnxruntime differs from PyTorch: boxes {err_boxes * scale:.4g} px, scores {err_scores:.4g}")
-        return result
-    ref = postprocess(
-        boxes, scores, conf=config.conf, iou=config.iou, top_k=config.top_k, max_det=config.max_det,
-        multi_label=config.multi_label, agnostic=config.agnostic,
-    )
-    got = split_flat(outputs[0], len(ref)) if config.nms == "flat" else split_batch(*outputs)
-    if not exact:
-        return _verify_matched(ref, got, path, result)
     err = 0.0
+    if raw is not None:
+        err_boxes = float(np.abs(raw[0] - boxes.numpy()).max()) / scale
+        err_scores = float(np.abs(raw[1] - scores.numpy()).max())
+        err = max(err_boxes, err_scores)
+        log.info("ONNX check %s: raw outputs max abs error boxes %.3g px, scores %.3g", path, err_boxes * scale,
+                 err_scores)
+        if result is not None:
+            result.max_abs_error, result.raw_compared = err, True
+        if err > (atol if exact else 0.1):
+            raise ExportCheckError(f"{path}: onnxruntime differs from PyTorch before NMS: boxes "
+                                   f"{err_boxes * scale:.4g} px, scores {err_scores:.4g}")
+    if config.nms is None:
+        return result
+    ref = postprocess(boxes, scores, **config.postprocess.to_dict())
+    got = split_flat(outputs[0], len(ref)) if config.nms == "flat" else split_batch(*outputs)
+    n_ref, n_got = int(sum(len(r) for r in ref)), int(sum(len(g) for g in got))
+    if n_ref == 0 and n_got == 0 and raw is None:
+        raise ExportCheckError(
+            f"{path}: the check compared nothing: neither onnxruntime nor PyTorch kept a detection on the "
+            f"sample (conf {config.conf}) and the graph has no raw outputs to compare; give a sample with "
+            "objects in it or a lower conf")
+    if n_ref == 0 and n_got == 0:
+        log.warning("ONNX NMS check %s: no detections on the sample at conf %g; only the raw outputs were "
+                    "compared", path, config.conf)
+    if not exact:
+        n = _verify_matched(ref, got, path)
+        if result is not None:
+            result.detections_match, result.num_detections = True, n
+        return result
+    det_err = 0.0
     for i, (r, g) in enumerate(zip(ref, got)):
         r = r.numpy()
         if len(r) != len(g):
-            raise AssertionError(f"image {i}: onnxruntime kept {len(g)} detections, postprocess {len(r)}")
+            raise ExportCheckError(f"{path}: image {i}: onnxruntime kept {len(g)} detections, postprocess {len(r)}")
         if len(r) == 0:
             continue
         r, g = r[np.lexsort((r[:, 0], -r[:, 4]))], g[np.lexsort((g[:, 0], -g[:, 4]))]
         if not np.array_equal(r[:, 5], g[:, 5]):
-            raise AssertionError(f"image {i}: classes differ between onnxruntime and postprocess")
-        err = max(err, float(np.abs(r[:, :4] - g[:, :4]).max()) / scale, float(np.abs(r[:, 4] - g[:, 4]).max()))
-    n = int(sum(len(r) for r in ref))
-    log.info("ONNX NMS check %s: %d detections match postprocess, max abs error %.3g", path, n, err)
-    if err > atol:
-        raise AssertionError(f"onnxruntime detections differ from postprocess by {err:.4g}")
+            raise ExportCheckError(f"{path}: image {i}: classes differ between onnxruntime and postprocess")
+        det_err = max(det_err, float(np.abs(r[:, :4] - g[:, :4]).max()) / scale,
+                      float(np.abs(r[:, 4] - g[:, 4]).max()))
+    log.info("ONNX NMS check %s: %d detections match postprocess, max abs error %.3g", path, n_ref, det_err)
+    if det_err > atol:
+        raise ExportCheckError(f"{path}: onnxruntime detections differ from postprocess by {det_err:.4g}")
     if result is not None:
-        result.max_abs_error, result.detections_match, result.num_detections = err, True, n
+        result.max_abs_error = max(err, det_err)
+        result.detections_match, result.num_detections = True, n_ref
     return result

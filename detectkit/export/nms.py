@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 from torchvision.ops import batched_nms
 
-__all__ = ["OUTPUT_NAMES", "onnx_nms", "NMSPostprocess", "DetectorWithNMS", "split_flat", "split_batch"]
+from detectkit.ops.nms import PostprocessConfig
+
+__all__ = ["OUTPUT_NAMES", "RAW_TAPS", "onnx_nms", "NMSPostprocess", "DetectorWithNMS", "split_flat", "split_batch"]
 
 #: output tensor names of the exported graphs, per format (``None`` = raw boxes and scores)
 OUTPUT_NAMES: dict[str | None, list[str]] = {
@@ -98,6 +100,11 @@ class NMSPostprocess(nn.Module):
         self.multi_label, self.agnostic = multi_label, agnostic
         self.output_format, self.pad_value = output_format, float(pad_value)
 
+    @classmethod
+    def from_config(cls, config: PostprocessConfig, output_format: str = "batch") -> NMSPostprocess:
+        """The in-graph form of the one post-processing settings."""
+        return cls(output_format=output_format, **config.to_dict())
+
     def candidates(self, boxes: torch.Tensor, scores: torch.Tensor):
         """The ``top_k`` best candidates per image: boxes ``[B,k,4]``, scores ``[B,k]``, classes ``[B,k]``."""
         num_anchors, num_classes = int(scores.shape[1]), int(scores.shape[2])
@@ -154,17 +161,27 @@ class NMSPostprocess(nn.Module):
         return counts, pred_boxes, pred_scores, pred_classes
 
 
-class DetectorWithNMS(nn.Module):
-    """An eval-mode detector followed by :class:`NMSPostprocess` (the graph that gets exported)."""
+#: names of the raw head outputs an NMS graph is exported with (then removed from its outputs):
+#: the nodes keep these names, so verification can tap boxes/scores before NMS in the shipped graph
+RAW_TAPS = ("raw_boxes", "raw_scores")
 
-    def __init__(self, model: nn.Module, postprocess: NMSPostprocess) -> None:
+
+class DetectorWithNMS(nn.Module):
+    """An eval-mode detector followed by :class:`NMSPostprocess` (the graph that gets exported).
+    ``expose_raw`` also returns the boxes/scores before NMS (named :data:`RAW_TAPS` at export)."""
+
+    def __init__(self, model: nn.Module, postprocess: NMSPostprocess, expose_raw: bool = False) -> None:
         super().__init__()
         self.model = model
         self.postprocess = postprocess
+        self.expose_raw = expose_raw
 
     def forward(self, images: torch.Tensor):
         boxes, scores = self.model(images)
-        return self.postprocess(boxes, scores)
+        out = self.postprocess(boxes, scores)
+        if self.expose_raw:
+            return (*(out if isinstance(out, tuple) else (out,)), boxes, scores)
+        return out
 
 
 def split_flat(predictions, batch_size: int) -> list:

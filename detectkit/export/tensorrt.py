@@ -51,7 +51,7 @@ def add_efficient_nms(
     conf: float = 0.25,
     iou: float = 0.7,
     max_det: int = 300,
-    class_agnostic: bool = False,
+    agnostic: bool = False,
     boxes_name: str = "boxes",
     scores_name: str = "scores",
 ) -> Path:
@@ -76,7 +76,7 @@ def add_efficient_nms(
         "score_threshold": float(conf),
         "iou_threshold": float(iou),
         "score_activation": 0,  # scores are already sigmoid probabilities
-        "class_agnostic": int(class_agnostic),
+        "class_agnostic": int(agnostic),  # the plugin's attribute name; detectkit spells it `agnostic`
         "box_coding": 0,  # corners: x1, y1, x2, y2
     }
     graph.layer(op="EfficientNMS_TRT", name="efficient_nms", inputs=[boxes, scores], outputs=outputs, attrs=attrs)

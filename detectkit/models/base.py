@@ -83,8 +83,9 @@ class Detector(nn.Module):
     def fuse(self) -> Detector:  # implemented by each family
         raise NotImplementedError
 
-    def predict(self, source: Any, conf: float = 0.25, iou: float = 0.7, **kwargs: Any):
-        """Detections on images given as paths, folders, URLs, PIL images, arrays or videos."""
+    def predict(self, source: Any, conf: float | None = None, iou: float | None = None, **kwargs: Any):
+        """Detections on images given as paths, folders, URLs, PIL images, arrays or videos; settings
+        left at None come from ``self.inference`` (see :func:`detectkit.predict.predict`)."""
         from detectkit.predict import predict
 
         return predict(self, source, conf=conf, iou=iou, **kwargs)

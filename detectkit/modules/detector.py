@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +12,7 @@ import torch.nn as nn
 from detectkit.models.outputs import HeadOutput
 from detectkit.modules.metrics import build_map_metric, metric_inputs, summarize_map, to_original
 from detectkit.modules.schedule import warmup_cosine_scheduler
-from detectkit.ops.nms import postprocess
+from detectkit.ops.nms import PostprocessConfig, postprocess
 
 __all__ = ["DetectionModule", "param_groups"]
 
@@ -59,8 +59,11 @@ class DetectionModule(pl.LightningModule):
             (SG ``LinearBatchLRWarmup`` + ``CosineLRScheduler``).
         warmup_epochs: SG's per-epoch warmup (``LinearEpochLRWarmup``, fine-tuning recipes);
             replaces ``warmup_steps`` when > 0.
-        val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe).
-        predict_conf, predict_iou, predict_max_det: post-processing for ``predict``.
+        val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe);
+            together :attr:`val_postprocess`.
+        predict_conf, predict_iou, predict_max_det: post-processing for ``predict``; ``None``
+            keeps the model's own (``model.inference.postprocess``, from its checkpoint), so
+            ``predict_step`` and ``model.predict`` agree; together :attr:`predict_postprocess`.
         text_encoder, prompt_tuning: YOLO-World only (see :mod:`detectkit.modules.world`): the
             encoder that turns ``class_names`` into prompts at setup (CLIP folder/hub id in the
             local cache, ``.pt`` embeddings file; default ``$DETECTKIT_CLIP`` / HF cache), and
@@ -87,9 +90,9 @@ class DetectionModule(pl.LightningModule):
         val_iou: float = 0.7,
         val_top_k: int = 1000,
         val_max_det: int = 300,
-        predict_conf: float = 0.25,
-        predict_iou: float = 0.7,
-        predict_max_det: int = 300,
+        predict_conf: float | None = None,
+        predict_iou: float | None = None,
+        predict_max_det: int | None = None,
         text_encoder: str | None = None,
         prompt_tuning: bool = False,
     ) -> None:
@@ -125,6 +128,10 @@ class DetectionModule(pl.LightningModule):
         self.criterion = build_loss(self.loss_name, self.num_classes, **(loss_kwargs or {}))
         self.val_map = build_map_metric()
         self.test_map = build_map_metric()
+        #: architecture ops (pruning, quantization) applied to ``self.model`` in order; saved in the
+        #: checkpoint record and replayed on load (see ``detectkit.checkpoint.ArchitectureRecorder``)
+        self.architecture: list[dict[str, Any]] = []
+        self._restore_listeners: list[Callable[[Mapping[str, Any]], None]] = []
 
     def setup(self, stage: str) -> None:
         if self.world is not None:  # encode the class names (no-op when the vocabulary already holds them)
@@ -181,17 +188,30 @@ class DetectionModule(pl.LightningModule):
         self.log("loss", total.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return out
 
+    @property
+    def val_postprocess(self) -> PostprocessConfig:
+        """Post-processing for validation/test mAP (from the ``val_*`` arguments)."""
+        hp, d = self.hparams, PostprocessConfig()
+        return PostprocessConfig(conf=hp.get("val_conf", 0.01), iou=hp.get("val_iou", d.iou),
+                                 top_k=hp.get("val_top_k", d.top_k), max_det=hp.get("val_max_det", d.max_det))
+
+    @property
+    def predict_postprocess(self) -> PostprocessConfig:
+        """Post-processing for ``predict_step``: the model's defaults with the ``predict_*`` overrides."""
+        hp = self.hparams
+        base = getattr(getattr(self.model, "inference", None), "postprocess", None) or PostprocessConfig()
+        return base.replace(conf=hp.get("predict_conf"), iou=hp.get("predict_iou"), max_det=hp.get("predict_max_det"))
+
     @torch.no_grad()
-    def detect(
-        self, images: torch.Tensor, conf: float, iou: float, top_k: int, max_det: int
-    ) -> list[torch.Tensor]:
-        """Eval-mode forward + NMS: per image ``[N,6]`` in input pixels."""
+    def detect(self, images: torch.Tensor, config: PostprocessConfig | None = None) -> list[torch.Tensor]:
+        """Eval-mode forward + the one post-processing (default :attr:`val_postprocess`):
+        per image ``[N,6]`` in input pixels."""
+        config = config or self.val_postprocess
         boxes, scores = self.model(images)
-        return postprocess(boxes.float(), scores.float(), conf=conf, iou=iou, top_k=top_k, max_det=max_det)
+        return postprocess(boxes.float(), scores.float(), **config.to_dict())
 
     def _eval_step(self, batch: dict[str, Any], metric: Any) -> None:
-        hp = self.hparams
-        dets = self.detect(self._images(batch), hp.val_conf, hp.val_iou, hp.val_top_k, hp.val_max_det)
+        dets = self.detect(self._images(batch), self.val_postprocess)
         preds, targets = metric_inputs(dets, batch["meta"])
         metric.update(preds, targets)
 
@@ -217,13 +237,97 @@ class DetectionModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Per image: ``meta`` plus ``boxes`` (original pixels), ``scores`` and ``labels``."""
-        hp = self.hparams
-        dets = self.detect(self._images(batch), hp.predict_conf, hp.predict_iou, 1000, hp.predict_max_det)
+        dets = self.detect(self._images(batch), self.predict_postprocess)
         out = []
         for det, meta in zip(dets, batch["meta"]):
             det = to_original(det, meta).cpu()
             out.append({"meta": meta, "boxes": det[:, :4], "scores": det[:, 4], "labels": det[:, 5].long()})
         return out
+
+    # ----------------------------------------------------------- checkpoints
+    def record_architecture(self, op: dict[str, Any]) -> None:
+        """Append an architecture change (``{"op": "prune" | "quantize", ...}``) made to ``self.model``."""
+        self.architecture.append(dict(op))
+
+    def add_restore_listener(self, fn: Callable[[Mapping[str, Any]], None]) -> None:
+        """``fn(checkpoint)`` runs after a checkpoint's architecture was replayed, before the weights
+        load (e.g. distillation adapters sized to a pruned student)."""
+        self._restore_listeners.append(fn)
+
+    def inference_defaults(self) -> Any:
+        """What predict/export/serve should use: the validation input and letterbox of the data this
+        module is trained on, and its predict thresholds."""
+        from detectkit.models.base import InferenceDefaults
+
+        base = getattr(self.model, "inference", None) or InferenceDefaults()
+        post = self.predict_postprocess
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        size = getattr(dm, "image_size", None)
+        if isinstance(size, int):  # the validation letterbox: fit inside, centred as val_center says
+            return InferenceDefaults(image_size=(size, size), longest=None, center=bool(getattr(dm, "val_center", True)),
+                                     pad_value=114, postprocess=post)
+        return InferenceDefaults(image_size=base.image_size, longest=base.longest, center=base.center,
+                                 pad_value=base.pad_value, postprocess=post)
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """The ``checkpoint["detectkit"]`` record of this module's detector (digest not yet set)."""
+        from detectkit.checkpoint import build_record
+
+        hp = self.hparams
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        cats = getattr(dm, "category_ids", None)  # the dataset's category id per label, when it has them
+        return build_record(
+            self.model, name=hp.get("model") if isinstance(hp.get("model"), str) else None,
+            model_kwargs=hp.get("model_kwargs") if isinstance(hp.get("model"), str) else None,
+            class_names=self.class_names, category_ids=cats if cats is not None else getattr(self.model, "category_ids", None),
+            architecture=self.architecture, inference=self.inference_defaults(),
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this last (after callbacks and hyper-parameters): the digest covers it all
+        from detectkit.checkpoint import RECORD_KEY, seal
+
+        checkpoint[RECORD_KEY] = self.checkpoint_record()
+        seal(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Verify the content hash, then replay the recorded architecture on ``self.model`` so that
+        Lightning's strict weight load that follows finds the same shapes and quantizers."""
+        from detectkit.checkpoint import (
+            RECORD_KEY,
+            CheckpointError,
+            architecture_from_callback_states,
+            replay_architecture,
+            verify,
+        )
+
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        verify(checkpoint, path)
+        record = checkpoint.get(RECORD_KEY)
+        ops = list(record.get("architecture", [])) if isinstance(record, Mapping) else \
+            architecture_from_callback_states(checkpoint.get("callbacks"))
+        done = len(self.architecture)
+        if [o.get("op") for o in ops[:done]] != [o.get("op") for o in self.architecture]:
+            raise CheckpointError(f"{path or 'checkpoint'}: its architecture ops {[o.get('op') for o in ops]} do not "
+                                  f"continue this model's {[o.get('op') for o in self.architecture]}")
+        replayed = len(ops) > done
+        if replayed:
+            self.model = replay_architecture(self.model, ops[done:])
+            self.architecture = [dict(o) for o in ops]
+        for fn in self._restore_listeners:
+            fn(checkpoint)
+        if replayed:  # last: the EMA copy must include what the listeners rebuilt
+            self._refresh_weight_averaging()
+
+    def _refresh_weight_averaging(self) -> None:
+        """An EMA copy made before the replay has the old architecture: re-create it from the new one."""
+        if self._trainer is None:
+            return
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        for cb in self._trainer.callbacks:
+            if isinstance(cb, WeightAveraging) and getattr(cb, "_average_model", None) is not None:
+                cb.setup(self._trainer, self, "fit")
 
     # ------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> dict[str, Any]:

@@ -3,11 +3,18 @@
 Category ids can be anything; they map to contiguous indices in id order. A category that
 other categories name as their ``supercategory`` and that no annotation uses is a grouping
 node (Roboflow writes the dataset name as id 0), not a class.
+
+Image ids may be strings (some exporters write file stems): they are mapped to 1..N in file
+order and the original is kept as ``ImageRecord.source_id``. Two image entries naming the same
+file are fatal: the boxes of one picture would be split over two samples, each teaching the
+other's objects as background, and no automatic merge is right (two annotators' boxes would be
+doubled). An empty annotation list is reported (every image becomes a negative).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,10 +38,12 @@ def load_coco_json(path: str | Path) -> dict:
     if not path.is_file():
         raise DatasetError(f"{path}: COCO annotation file not found")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM is not part of the JSON
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from e
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: a COCO file holds a JSON object, found {type(data).__name__}")
     for key in ("images", "categories"):
@@ -52,12 +61,55 @@ def coco_categories(data: dict, path: str | Path = "") -> tuple[list[str], dict[
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise DatasetError(f"{path}: malformed category entry {c!r} (needs 'id' and 'name')")
         cats.append(c)
+        if _int_key(c["id"]) is None:
+            raise DatasetError(f"{path}: category id {c['id']!r} of {c['name']!r} is not an integer")
     cats.sort(key=lambda c: int(c["id"]))
-    used = {a.get("category_id") for a in data.get("annotations", []) if isinstance(a, dict)}
+    used = {_int_key(a.get("category_id")) for a in data.get("annotations", []) if isinstance(a, dict)}
     supers = {c.get("supercategory") for c in cats}
-    classes = [c for c in cats if not (c["name"] in supers and c["id"] not in used and len(cats) > 1)]
+    classes = [c for c in cats if not (c["name"] in supers and int(c["id"]) not in used and len(cats) > 1)]
     names = [str(c["name"]) for c in classes]
     return names, {int(c["id"]): i for i, c in enumerate(classes)}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_key(v: object) -> int | None:
+    """An integer id, also when written as a string ("3"); else None."""
+    if _is_int(v):
+        return int(v)
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    return None
+
+
+def _number(v: object) -> float | None:
+    """A JSON number, or a string holding one (some exporters quote them); else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _dim(v: object) -> int:
+    """A width/height as written, or 0 (then read from the image header)."""
+    n = _number(v)
+    return int(n) if n is not None and math.isfinite(n) and n >= 1 else 0
+
+
+def _hashable(v: object) -> bool:
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    return True
 
 
 def load_coco(
@@ -80,43 +132,85 @@ def load_coco(
     problems: list[Problem] = []
     file = str(json_path)
 
-    images: dict[int, dict] = {}
+    entries: list[dict] = []
     for im in data["images"]:
-        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+        if (
+            not isinstance(im, dict)
+            or "id" not in im
+            or not isinstance(im.get("file_name"), str)
+            or not _hashable(im["id"])
+        ):
             problems.append(
-                Problem("bad_entry", file, f"image entry {im!r} lacks 'id' or 'file_name'", "fatal")
+                Problem(
+                    "bad_entry", file, f"image entry {im!r} lacks an 'id' or a string 'file_name'", "fatal"
+                )
             )
             continue
-        iid = int(im["id"])
-        if iid in images:
+        entries.append(im)
+    # string (or mixed) ids: 1..N in file order; the original stays on the record
+    remap = not all(_is_int(im["id"]) for im in entries)
+    images: dict[int, dict] = {}
+    id_of: dict = {}  # id as written -> int id
+    by_name: dict[str, object] = {}
+    for im in entries:
+        raw = im["id"]
+        if raw in id_of:
             problems.append(
                 Problem(
                     "duplicate_id",
                     file,
-                    f"image id {iid} used by both {images[iid]['file_name']!r} and {im['file_name']!r}",
+                    f"image id {raw!r} used by both {images[id_of[raw]]['file_name']!r} and {im['file_name']!r}",
                     "fatal",
                 )
             )
             continue
+        if im["file_name"] in by_name:
+            problems.append(
+                Problem(
+                    "duplicate_file",
+                    file,
+                    f"image ids {by_name[im['file_name']]!r} and {raw!r} both name the file "
+                    f"{im['file_name']!r}: its boxes would be split over two samples, each teaching the "
+                    "other's objects as background; merge them into one image entry",
+                    "fatal",
+                )
+            )
+            continue
+        by_name[im["file_name"]] = raw
+        iid = len(images) + 1 if remap else raw
+        id_of[raw] = iid
         images[iid] = im
 
     anns_by_image: dict[int, list[dict]] = defaultdict(list)
     seen_ann_ids: set = set()
-    for a in data.get("annotations", []):
+    annotations = data.get("annotations", [])
+    if images and not annotations:
+        problems.append(
+            Problem(
+                "no_annotations",
+                file,
+                f"{'an empty' if 'annotations' in data else 'no'} annotation list: all {len(images)} "
+                "image(s) are negatives (background only)",
+            )
+        )
+    for a in annotations:
         if not isinstance(a, dict) or "image_id" not in a:
             problems.append(Problem("bad_entry", file, f"annotation {a!r} lacks 'image_id'"))
             continue
         aid = a.get("id")
-        if aid is not None:
+        if aid is not None and _hashable(aid):
             if aid in seen_ann_ids:
                 problems.append(Problem("duplicate_id", file, f"annotation id {aid} appears more than once"))
             seen_ann_ids.add(aid)
-        if int(a["image_id"]) not in images:
+        raw = a["image_id"]
+        if remap and _hashable(raw) and raw not in id_of and str(raw) in id_of:
+            raw = str(raw)  # image id "7" written as 7 in the annotation
+        if not _hashable(raw) or raw not in id_of:
             problems.append(
-                Problem("unknown_image", file, f"annotation {aid} refers to unknown image id {a['image_id']}")
+                Problem("unknown_image", file, f"annotation {aid} refers to unknown image id {raw!r}")
             )
             continue
-        anns_by_image[int(a["image_id"])].append(a)
+        anns_by_image[id_of[raw]].append(a)
 
     records = []
     for iid, im in images.items():
@@ -124,10 +218,14 @@ def load_coco(
         boxes, labels, crowd, where = [], [], [], []
         for a in anns_by_image.get(iid, []):
             aid = a.get("id")
-            cid = a.get("category_id")
+            cid = _int_key(a.get("category_id"))
             if cid not in cat_to_idx:
                 problems.append(
-                    Problem("unknown_class", img_file, f"annotation {aid}: category id {cid} is not a class")
+                    Problem(
+                        "unknown_class",
+                        img_file,
+                        f"annotation {aid}: category id {a.get('category_id')!r} is not a class",
+                    )
                 )
                 continue
             bb = a.get("bbox")
@@ -136,12 +234,30 @@ def load_coco(
                     Problem("bad_entry", img_file, f"annotation {aid}: bbox {bb!r} is not [x, y, w, h]")
                 )
                 continue
-            x, y, w, h = (float(v) for v in bb)
+            values = [_number(v) for v in bb]
+            if any(v is None for v in values):
+                problems.append(
+                    Problem(
+                        "bad_entry",
+                        img_file,
+                        f"annotation {aid}: bbox {bb!r} has coordinates that are not numbers, dropped",
+                    )
+                )
+                continue
+            if any(isinstance(v, str) for v in bb):
+                problems.append(
+                    Problem(
+                        "string_number",
+                        img_file,
+                        f"annotation {aid}: bbox {bb!r} holds numbers written as strings; read as numbers",
+                    )
+                )
+            x, y, w, h = values
             boxes.append([x, y, x + w, y + h])
             labels.append(cat_to_idx[cid])
             crowd.append(bool(a.get("iscrowd", 0)))
             where.append(f"annotation {aid}")
-        width, height = int(im.get("width") or 0), int(im.get("height") or 0)
+        width, height = (_dim(im.get(k)) for k in ("width", "height"))
         path = image_dir / im["file_name"]
         if width < 1 or height < 1:
             from detectkit.data.images import ImageReadError, image_size
@@ -163,7 +279,8 @@ def load_coco(
             )
         else:
             b, lab, cr = np.array(boxes, np.float32), np.array(labels, np.int64), np.array(crowd, bool)
-        records.append(ImageRecord(path, iid, width, height, b, lab, iscrowd=cr))
+        source_id = im["id"] if remap else None
+        records.append(ImageRecord(path, iid, width, height, b, lab, iscrowd=cr, source_id=source_id))
     records.sort(key=lambda r: r.image_id)
     log_problems(problems, f"{json_path} ({split})")
     return DetectionSplit(format_name, split, names, records, problems, str(json_path))

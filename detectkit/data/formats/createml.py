@@ -24,7 +24,7 @@ __all__ = ["read_createml", "createml_labels", "load_createml"]
 def read_createml(path: str | Path) -> list:
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read CreateML JSON ({e})") from e
@@ -50,7 +50,7 @@ def load_createml(path: str | Path, split: str, class_names: list[str], start_id
     problems: list[Problem] = []
     records = []
     for k, entry in enumerate(read_createml(path)):
-        if not isinstance(entry, dict) or "image" not in entry:
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             problems.append(Problem("bad_entry", str(path), f"entry {k} lacks 'image'", "fatal"))
             continue
         img = path.parent / entry["image"]
@@ -70,7 +70,13 @@ def load_createml(path: str | Path, split: str, class_names: list[str], start_id
                     )
                 )
                 continue
-            x, y, w, h = (float(c[key]) for key in ("x", "y", "width", "height"))
+            try:
+                x, y, w, h = (float(c[key]) for key in ("x", "y", "width", "height"))
+            except (TypeError, ValueError):
+                problems.append(
+                    Problem("bad_entry", where_file, f"annotation {j}: coordinates {c!r} are not numbers")
+                )
+                continue
             boxes.append([x - w / 2, y - h / 2, x + w / 2, y + h / 2])
             labels.append(index[a["label"]])
             where.append(f"annotation {j}")

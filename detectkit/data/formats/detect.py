@@ -2,21 +2,23 @@
 
 :func:`open_dataset` returns a :class:`DatasetSource`: the format, the dataset's OWN split
 names (Roboflow says ``valid``, ultralytics ``val``), the class names (read from annotation
-files only, cheap) and ``load(split)`` accepting aliases (``val`` finds ``valid``).
+files only, cheap), ``problems`` about the dataset as a whole (``nc`` disagreeing with ``names``,
+a split folder found without its data.yaml key, VOC's ``trainval`` list, VOC classes inferred
+from the XML files) and ``load(split)`` accepting aliases (``val`` finds ``valid``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from detectkit.data.formats.coco import coco_categories, load_coco, load_coco_json
 from detectkit.data.formats.createml import createml_labels, load_createml, read_createml
-from detectkit.data.formats.voc import load_voc, voc_class_names, voc_root, voc_splits
-from detectkit.data.formats.yolo import load_yolo, read_data_yaml, yolo_class_names, yolo_splits
+from detectkit.data.formats.voc import load_voc, voc_classes, voc_root, voc_split_layout
+from detectkit.data.formats.yolo import load_yolo, read_data_yaml, yolo_class_names, yolo_layout
 from detectkit.data.images import IMAGE_EXTENSIONS
-from detectkit.data.records import SPLIT_ALIASES, DatasetError, DetectionSplit
+from detectkit.data.records import SPLIT_ALIASES, DatasetError, DetectionSplit, Problem
 
 __all__ = ["DatasetSource", "open_dataset", "load_dataset", "canonical_split", "FORMATS"]
 
@@ -40,10 +42,16 @@ class DatasetSource:
     splits: list[str]
     _classes: Callable[[], list[str]]
     _load: Callable[[str], DetectionSplit]
+    _problems: Callable[[], list[Problem]] = field(default=lambda: [])
 
     @property
     def class_names(self) -> list[str]:
         return self._classes()
+
+    @property
+    def problems(self) -> list[Problem]:
+        """What is wrong with (or was guessed about) the dataset as a whole, not one split."""
+        return self._problems()
 
     def resolve_split(self, split: str | None) -> str:
         if split is None:
@@ -67,13 +75,23 @@ def _coco_file_in(d: Path) -> Path | None:
 
 def _coco_image_dir(json_path: Path, data: dict) -> Path:
     """Images next to the JSON (Roboflow), or in the standard COCO places for ``annotations/x.json``."""
-    first = next((im.get("file_name") for im in data.get("images", []) if isinstance(im, dict)), None)
+    first = next(
+        (im["file_name"] for im in data.get("images", []) if isinstance(im, dict) and isinstance(im.get("file_name"), str)),
+        None,
+    )
     stem = json_path.stem.replace("instances_", "")
     root = json_path.parent.parent if json_path.parent.name == "annotations" else json_path.parent
     for d in (json_path.parent, root / stem, root / "images" / stem, root / "images", root):
         if first is None or (d / first).exists():
             return d
     return json_path.parent
+
+
+def _given(found: list[str], given: list[str] | None, where: Path) -> list[str]:
+    """Formats whose files carry the class list: a ``class_names`` argument may only confirm it."""
+    if given is not None and list(given) != list(found):
+        raise DatasetError(f"{where}: the dataset's classes {found} differ from class_names {list(given)}")
+    return found
 
 
 def _classes_once(fn: Callable[[], list[str]]) -> Callable[[], list[str]]:
@@ -87,11 +105,13 @@ def _classes_once(fn: Callable[[], list[str]]) -> Callable[[], list[str]]:
     return get
 
 
-def _coco_source(files: dict[str, Path], root: Path, fmt: str) -> DatasetSource:
+def _coco_source(
+    files: dict[str, Path], root: Path, fmt: str, class_names: list[str] | None = None
+) -> DatasetSource:
     first = next(iter(files.values()))
 
     def classes() -> list[str]:
-        return coco_categories(load_coco_json(first), first)[0]
+        return _given(coco_categories(load_coco_json(first), first)[0], class_names, first)
 
     classes = _classes_once(classes)
 
@@ -103,21 +123,28 @@ def _coco_source(files: dict[str, Path], root: Path, fmt: str) -> DatasetSource:
     return DatasetSource(fmt, root, list(files), classes, load)
 
 
-def _createml_source(files: dict[str, Path], root: Path) -> DatasetSource:
-    classes = _classes_once(lambda: createml_labels(list(files.values())))
+def _createml_source(
+    files: dict[str, Path], root: Path, class_names: list[str] | None = None
+) -> DatasetSource:
+    # CreateML files carry no class list: a given one fixes the order (labels outside it are problems)
+    classes = _classes_once(
+        lambda: list(class_names) if class_names is not None else createml_labels(list(files.values()))
+    )
     return DatasetSource(
         "createml", root, list(files), classes, lambda s: load_createml(files[s], s, classes())
     )
 
 
-def _yolo_source(yaml_path: Path) -> DatasetSource:
-    splits = list(yolo_splits(yaml_path))
+def _yolo_source(yaml_path: Path, class_names: list[str] | None) -> DatasetSource:
+    splits, problems = yolo_layout(yaml_path)
+    classes = _classes_once(lambda: _given(yolo_class_names(yaml_path), class_names, yaml_path))
     return DatasetSource(
         "yolo",
         yaml_path.parent,
-        splits,
-        _classes_once(lambda: yolo_class_names(yaml_path)),
+        list(splits),
+        classes,
         lambda s: load_yolo(yaml_path, s),
+        lambda: problems,
     )
 
 
@@ -139,38 +166,63 @@ def _split_order(name: str) -> tuple[int, str]:
     return order.get(canonical_split(name), 3), name
 
 
-def open_dataset(path: str | Path) -> DatasetSource:
-    """Detect the format of ``path`` (a file or a folder) and describe its splits."""
+def _voc_source(root: Path, class_names: list[str] | None) -> DatasetSource:
+    splits, layout_problems = voc_split_layout(root)
+    found: list = []
+
+    def classes_and_problems() -> tuple[list[str], list[Problem]]:
+        if not found:
+            found.append(voc_classes(root, class_names))
+        return found[0]
+
+    return DatasetSource(
+        "voc",
+        root,
+        splits,
+        lambda: classes_and_problems()[0],
+        lambda s: load_voc(root, s, classes_and_problems()[0]),
+        lambda: layout_problems + classes_and_problems()[1],
+    )
+
+
+def open_dataset(path: str | Path, class_names: list[str] | None = None) -> DatasetSource:
+    """Detect the format of ``path`` (a file or a folder) and describe its splits.
+
+    ``class_names`` is the class list for formats whose files do not carry one (VOC, CreateML):
+    it fixes the class order, and an object named otherwise is a problem naming its file. For
+    COCO and YOLO it must equal the file's list.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise DatasetError(f"{path}: dataset path does not exist")
     if path.is_file():
         if path.suffix in (".yaml", ".yml"):
-            return _yolo_source(path)
+            return _yolo_source(path, class_names)
         if path.suffix == ".json":
             try:
                 data = read_createml(path)
             except DatasetError:
                 data = None
             if data is not None:
-                return _createml_source({path.parent.name or "all": path}, path.parent)
+                return _createml_source({path.parent.name or "all": path}, path.parent, class_names)
             split = path.parent.name if path.name in COCO_FILE_NAMES else path.stem.replace("instances_", "")
-            return _coco_source({split: path}, path.parent, "coco")
+            return _coco_source({split: path}, path.parent, "coco", class_names)
         raise DatasetError(f"{path}: not a dataset file (expected .json, data.yaml or a folder)")
     if (y := _find_yaml(path)) is not None:
-        return _yolo_source(y)
+        return _yolo_source(y, class_names)
     if (c := _coco_file_in(path)) is not None:
-        return _coco_source({path.name: c}, path, "roboflow-coco" if c.name == COCO_FILE_NAMES[0] else "coco")
+        fmt = "roboflow-coco" if c.name == COCO_FILE_NAMES[0] else "coco"
+        return _coco_source({path.name: c}, path, fmt, class_names)
     if (path / CREATEML_FILE).is_file():
-        return _createml_source({path.name: path / CREATEML_FILE}, path)
+        return _createml_source({path.name: path / CREATEML_FILE}, path, class_names)
     subdirs = sorted((d for d in path.iterdir() if d.is_dir()), key=lambda d: _split_order(d.name))
     coco = {d.name: f for d in subdirs if (f := _coco_file_in(d)) is not None}
     if coco:
         fmt = "roboflow-coco" if all(f.name == COCO_FILE_NAMES[0] for f in coco.values()) else "coco"
-        return _coco_source(coco, path, fmt)
+        return _coco_source(coco, path, fmt, class_names)
     createml = {d.name: d / CREATEML_FILE for d in subdirs if (d / CREATEML_FILE).is_file()}
     if createml:
-        return _createml_source(createml, path)
+        return _createml_source(createml, path, class_names)
     if (path / "annotations").is_dir():
         files = sorted(
             (path / "annotations").glob("*.json"),
@@ -178,10 +230,11 @@ def open_dataset(path: str | Path) -> DatasetSource:
         )
         files = [f for f in files if f.stem.startswith("instances_")] or files
         if files:
-            return _coco_source({f.stem.replace("instances_", ""): f for f in files}, path, "coco")
+            return _coco_source(
+                {f.stem.replace("instances_", ""): f for f in files}, path, "coco", class_names
+            )
     if (root := voc_root(path)) is not None:
-        names = _classes_once(lambda: voc_class_names(root))
-        return DatasetSource("voc", root, voc_splits(root), names, lambda s: load_voc(root, s, names()))
+        return _voc_source(root, class_names)
     if (path / "images").is_dir() and (path / "labels").is_dir():
         raise DatasetError(f"{path}: YOLO images/ and labels/ but no data.yaml with the class names")
     if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()):
@@ -193,6 +246,8 @@ def open_dataset(path: str | Path) -> DatasetSource:
     )
 
 
-def load_dataset(path: str | Path, split: str | None = None) -> DetectionSplit:
+def load_dataset(
+    path: str | Path, split: str | None = None, class_names: list[str] | None = None
+) -> DetectionSplit:
     """Read one split of any supported dataset (``split`` may be an alias or omitted for one-split paths)."""
-    return open_dataset(path).load(split)
+    return open_dataset(path, class_names).load(split)

@@ -1,12 +1,25 @@
 """Pascal VOC XML (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/<split>.txt``).
 
 VOC pixel indices are 1-based and inclusive, so ``xmin..xmax`` covers ``[xmin - 1, xmax]`` in
-continuous coordinates (the convention torchvision's and mmdet's VOC readers use).
+continuous coordinates (the convention torchvision's and mmdet's VOC readers use). A box
+with ``xmax <= xmin`` or ``ymax <= ymin`` (a click without a drag: a point or a line) is no
+object: it is dropped and reported, not kept as a 1-pixel box.
+
+Classes come from the set's class list when it has one (``labelmap.txt`` as CVAT writes it, or
+``classes.txt``, beside ``Annotations/`` or above it; or a ``class_names`` argument): an object
+named otherwise is a problem naming the XML file and the name, never a new class. Without a
+list, the classes are the names found in the XML files; that is reported with their counts, and
+a rare name close to a common one is flagged as a likely typo.
+
+``ImageSets/Main/trainval.txt`` is train + val, not a split of its own: it is offered only when
+``train.txt`` and ``val.txt`` are not both there.
 """
 
 from __future__ import annotations
 
+import difflib
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +35,23 @@ from detectkit.data.records import (
     log_problems,
 )
 
-__all__ = ["voc_root", "voc_splits", "voc_class_names", "load_voc"]
+__all__ = [
+    "voc_root",
+    "voc_splits",
+    "voc_split_layout",
+    "voc_class_names",
+    "voc_class_list",
+    "voc_classes",
+    "load_voc",
+]
+
+CLASS_LIST_FILES = ("labelmap.txt", "classes.txt")
+# The Pascal VOC 2007/2012 classes: a set whose names are all among them needs no class list
+# (the official downloads ship none) and cannot hide a typo.
+PASCAL_VOC_CLASSES = frozenset(
+    "aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
+    "person pottedplant sheep sofa train tvmonitor".split()
+)
 
 
 def voc_root(path: str | Path) -> Path | None:
@@ -36,12 +65,38 @@ def voc_root(path: str | Path) -> Path | None:
     return None
 
 
-def voc_splits(root: Path) -> list[str]:
+def _read_list(path: Path) -> list[str]:
+    """First word of each line (a BOM is not part of the first name)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read the list ({e})") from e
+    return [ln.split()[0] for ln in text.splitlines() if ln.strip()]
+
+
+def voc_split_layout(root: Path) -> tuple[list[str], list[Problem]]:
+    """The split lists of ``ImageSets/Main`` (``all`` when there are none), and what was noticed."""
     main = root / "ImageSets" / "Main"
     names = sorted(p.stem for p in main.glob("*.txt") if "_" not in p.stem) if main.is_dir() else []
-    return names or ["all"]
+    problems: list[Problem] = []
+    if {"train", "val", "trainval"} <= set(names):
+        names.remove("trainval")
+        both = set(_read_list(main / "train.txt")) | set(_read_list(main / "val.txt"))
+        trainval = set(_read_list(main / "trainval.txt"))
+        if trainval != both:
+            problems.append(
+                Problem(
+                    "trainval_differs",
+                    str(main / "trainval.txt"),
+                    f"is not train.txt + val.txt ({len(trainval - both)} image(s) only in trainval, "
+                    f"{len(both - trainval)} only in train/val); train and val are used, trainval is not",
+                )
+            )
+    return names or ["all"], problems
 
 
+def voc_splits(root: Path) -> list[str]:
+    return voc_split_layout(root)[0]
 def _parse(xml_path: Path) -> ET.Element:
     try:
         return ET.parse(xml_path).getroot()
@@ -49,16 +104,106 @@ def _parse(xml_path: Path) -> ET.Element:
         raise DatasetError(f"{xml_path}: cannot parse VOC XML ({e})") from e
 
 
-def voc_class_names(root: Path) -> list[str]:
-    """Sorted union of object names over ALL annotation files, so every split agrees."""
-    names = set()
+def _object_names(root: Path) -> tuple[Counter, dict[str, Path]]:
+    """Object count per name over ALL annotation files, and the first file naming each."""
+    counts: Counter = Counter()
+    first: dict[str, Path] = {}
     for x in sorted((root / "Annotations").glob("*.xml")):
         try:
-            names.update((o.findtext("name") or "").strip() for o in _parse(x).iter("object"))
+            node = _parse(x)
         except DatasetError:
             continue  # reported when the split is loaded
-    names.discard("")
-    return sorted(names)
+        for o in node.iter("object"):
+            name = (o.findtext("name") or "").strip()
+            if name:
+                counts[name] += 1
+                first.setdefault(name, x)
+    return counts, first
+
+
+def voc_class_names(root: Path) -> list[str]:
+    """Sorted union of object names over ALL annotation files, so every split agrees."""
+    return sorted(_object_names(root)[0])
+
+
+def voc_class_list(root: Path) -> tuple[list[str], Path] | None:
+    """The set's own class list (``labelmap.txt`` / ``classes.txt``) and its file, if it has one."""
+    folders = [root, root / "Annotations"]
+    # the folder the user named (holding VOC2012/ or VOCdevkit/VOC2012/), never an unrelated one above
+    if root.name.startswith("VOC"):
+        folders.append(root.parent)
+        if root.parent.name == "VOCdevkit":
+            folders.append(root.parent.parent)
+    for folder in folders:
+        for fname in CLASS_LIST_FILES:
+            f = folder / fname
+            if not f.is_file():
+                continue
+            try:
+                lines = f.read_text(encoding="utf-8-sig").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise DatasetError(f"{f}: cannot read the class list ({e})") from e
+            names = []
+            for ln in lines:
+                ln = ln.strip()
+                if not ln or ln.startswith("#"):
+                    continue
+                # CVAT's labelmap.txt: ``name:r,g,b:parts:actions``; ``background`` is the
+                # segmentation mask's index 0, not an object class
+                name = ln.split(":")[0].strip() if ":" in ln else ln
+                if ":" in ln and name == "background":
+                    continue
+                names.append(name)
+            if not names:
+                raise DatasetError(f"{f}: the class list is empty")
+            dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+            if dupes:
+                raise DatasetError(f"{f}: class list names {dupes} more than once")
+            return names, f
+    return None
+
+
+def voc_classes(root: Path, class_names: list[str] | None = None) -> tuple[list[str], list[Problem]]:
+    """(class names, problems): the given list, the set's class list, or the names found."""
+    if class_names is not None:
+        return list(class_names), []
+    listed = voc_class_list(root)
+    if listed is not None:
+        return listed[0], []
+    counts, first = _object_names(root)
+    names = sorted(counts)
+    if names and set(names) <= PASCAL_VOC_CLASSES:
+        return names, []
+    found = ", ".join(f"{n}: {counts[n]}" for n in names)
+    problems = [
+        Problem(
+            "classes_inferred",
+            str(root),
+            f"no class list ({' or '.join(CLASS_LIST_FILES)} beside Annotations/, or class_names): the "
+            f"classes are the {len(names)} object names found in the XML files ({found}); a rare name "
+            "may be a typo that became a class of its own",
+        )
+    ]
+    lower = {n.lower(): n for n in names}
+    for n in names:
+        # ``dgo`` vs ``dog`` scores 0.67; a rarity test keeps real look-alikes (cat, car) quiet
+        close = [lower[m] for m in difflib.get_close_matches(n.lower(), list(lower), n=3, cutoff=0.6)]
+        common = [
+            m
+            for m in close
+            if m != n and counts[m] > counts[n] and (counts[n] <= 2 or 10 * counts[n] <= counts[m])
+        ]
+        if common:
+            m = max(common, key=lambda c: counts[c])
+            problems.append(
+                Problem(
+                    "possible_typo",
+                    str(first[n]),
+                    f"class {n!r} names {counts[n]} object(s) and looks like a typo of {m!r} "
+                    f"({counts[m]} objects); fix the name or add a classes.txt",
+                )
+            )
+    return names, problems
 
 
 def _find_image(root: Path, stem: str, filename: str | None) -> Path:
@@ -73,11 +218,11 @@ def _find_image(root: Path, stem: str, filename: str | None) -> Path:
 
 def load_voc(root: str | Path, split: str = "train", class_names: list[str] | None = None) -> DetectionSplit:
     root = voc_root(root) or Path(root)
-    names = list(class_names) if class_names is not None else voc_class_names(root)
+    names = list(class_names) if class_names is not None else voc_classes(root)[0]
     index = {n: i for i, n in enumerate(names)}
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if list_file.is_file():
-        stems = [ln.split()[0] for ln in list_file.read_text().splitlines() if ln.strip()]
+        stems = _read_list(list_file)
     elif split == "all":
         stems = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
     else:
@@ -104,7 +249,11 @@ def load_voc(root: str | Path, split: str = "train", class_names: list[str] | No
             name = (obj.findtext("name") or "").strip()
             if name not in index:
                 problems.append(
-                    Problem("unknown_class", str(xml_path), f"object {j}: class {name!r} not in {names}")
+                    Problem(
+                        "unknown_class",
+                        str(xml_path),
+                        f"object {j}: class {name!r} is not one of the dataset's classes {names}; dropped",
+                    )
                 )
                 continue
             bb = obj.find("bndbox")
@@ -113,6 +262,16 @@ def load_voc(root: str | Path, split: str = "train", class_names: list[str] | No
             except (AttributeError, TypeError, ValueError):
                 problems.append(
                     Problem("bad_entry", str(xml_path), f"object {j}: missing or non-numeric bndbox")
+                )
+                continue
+            if x2 <= x1 or y2 <= y1:
+                problems.append(
+                    Problem(
+                        "degenerate_box",
+                        str(xml_path),
+                        f"object {j} ({name}): bndbox ({x1:g}, {y1:g}, {x2:g}, {y2:g}) has xmax <= xmin or "
+                        "ymax <= ymin (a point or a line, not an object), dropped",
+                    )
                 )
                 continue
             boxes.append([x1 - 1, y1 - 1, x2, y2])

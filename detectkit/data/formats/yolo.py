@@ -4,11 +4,19 @@ Real exports are messy: Roboflow writes ``../train/images`` relative paths, some
 write absolute paths from their own machine, ``names`` is a list or a dict, label lines may
 be polygons. All of that is resolved here; anything that cannot be is a :class:`Problem`
 naming the file and line.
+
+Also reported, never silent: ``nc`` disagreeing with ``names`` (the names win); a split folder
+beside data.yaml without its key (old Roboflow exports have ``test/`` but no ``test:``; it is
+read); images without a label file (trained as background, as ultralytics does); label files
+without an image (unused); folders reached twice through symlinks (a loop: read once). Image
+folders are walked following symlinks; an image that is a broken or looping symlink is kept so
+the image check reports it. Label files may start with a UTF-8 BOM.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +34,7 @@ from detectkit.data.records import (
     log_problems,
 )
 
-__all__ = ["read_data_yaml", "yolo_splits", "load_yolo", "label_path_for", "yolo_class_names"]
+__all__ = ["read_data_yaml", "yolo_splits", "yolo_layout", "load_yolo", "label_path_for", "yolo_class_names"]
 
 log = logging.getLogger("detectkit.data")
 
@@ -34,7 +42,7 @@ log = logging.getLogger("detectkit.data")
 def read_data_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as e:
         raise DatasetError(f"{path}: cannot read the YOLO data.yaml ({e})") from e
@@ -55,14 +63,24 @@ def _names_from(data: dict, path: Path) -> tuple[list[str], dict[int, int]]:
         result = [lookup[k] for k in keys], {k: i for i, k in enumerate(keys)}
     elif isinstance(names, (list, tuple)):
         result = [str(n) for n in names], {i: i for i in range(len(names))}
-    elif names is None and isinstance(data.get("nc"), int):
+    elif names is None and isinstance(data.get("nc"), int) and data["nc"] > 0:
         result = [str(i) for i in range(data["nc"])], {i: i for i in range(data["nc"])}
     else:
         raise DatasetError(f"{path}: 'names' must be a list or a dict of class names, found {names!r}")
-    nc = data.get("nc")
-    if nc is not None and int(nc) != len(result[0]):
-        log.warning("%s: nc=%s but %d names given; using the names", path, nc, len(result[0]))
     return result
+
+
+def _nc_problems(data: dict, path: Path, names: list[str]) -> list[Problem]:
+    nc = data.get("nc")
+    if nc is None or (isinstance(nc, int) and not isinstance(nc, bool) and nc == len(names)):
+        return []
+    return [
+        Problem(
+            "nc_mismatch",
+            str(path),
+            f"nc: {nc!r} but {len(names)} names are given; the {len(names)} names are used",
+        )
+    ]
 
 
 def yolo_class_names(yaml_path: str | Path) -> list[str]:
@@ -98,10 +116,22 @@ def _resolve_split_path(value: str, yaml_path: Path, root: Path | None, split: s
     return None
 
 
-def yolo_splits(yaml_path: str | Path) -> dict[str, list[Path]]:
-    """Split name (as written in data.yaml) -> image folders or list files."""
+def _split_folder(yaml_dir: Path, split: str) -> Path | None:
+    """A split's image folder where exporters put it, for a data.yaml that does not name it."""
+    aliases = next((a for a in SPLIT_ALIASES.values() if split in a), (split,))
+    for alias in aliases:
+        for c in (yaml_dir / alias / "images", yaml_dir / "images" / alias):
+            if c.is_dir() and any(c.iterdir()):
+                return c.resolve()
+    return None
+
+
+def yolo_layout(yaml_path: str | Path) -> tuple[dict[str, list[Path]], list[Problem]]:
+    """Split name (as written in data.yaml) -> image folders or list files, and dataset-level
+    problems (``nc`` vs ``names``, split folders found without a data.yaml key)."""
     yaml_path = Path(yaml_path)
     data = read_data_yaml(yaml_path)
+    problems = _nc_problems(data, yaml_path, _names_from(data, yaml_path)[0])
     root = None
     if data.get("path"):
         root = Path(data["path"])
@@ -113,6 +143,17 @@ def yolo_splits(yaml_path: str | Path) -> dict[str, list[Path]]:
     for split in ("train", "val", "test"):
         value = data.get(split)
         if not value:
+            found = _split_folder(yaml_path.parent, split)
+            if found is not None:
+                out[split] = [found]
+                problems.append(
+                    Problem(
+                        "split_without_key",
+                        str(yaml_path),
+                        f"no '{split}:' key, but the {split} folder {found} is beside it: read as the "
+                        f"'{split}' split (add '{split}: {os.path.relpath(found, yaml_path.parent)}' to say so)",
+                    )
+                )
             continue
         values = value if isinstance(value, list) else [value]
         paths = []
@@ -122,9 +163,47 @@ def yolo_splits(yaml_path: str | Path) -> dict[str, list[Path]]:
                 raise DatasetError(
                     f"{yaml_path}: {split} path {v!r} does not exist (also not relative to data.yaml)"
                 )
+            if found in paths:  # listed twice, or a missing entry that fell back to the standard folder
+                raise DatasetError(f"{yaml_path}: {split} path {v!r} names {found} a second time")
             paths.append(found)
         out[split] = paths
-    return out
+    return out, problems
+
+
+def yolo_splits(yaml_path: str | Path) -> dict[str, list[Path]]:
+    """Split name (as written in data.yaml) -> image folders or list files."""
+    return yolo_layout(yaml_path)[0]
+
+
+def _walk(folder: Path, suffixes: tuple[str, ...], problems: list[Problem]) -> list[Path]:
+    """Files under ``folder`` with these suffixes, following symlinked folders once each.
+
+    ``Path.rglob`` neither follows a symlinked folder nor keeps an image that is a broken
+    symlink, so such images vanished without a word; here a folder reached again (a symlink
+    loop) is reported and read once, and every entry with an image suffix is kept.
+    """
+    out: list[Path] = []
+    seen: dict[str, str] = {}
+
+    def failed(e: OSError) -> None:
+        problems.append(Problem("unreadable_folder", str(e.filename), f"cannot list ({e.strerror})", "error"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=failed):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            problems.append(
+                Problem(
+                    "symlink_loop",
+                    dirpath,
+                    f"a symlinked folder leading back to {seen[real]} (already read): not read again",
+                )
+            )
+            dirnames[:] = []
+            continue
+        seen[real] = dirpath
+        dirnames.sort()
+        out += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in suffixes]
+    return sorted(out)
 
 
 def label_path_for(image: Path) -> Path:
@@ -136,17 +215,35 @@ def label_path_for(image: Path) -> Path:
     return Path(s[:i] + "/labels/" + s[i + len("/images/") :]).with_suffix(".txt")
 
 
-def _list_images(src: Path) -> list[Path]:
+def _list_images(src: Path, problems: list[Problem]) -> list[Path]:
     if src.is_file() and src.suffix == ".txt":
         base = src.parent
         out = []
-        for line in src.read_text(encoding="utf-8").splitlines():
+        for line in src.read_text(encoding="utf-8-sig").splitlines():
             line = line.strip()
             if line:
                 p = Path(line)
                 out.append(p if p.is_absolute() else (base / p).resolve())
         return out
-    return sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return _walk(src, IMAGE_EXTENSIONS, problems)
+
+
+def _orphan_labels(src: Path, used: set[Path], problems: list[Problem]) -> None:
+    """Label files in the split's ``labels/`` folder that no image uses."""
+    if not src.is_dir():
+        return  # a list file: its label folders are shared with other lists
+    label_dir = label_path_for(src / "x.jpg").parent
+    if label_dir == src or not label_dir.is_dir():
+        return  # labels beside the images: other .txt files there are not necessarily labels
+    for label in _walk(label_dir, (".txt",), problems):
+        if label not in used and label.name != "classes.txt":
+            problems.append(
+                Problem(
+                    "orphan_label",
+                    str(label),
+                    f"a label file with no image (no {label.stem}.* under {src}); its boxes are not used",
+                )
+            )
 
 
 def parse_label_file(
@@ -155,7 +252,7 @@ def parse_label_file(
     """Boxes in pixels of a ``width x height`` image; polygon lines become their bounding box."""
     boxes, labels, where = [], [], []
     try:
-        text = label.read_text(encoding="utf-8")
+        text = label.read_text(encoding="utf-8-sig")  # a BOM would hide the first line's class
     except (OSError, UnicodeDecodeError) as e:
         problems.append(Problem("bad_label_file", str(label), f"cannot read ({e})", "error"))
         return np.zeros((0, 4), np.float32), np.zeros(0, np.int64), []
@@ -217,7 +314,7 @@ def load_yolo(yaml_path: str | Path, split: str = "train", start_id: int = 0) ->
     problems: list[Problem] = []
     records: list[ImageRecord] = []
     seen_labels: dict[Path, Path] = {}
-    images = [p for src in splits[key] for p in _list_images(src)]
+    images = [p for src in splits[key] for p in _list_images(src, problems)]
     # a bar only where reading takes a while (one header read + one label file per image)
     for img in tqdm(images, desc=f"yolo {split}", unit="img", disable=len(images) < 2000, leave=False):
         label = label_path_for(img)
@@ -240,7 +337,16 @@ def load_yolo(yaml_path: str | Path, split: str = "train", start_id: int = 0) ->
             boxes, labels, where = parse_label_file(label, id_map, width, height, problems)
             boxes, labels, _ = clean_boxes(boxes, labels, width, height, str(label), problems, where=where)
         else:
-            boxes, labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)  # negative image
+            problems.append(
+                Problem(
+                    "missing_label",
+                    str(img),
+                    f"no label file {label}: trained as a background (negative) image",
+                )
+            )
+            boxes, labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
         records.append(ImageRecord(img, start_id + len(records), width, height, boxes, labels))
+    for src in splits[key]:
+        _orphan_labels(src, set(seen_labels), problems)
     log_problems(problems, f"{yaml_path} ({key})")
     return DetectionSplit("yolo", key, names, records, problems, str(yaml_path))

@@ -40,10 +40,9 @@ def read_super_gradients_state(path_or_state: str | Path | Mapping) -> dict[str,
         where = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"YOLO-NAS checkpoint not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read YOLO-NAS checkpoint {path}: {e}") from e
+        from detectkit.checkpoint import read_checkpoint
+
+        obj = read_checkpoint(path)  # CheckpointError (a ValueError) names the file and the problem
     else:
         obj = path_or_state
     if not isinstance(obj, Mapping):

@@ -154,7 +154,9 @@ class EmbeddingsFileEncoder(TextEncoder):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"text embeddings file not found: {self.path}")
-        table = torch.load(self.path, map_location="cpu", weights_only=True)
+        from detectkit.checkpoint import read_checkpoint  # CheckpointError names the file and the problem
+
+        table = read_checkpoint(self.path)
         if not isinstance(table, dict) or not table:
             raise ValueError(f"{self.path}: expected a non-empty dict {{name: tensor[dim]}}")
         dims = {tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in table.values()}

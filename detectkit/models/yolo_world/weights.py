@@ -3,9 +3,9 @@
 Two inputs are accepted:
 
 * a state dict in the ultralytics layout (``model.<layer>.<...>`` keys), e.g. saved with
-  ``torch.save(model.state_dict())``: loaded with ``torch.load(weights_only=True)``;
+  ``torch.save(model.state_dict())``: read by :func:`detectkit.checkpoint.read_checkpoint`;
 * an ultralytics ``.pt`` (a pickled dict holding a pickled ``WorldModel`` object under ``ema``
-  / ``model``): read by :func:`read_ultralytics_pt`, whose unpickler builds *inert stand-ins*
+  / ``model``): read by :func:`read_ultralytics_pt` through ``detectkit.checkpoint``, whose unpickler builds *inert stand-ins*
   for the model classes, rebuilds tensors with torch's own functions and refuses every other
   global (``os.system`` & co.), so no pickled code runs and ultralytics is never imported.
 
@@ -14,18 +14,15 @@ Any missing or unexpected key, or shape mismatch, raises an error listing them.
 
 from __future__ import annotations
 
-import _compat_pickle
-import pickle
 import re
-import types
-import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from detectkit.checkpoint import _Inert
 
 # ultralytics layer index -> detectkit module path (layers 10/11/13/14/17/20 hold no weights)
 LAYER_PREFIXES: dict[int, str] = {
@@ -114,129 +111,7 @@ def _mismatch_message(missing: list[str], unexpected: list[str], shapes: list[st
     return "; ".join(parts)
 
 
-# --------------------------------------------------------------------------- restricted unpickler
-class _Inert:
-    """Stand-in for a foreign class: keeps the pickled state as attributes, runs nothing."""
-
-    _foreign = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.__dict__["_args"] = args
-
-    def __setstate__(self, state: Any) -> None:
-        if (
-            isinstance(state, tuple)
-            and len(state) == 2
-            and all(s is None or isinstance(s, dict) for s in state)
-        ):
-            for part in state:
-                self.__dict__.update(part or {})
-        elif isinstance(state, dict):
-            self.__dict__.update(state)
-        else:
-            self.__dict__["_state"] = state
-
-    # list / dict subclasses are pickled with APPENDS / SETITEMS
-    def append(self, item: Any) -> None:
-        self.__dict__.setdefault("_items", []).append(item)
-
-    def extend(self, items: Any) -> None:
-        self.__dict__.setdefault("_items", []).extend(items)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.__dict__.setdefault("_mapping", {})[key] = value
-
-    def __repr__(self) -> str:
-        return f"<inert {self._foreign}>"
-
-
-_STAND_IN_PACKAGES = (
-    "ultralytics",
-    "torch.nn.modules",
-    "clip",
-    "open_clip",
-    "mobileclip",
-    "numpy",
-    "pathlib",
-    "types",
-    "argparse",
-    "datetime",
-)
-_stand_ins: dict[tuple[str, str], type] = {}
-
-
-def _stand_in(module: str, name: str) -> type:
-    key = (module, name)
-    if key not in _stand_ins:
-        _stand_ins[key] = type(
-            name, (_Inert,), {"__module__": "detectkit.inert", "_foreign": f"{module}.{name}"}
-        )
-    return _stand_ins[key]
-
-
-def _rebuild_from_type_v2(func: Any, new_type: Any, args: tuple, state: Any) -> torch.Tensor:
-    # torch's version would call as_subclass on any type and set any state; allow plain tensors only
-    if func not in (torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter):
-        raise pickle.UnpicklingError(f"refusing tensor rebuild through {func!r}")
-    tensor = func(*args)
-    if new_type is nn.Parameter and not isinstance(tensor, nn.Parameter):
-        tensor = nn.Parameter(tensor, requires_grad=tensor.requires_grad)
-    elif new_type not in (torch.Tensor, nn.Parameter):
-        raise pickle.UnpicklingError(f"refusing tensor subclass {new_type!r}")
-    return tensor
-
-
-def _rebuild_parameter(
-    data: torch.Tensor, requires_grad: bool, backward_hooks: Any, *state: Any
-) -> nn.Parameter:
-    return nn.Parameter(data, requires_grad=requires_grad)
-
-
-_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): torch.Tensor,
-    ("torch.nn.parameter", "Parameter"): nn.Parameter,
-    ("torch", "Size"): torch.Size,
-    ("torch", "device"): torch.device,
-    ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice,
-    ("builtins", "complex"): complex,
-    ("_codecs", "encode"): lambda text, encoding="latin1": text.encode(encoding),
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Tensors, containers and inert stand-ins for model classes; every other global is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol-2 (Python 2) spellings
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[(module, name)]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if any(module == p or module.startswith(p + ".") for p in _STAND_IN_PACKAGES):
-            return _stand_in(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load global {module}.{name}: only tensors, containers and model classes "
-            "(as inert stand-ins) are read from checkpoints"
-        )
-
-
-_restricted_pickle = types.ModuleType("detectkit_restricted_pickle")
-_restricted_pickle.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
-_restricted_pickle.load = lambda f, **kw: RestrictedUnpickler(f, **kw).load()  # type: ignore[attr-defined]
-_restricted_pickle.__name__ = "detectkit_restricted_pickle"
+# The restricted unpickler that reads ultralytics' pickled model objects lives in detectkit.checkpoint.
 
 
 @dataclass
@@ -265,10 +140,13 @@ def _module_state(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
 
 def read_ultralytics_pt(path: str | Path) -> UltralyticsCheckpoint:
     """Parameters and buffers of the ``ema`` (else ``model``) object of an ultralytics ``.pt``."""
-    path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a torch zip checkpoint (legacy tar/pickle files are not supported)")
-    data = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+    from detectkit.checkpoint import read_checkpoint
+
+    return ultralytics_checkpoint_from(read_checkpoint(path), path)
+
+
+def ultralytics_checkpoint_from(data: Any, path: str | Path = "checkpoint") -> UltralyticsCheckpoint:
+    """The weights and vocabulary of an already-read ultralytics ``.pt`` (inert model objects)."""
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict with 'model'/'ema', got {type(data).__name__}")
     net = data.get("ema") if data.get("ema") is not None else data.get("model")
@@ -293,27 +171,30 @@ def read_ultralytics_pt(path: str | Path) -> UltralyticsCheckpoint:
     return UltralyticsCheckpoint(state, txt, names, meta)
 
 
+def install_ultralytics_checkpoint(model: nn.Module, ckpt: UltralyticsCheckpoint) -> nn.Module:
+    """Load the weights strictly, then the vocabulary when the file carries one of the model's width."""
+    load_ultralytics_state_dict(model, ckpt.state_dict)
+    if ckpt.txt_feats is not None and ckpt.txt_feats.shape[-1] == model.text_dim:
+        names = ckpt.names if ckpt.names and len(ckpt.names) == len(ckpt.txt_feats) else None
+        model.set_text_embeddings(ckpt.txt_feats, names)
+    return model
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load ``path`` (ultralytics ``.pt``, ultralytics state dict or detectkit state dict) strictly."""
+    from detectkit.checkpoint import read_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        data = None  # pickled objects: an ultralytics .pt, read through the restricted unpickler
-    if data is None:
-        ckpt = read_ultralytics_pt(path)
-        load_ultralytics_state_dict(model, ckpt.state_dict)
-        if ckpt.txt_feats is not None and ckpt.txt_feats.shape[-1] == model.text_dim:
-            names = ckpt.names if ckpt.names and len(ckpt.names) == len(ckpt.txt_feats) else None
-            model.set_text_embeddings(ckpt.txt_feats, names)
-        return model
+    data = read_checkpoint(path)  # weights_only, or inert stand-ins for pickled model classes
+    if isinstance(data, dict) and (data.get("ema") is not None or isinstance(data.get("model"), _Inert)):
+        return install_ultralytics_checkpoint(model, ultralytics_checkpoint_from(data, path))
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]  # a Lightning checkpoint
+        data = data["state_dict"]  # a Lightning checkpoint or a detectkit weights file
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{path}: expected a state dict of tensors")
-    if any(_KEY.match(k) for k in data):
+    if any(_KEY.match(k) for k in data) and not any(k.startswith("model.backbone.") for k in data):
         return load_ultralytics_state_dict(model, data)
     if all(k.startswith("model.") for k in data):
         data = {k[len("model.") :]: v for k, v in data.items()}

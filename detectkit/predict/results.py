@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import colorsys
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,19 +14,14 @@ import numpy as np
 from PIL import Image
 
 from detectkit.data.letterbox import LetterboxInfo
+from detectkit.predict.draw import draw_boxes
+from detectkit.predict.sources import VIDEO_EXTENSIONS, is_url
+from detectkit.predict.writers import coco_rows
 
-__all__ = ["ImagePrediction", "Predictions", "VIDEO_EXTENSIONS"]
+__all__ = ["ImagePrediction", "Predictions"]
 
-#: suffixes read with cv2.VideoCapture and written by Predictions.save(video_path)
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 # FourCC per container for writing; mp4v/MJPG ship with opencv-python-headless's FFmpeg build.
 _FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
-
-
-def _color(label: int) -> tuple[int, int, int]:
-    # Golden-ratio hue walk: neighbouring class ids get clearly different, stable colours.
-    r, g, b = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
 
 
 @dataclass
@@ -42,9 +37,27 @@ class ImagePrediction:
     letterbox: LetterboxInfo | None = None
     fps: float | None = None  # frame rate of the video this frame came from
     extra: dict[str, Any] = field(default_factory=dict)
+    #: position in the prediction stream (names images that have no file name)
+    index: int = 0
+    #: label -> dataset category id (the model's, from its checkpoint); None = ``label + 1``
+    category_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
+
+    @property
+    def name(self) -> str:
+        """A file name for this image: the source's (``img.jpg``; ``clip_000012.jpg`` for frame 12
+        of ``clip.mp4``), else ``image_000003.jpg`` from its position in the stream."""
+        src = self.source
+        if src is None:
+            return f"image_{self.index:06d}.jpg"
+        if self.fps is not None and "#" in src:
+            video, frame = src.rsplit("#", 1)
+            stem = Path(urllib.parse.urlparse(video).path if is_url(video) else video).stem or "video"
+            return f"{stem}_{int(frame):06d}.jpg"
+        name = Path(urllib.parse.urlparse(src).path if is_url(src) else src).name
+        return name or f"image_{self.index:06d}.jpg"
 
     @property
     def names(self) -> list[str]:
@@ -55,23 +68,9 @@ class ImagePrediction:
         return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
 
     def draw(self, show_confidence: bool = True, line_width: int | None = None) -> np.ndarray:
-        """A copy of the image (RGB) with boxes and labels drawn on it."""
-        canvas = np.ascontiguousarray(self.image.copy())
-        h, w = canvas.shape[:2]
-        lw = line_width or max(1, round((h + w) / 600))
-        font_scale = max(0.35, lw / 3)
-        for box, score, label in zip(self.boxes, self.scores, self.labels):
-            color = _color(int(label))
-            x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-            cv2.rectangle(canvas, (x1, y1), (x2, y2), color, lw, cv2.LINE_AA)
-            text = self._name(int(label)) + (f" {float(score):.2f}" if show_confidence else "")
-            (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, max(1, lw - 1))
-            ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(h - 1, y1 + th + base + 2)
-            cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw, ty + base // 2), color, -1)
-            ink = (0, 0, 0) if 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 150 else (255, 255, 255)
-            cv2.putText(canvas, text, (x1, ty - base // 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
-                        ink, max(1, lw - 1), cv2.LINE_AA)
-        return canvas
+        """A copy of the image (RGB) with boxes and labels drawn on it (the one drawer)."""
+        return draw_boxes(self.image, self.boxes, self.labels, self.scores, self.class_names,
+                          line_width=line_width, show_confidence=show_confidence)
 
     def save(self, path: str | Path, show_confidence: bool = True) -> Path:
         """Write the drawn image (original size) to ``path``; the suffix picks the format."""
@@ -85,14 +84,10 @@ class ImagePrediction:
         _show([self.draw(show_confidence)], [self.source or "prediction"])
 
     def to_coco(self, image_id: int | str, category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
-        """COCO results rows (``bbox = [x, y, w, h]``); ``category_ids`` maps label -> COCO id."""
-        rows = []
-        for box, score, label in zip(self.boxes, self.scores, self.labels):
-            x1, y1, x2, y2 = (float(v) for v in box)
-            cat = int(category_ids[int(label)]) if category_ids is not None else int(label)
-            rows.append({"image_id": image_id, "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                         "score": float(score)})
-        return rows
+        """COCO results rows (``bbox = [x, y, w, h]``) through the one writer: ``category_ids``
+        (else the model's, recorded at predict time) maps label -> id, else ``label + 1``."""
+        ids = category_ids if category_ids is not None else self.category_ids
+        return coco_rows(image_id, self.boxes, self.scores, self.labels, ids)
 
 
 class Predictions(Sequence[ImagePrediction]):

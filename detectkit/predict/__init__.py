@@ -1,0 +1,14 @@
+"""One prediction path: sources -> decode (EXIF) -> letterbox -> model -> postprocess -> Predictions.
+
+``model.predict``, the LightningModule, ``detectkit predict``, export verification and the server
+share these parts: :mod:`.sources` (inputs, through the one image decoder), :mod:`.pipeline`
+(``predict``; defaults from ``model.inference``), :mod:`.draw` (the one box drawer) and
+:mod:`.writers` (the one COCO results writer).
+"""
+
+from detectkit.predict.pipeline import IMAGE_EXTENSIONS, iter_source, load_image, predict
+from detectkit.predict.results import ImagePrediction, Predictions
+from detectkit.predict.sources import VIDEO_EXTENSIONS
+
+__all__ = ["predict", "iter_source", "load_image", "ImagePrediction", "Predictions", "IMAGE_EXTENSIONS",
+           "VIDEO_EXTENSIONS"]

@@ -1,0 +1,157 @@
+"""One prediction path: a model trained at a non-640 size predicts at its own size through
+``model.predict``, ``predict_step`` and ``detectkit predict`` alike; EXIF; one drawer; one COCO writer."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from compress_helpers import TinyDetector, tiny_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
+
+import detectkit
+from detectkit.cli import main
+from detectkit.data.images import read_image
+from detectkit.predict import ImagePrediction, iter_source
+from detectkit.predict.draw import draw_boxes
+from detectkit.predict.writers import category_id, coco_rows
+from detectkit.registry import list_models, register_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64  # the training / validation input: not 640
+IMAGE = 80  # the generated images are larger, so the letterbox really rescales
+
+
+def tiny_predict_detector(num_classes: int = 3, checkpoint: str | None = None) -> TinyDetector:
+    return TinyDetector(num_classes=num_classes, width=8)
+
+
+if "tiny_predict_detector" not in list_models():
+    register_model(tiny_predict_detector)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A one-epoch fit at 64 px on 80 px images; its checkpoint records the 64 px letterbox."""
+    from detectkit import DetectionModule
+    from detectkit.data import DetectionDataModule
+    from detectkit.data.synthetic import SyntheticConfig
+
+    root = tmp_path_factory.mktemp("predict_fit")
+    torch.manual_seed(0)
+    syn = SyntheticConfig(train_images=4, val_images=3, size=IMAGE, num_classes=3)
+    dm = DetectionDataModule(image_size=SIZE, batch_size=4, num_workers=0, synthetic=syn,
+                             cache_dir=str(root / "data"), mixup_prob=0.0)
+    module = DetectionModule("tiny_predict_detector", num_classes=3, class_names=dm.class_names, warmup_steps=1,
+                             lr=1e-2, predict_conf=0.02, predict_max_det=20)
+    trainer = tiny_trainer(root, [ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], 1, train_batches=1)
+    trainer.fit(module, dm)
+    images = sorted((root / "data").rglob("val/**/*.jpg")) or sorted((root / "data").rglob("*.jpg"))[-3:]
+    return root / "ckpt" / "last.ckpt", dm, images
+
+
+def test_predict_uses_the_trained_size_and_equals_predict_step(trained):
+    ckpt, dm, _ = trained
+    model = detectkit.load(ckpt)
+    assert model.inference.image_size == (SIZE, SIZE) and model.inference.longest is None
+    from detectkit import DetectionModule
+
+    module = DetectionModule(model, num_classes=3, predict_conf=None).eval()
+    assert module.predict_postprocess == model.inference.postprocess  # None = the model's own
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    steps = module.predict_step(batch, 0)
+    assert sum(len(s["boxes"]) for s in steps) > 0  # something to compare
+    for step in steps:
+        pred = model.predict(step["meta"]["path"])[0]  # no size, no conf: all from model.inference
+        assert pred.letterbox.input_size == (SIZE, SIZE) and pred.image.shape[:2] == (IMAGE, IMAGE)
+        np.testing.assert_allclose(pred.boxes, step["boxes"].numpy(), atol=1e-3)
+        np.testing.assert_allclose(pred.scores, step["scores"].numpy(), atol=1e-5)
+        np.testing.assert_array_equal(pred.labels, step["labels"].numpy())
+    # the 640 default would have been a different prediction
+    other = model.predict(steps[0]["meta"]["path"], size=640)[0]
+    assert other.letterbox.input_size == (640, 640)
+
+
+def test_exif_rotated_image_is_predicted_upright(trained, tmp_path):
+    ckpt, _, images = trained
+    upright = read_image(images[0])[:, :60]  # 80 high, 60 wide: orientation matters
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # what a camera writes
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "phone.png"
+    stored.save(path, exif=exif)
+    assert np.asarray(Image.open(path)).shape[:2] == (60, 80)  # the raw pixels lie on their side
+    (frame,) = iter_source(path)
+    np.testing.assert_array_equal(frame.image, upright)
+    (frame,) = iter_source(Image.open(path))  # a PIL image goes through the same decoder
+    np.testing.assert_array_equal(frame.image, upright)
+    model = detectkit.load(ckpt)
+    from_file, from_array = model.predict([path, upright])
+    assert from_file.image.shape == (80, 60, 3) and from_file.name == "phone.png"
+    np.testing.assert_allclose(from_file.boxes, from_array.boxes, atol=1e-4)
+    assert from_array.name == "image_000001.jpg"
+
+
+def test_cli_predict_writes_images_and_coco_json(trained, tmp_path, capsys, monkeypatch):
+    ckpt, _, images = trained
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for p in images:
+        (src / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    assert main(["predict", "--source", str(src), "--checkpoint", str(ckpt), "--save-dir", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(rf"{len(images)} images, \d+ detections", line) and str(out) in line
+    assert sorted(p.name for p in out.glob("*.jpg")) == sorted(p.name for p in images)
+    rows = json.loads((out / "predictions.json").read_text())
+    listed = json.loads((out / "images.json").read_text())
+    assert [i["file_name"] for i in listed] == sorted(p.name for p in images)
+    model = detectkit.load(ckpt)
+    expected = [r for i, p in enumerate(model.predict(src)) for r in p.to_coco(i)]
+    assert rows and len(rows) == len(expected)
+    for got, want in zip(rows, expected):
+        assert got["image_id"] == want["image_id"] and got["category_id"] == want["category_id"]
+        assert got["bbox"] == pytest.approx(want["bbox"], abs=1e-3) and got["score"] == pytest.approx(want["score"])
+    assert {r["category_id"] for r in rows} <= {1, 2, 3}  # no mapping recorded: label + 1
+    # default save dir: runs/predict/<n>, the next free n
+    monkeypatch.chdir(tmp_path)
+    for n in (1, 2):
+        assert main(["predict", "--source", str(images[0]), "--checkpoint", str(ckpt), "--no-images"]) == 0
+        assert (tmp_path / "runs" / "predict" / str(n) / "predictions.json").is_file()
+
+
+def test_coco_writer_category_ids(trained):
+    assert category_id(0, None) == 1 and category_id(2, [5, 7, 90]) == 90
+    with pytest.raises(ValueError, match="label 3"):
+        category_id(3, [5, 7, 90])
+    rows = coco_rows(4, np.array([[1.0, 2.0, 11.0, 22.0]]), np.array([0.5]), np.array([1]), [5, 7, 90])
+    assert rows == [{"image_id": 4, "category_id": 7, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.5}]
+    ckpt, _, images = trained
+    model = detectkit.load(ckpt)
+    model.category_ids = [11, 22, 33]  # the dataset's ids, as detectkit.load sets them from the record
+    pred = model.predict(images[0], conf=0.0)[0]
+    assert len(pred) and {r["category_id"] for r in pred.to_coco(0)} <= {11, 22, 33}
+    assert pred.to_coco(0, category_ids=[1, 2, 3])[0]["category_id"] == int(pred.labels[0]) + 1
+
+
+def test_one_drawer_everywhere():
+    img = np.full((50, 70, 3), 30, np.uint8)
+    boxes, scores, labels = np.array([[5.0, 8.0, 40.0, 30.0]]), np.array([0.8]), np.array([1])
+    pred = ImagePrediction(img, boxes, scores, labels, class_names=["a", "b"])
+    np.testing.assert_array_equal(pred.draw(), draw_boxes(img, boxes, labels, scores, ["a", "b"]))
+    from detectkit.callbacks.prediction_images import _draw
+
+    det = torch.tensor([[5.0, 8.0, 40.0, 30.0, 0.8, 1.0]])
+    grid = _draw(img, torch.tensor([[6.0, 9.0, 41.0, 31.0]]), torch.tensor([0]), det, ["a", "b"])
+    assert grid.shape[0] > img.shape[0]  # enlarged for readable captions, drawn by draw_boxes
+    # nothing else in the code draws boxes
+    drawers = re.compile(r"cv2\.rectangle|ImageDraw|draw_bounding_boxes")
+    offenders = [str(p.relative_to(ROOT)) for d in ("detectkit", "callbacks") for p in (ROOT / d).rglob("*.py")
+                 if drawers.search(p.read_text()) and p.name != "draw.py"]
+    assert offenders == []
