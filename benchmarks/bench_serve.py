@@ -49,13 +49,9 @@ def _random_checkpoint(folder: Path) -> Path:
     torch.manual_seed(0)
     model = create_model("yolo_nas_s", num_classes=3).eval()
     model.inference = InferenceDefaults(image_size=(128, 128), longest=None)
-    path = folder / "yolo_nas_s_128_random.ckpt"
-    try:
-        from detectkit.checkpoint import save_checkpoint as save
-    except ImportError:
-        from detectkit.serve._interim_load import save
-    save(model, path, "yolo_nas_s", num_classes=3)
-    return path
+    from detectkit.checkpoint import save_weights
+
+    return save_weights(model, folder / "yolo_nas_s_128_random.ckpt")
 
 
 def _test_image(path: str | None) -> tuple[bytes, str]:

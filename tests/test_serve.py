@@ -31,6 +31,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("litserve")
 
 from detectkit import create_model  # noqa: E402
+from detectkit.checkpoint import save_weights  # noqa: E402
 from detectkit.models.base import InferenceDefaults  # noqa: E402
 from detectkit.models.yolo_world.text import EmbeddingsFileEncoder  # noqa: E402
 from detectkit.ops.nms import PostprocessConfig  # noqa: E402
@@ -40,15 +41,8 @@ START_TIMEOUT = 180  # the shared dev machine can be slow to spawn workers; an i
 WORLD_VOCAB = ["cat", "dog", "person", "car", "tree", "boat", "kite"]
 
 
-def _save_checkpoint(model: torch.nn.Module, path: Path, name: str, **kwargs) -> Path:
-    try:
-        from detectkit.checkpoint import (
-            save_checkpoint as save,  # the checkpoint helper's writer, once merged
-        )
-    except ImportError:
-        from detectkit.serve._interim_load import save
-    save(model, path, name, **kwargs)
-    return path
+def _save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
+    return save_weights(model, path)  # the record detectkit.load reads: vocabulary, inference, category ids
 
 
 def _image(seed: int, h: int, w: int) -> np.ndarray:
@@ -129,7 +123,7 @@ def nas_checkpoint(tmp_path_factory):
     model.category_ids = [3, 7, 11]
     model.inference = InferenceDefaults(image_size=(96, 96), longest=None,
                                         postprocess=PostprocessConfig(conf=0.2, iou=0.6, max_det=50))
-    path = _save_checkpoint(model, tmp_path_factory.mktemp("nas") / "nas.ckpt", "yolo_nas_s", num_classes=3)
+    path = _save_checkpoint(model, tmp_path_factory.mktemp("nas") / "nas.ckpt")
     return path, load_detector(path)
 
 
@@ -282,7 +276,8 @@ def world(tmp_path_factory):
     table = {n: torch.nn.functional.normalize(torch.randn(512), dim=0) for n in WORLD_VOCAB}
     torch.save(table, root / "vocab.pt")
     encoder = EmbeddingsFileEncoder(root / "vocab.pt")
-    model = create_model("yolo_world_v2_s", class_names=["cat", "dog"], text_encoder=encoder).eval()
+    model = create_model("yolo_world_v2_s", num_classes=2).eval()
+    model.set_text_embeddings(encoder.encode(["cat", "dog"]), ["cat", "dog"])
     with torch.no_grad():  # sharpen the untrained scorer and shrink its boxes so detections vary
         for name, p in model.named_parameters():
             if name.startswith("head.cv4") and name.endswith("logit_scale"):
@@ -294,7 +289,7 @@ def world(tmp_path_factory):
             branch[-1].bias.copy_(-0.5 * torch.arange(16.0).repeat(4))
     model.inference = InferenceDefaults(image_size=(64, 64), longest=None,
                                         postprocess=PostprocessConfig(conf=0.05))
-    path = _save_checkpoint(model, root / "world.ckpt", "yolo_world_v2_s", num_classes=2)
+    path = _save_checkpoint(model, root / "world.ckpt")
     server = Server(path, "--text-encoder", str(root / "vocab.pt"), "--max-batch", "8",
                     "--batch-timeout-ms", "3000")
     yield server, load_detector(path), encoder
@@ -368,3 +363,23 @@ def test_sigterm_drains_accepted_requests(world):
         assert late.status_code == 503
     assert server.proc.wait(timeout=60) == 0, server.output()
     assert '"drain_end"' in server.output()
+
+
+def test_cli_errors_are_one_line(nas_checkpoint, tmp_path, monkeypatch, capsys):
+    from detectkit.serve.backends import BackendUnavailable, check_tensorrt
+    from detectkit.serve.commands import main
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    # the server's JSON log handlers would outlive this test in the pytest process
+    monkeypatch.setattr("detectkit.serve.metrics.configure_json_logging", lambda level="info": None)
+    assert main(["--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
+    assert "missing.ckpt: file not found" in capsys.readouterr().err
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    assert main(["--checkpoint", str(broken)]) == 2
+    assert "broken.ckpt" in capsys.readouterr().err
+    try:
+        check_tensorrt("cuda")
+    except BackendUnavailable:
+        assert main(["--checkpoint", str(nas_checkpoint[0]), "--backend", "tensorrt", "--device", "cpu"]) == 2
+        assert "tensorrt" in capsys.readouterr().err

@@ -8,17 +8,20 @@ conf?, iou?, max_det?, classes?, annotate?, received}``. Per request, in the wor
   header-only size check (decompression bombs are refused before decoding). A bad image becomes
   a :class:`Rejected` item instead of an exception, because LitServe fails every request of a
   batch when ``decode_request`` raises.
-* ``predict`` letterboxes with ``model.inference`` (the one letterbox), runs the whole batch in
-  one backend call and post-processes each image with its own :class:`PostprocessConfig`
-  (``model.inference.postprocess`` with the request's overrides) through
-  ``detectkit.ops.postprocess``, then maps boxes back to original pixels: the steps of
-  ``model.predict``, so the server returns the same detections.
+* ``predict`` uses the parts of ``detectkit.predict``: each request's settings are
+  ``resolve_settings(model, conf=, iou=, max_det=)`` (``model.inference`` with the request's
+  overrides), images go through the one letterbox, the whole batch through one backend call, and
+  each image through ``detectkit.ops.postprocess`` with its own :class:`PostprocessConfig` and
+  the letterbox inverse: the steps of ``model.predict``, so the server returns the same
+  detections. (``predict``'s own batch loop is not reused because it applies one setting and one
+  vocabulary to a whole batch.)
 * YOLO-World: a request may bring its own ``classes``. Their text embeddings come from an LRU
   cache over the text encoder; a batch mixing vocabularies runs once through the masked path
   ``model(x, text=[B,K,512], text_mask=[B,K])`` (requests without classes use the model's own
   vocabulary as their row).
-* ``encode_response`` builds COCO-style JSON (``bbox`` = [x, y, w, h] in original pixels,
-  ``category_id`` by the one rule: ``model.category_ids[label]`` when set, else ``label + 1``)
+* ``encode_response`` builds COCO-style JSON through the one writer's ``coco_rows`` (``bbox`` =
+  [x, y, w, h] in original pixels, ``category_id`` by the one rule: ``model.category_ids[label]``
+  when set, else ``label + 1``; a request's own vocabulary has no dataset ids: ``label + 1``)
   and, if asked, the annotated image from the one drawer as base64 JPEG. Rejected items become a
   4xx ``JSONResponse`` for that request only.
 """
@@ -31,7 +34,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +44,9 @@ import torch
 from starlette.responses import JSONResponse
 
 from detectkit.data.letterbox import LetterboxInfo, letterbox, unletterbox_boxes
-from detectkit.ops.nms import PostprocessConfig, postprocess
+from detectkit.ops.nms import postprocess
+from detectkit.predict.pipeline import PredictSettings, resolve_settings
+from detectkit.predict.writers import coco_rows
 from detectkit.serve.backends import (
     OnnxRuntimeBackend,
     TensorRTBackend,
@@ -67,7 +71,7 @@ class Rejected:
 @dataclass
 class Item:
     image: np.ndarray  # HWC uint8 RGB, original pixels
-    post: PostprocessConfig
+    settings: PredictSettings  # letterbox + post-processing: model.inference with the request's overrides
     classes: list[str] | None
     annotate: bool
     received: float | None
@@ -86,12 +90,9 @@ class Result:
 
 def load_detector(checkpoint: str | os.PathLike, device: str | torch.device | None = None) -> torch.nn.Module:
     """The one checkpoint loader, ``detectkit.load`` (eval mode, ``model.inference`` from the record)."""
-    import detectkit
+    from detectkit.checkpoint import load
 
-    loader = getattr(detectkit, "load", None)
-    if loader is None:  # until the checkpoint branch is merged: the same record, read here
-        from detectkit.serve._interim_load import load as loader
-    return loader(checkpoint, device=device)
+    return load(checkpoint, device=device)
 
 
 class DetectionAPI(ls.LitAPI):
@@ -165,8 +166,8 @@ class DetectionAPI(ls.LitAPI):
     def decode_request(self, request):  # no annotation: LitServe then passes the parsed JSON body
         try:
             image = self._decode_image(base64.b64decode(request["image"]))
-            post = self.inference.postprocess.replace(
-                conf=request.get("conf"), iou=request.get("iou"), max_det=request.get("max_det"))
+            settings = resolve_settings(self.model, conf=request.get("conf"), iou=request.get("iou"),
+                                        max_det=request.get("max_det"))
             classes = request.get("classes")
             if classes is not None:
                 if not self.runner.supports_text:
@@ -176,35 +177,30 @@ class DetectionAPI(ls.LitAPI):
                 if self.encoder is None:
                     return Rejected(400, "per-request classes need a text encoder: start the server with "
                                          "--text-encoder (CLIP folder or embeddings file)")
-            return Item(image, post, classes, bool(request.get("annotate", False)), request.get("received"))
+            return Item(image, settings, classes, bool(request.get("annotate", False)), request.get("received"))
         except _BadImage as e:
             return Rejected(e.status, str(e))
 
     def _decode_image(self, data: bytes) -> np.ndarray:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        from detectkit.data.images import ImageReadError, image_size, read_image
+        from detectkit.data.images import ImageReadError, decode_image
 
-        # The one decoder reads files; /dev/shm keeps the round trip in memory where it exists.
-        tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        with tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="detectkit-serve-", suffix=".img") as f:
-            f.write(data)
-            f.flush()
-            try:
-                w, h = image_size(f.name)
-            except ImageReadError as e:
-                raise _BadImage(400, f"not a readable image: {e.reason}") from None
-            except Image.DecompressionBombError as e:  # PIL's own guard (2x its MAX_IMAGE_PIXELS) fired first
-                raise _BadImage(413, f"image too large to decode safely: {e}") from None
-            if w * h > self.max_pixels:
-                raise _BadImage(413, f"image is {w}x{h} = {w * h} pixels; the limit is {self.max_pixels} "
-                                     "(a decompression bomb guard; detectkit serve --max-pixels)")
-            try:
-                return read_image(f.name)
-            except ImageReadError as e:
-                raise _BadImage(400, f"corrupt or truncated image: {e.reason}") from None
-            except Exception as e:  # PIL raises plain Exceptions for some malformed files (e.g. bombs)
-                raise _BadImage(400, f"cannot decode image: {e.__class__.__name__}: {e}") from None
+        try:  # header only (no pixels decoded): refuse bombs below Pillow's own, much larger, limit
+            with Image.open(io.BytesIO(data)) as header:
+                w, h = header.size
+        except Image.DecompressionBombError as e:
+            raise _BadImage(413, f"image too large to decode safely: {e}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise _BadImage(400, f"not a readable image ({e.__class__.__name__}: {e})") from None
+        if w * h > self.max_pixels:
+            raise _BadImage(413, f"image is {w}x{h} = {w * h} pixels; the limit is {self.max_pixels} "
+                                 "(a decompression bomb guard; detectkit serve --max-pixels)")
+        try:
+            return decode_image(data, "upload")  # the one decoder: EXIF orientation, modes, bomb guard
+        except ImageReadError as e:
+            status = 413 if e.kind == "image_too_large" else 400
+            raise _BadImage(status, f"corrupt or truncated image: {e.reason}") from None
 
     # ------------------------------------------------------------------ batch / predict
     def batch(self, inputs: list[Item | Rejected]) -> list[Item | Rejected]:
@@ -259,11 +255,11 @@ class DetectionAPI(ls.LitAPI):
 
     def _run(self, out: list[Any], idx: list[int], text: torch.Tensor | None, mask: torch.Tensor | None,
              names: list[list[str]]) -> None:
-        inf = self.inference
         inputs, infos = [], []
         for i in idx:
-            padded, info = letterbox(out[i].image, size=inf.image_size, longest=inf.longest, center=inf.center,
-                                     pad_value=inf.pad_value)
+            st: PredictSettings = out[i].settings  # one size per server: from model.inference
+            padded, info = letterbox(out[i].image, size=st.size, longest=st.longest, center=st.center,
+                                     pad_value=st.pad_value)
             inputs.append(padded)
             infos.append(info)
         x = torch.from_numpy(np.stack(inputs)).permute(0, 3, 1, 2).float().div_(255.0)
@@ -273,7 +269,8 @@ class DetectionAPI(ls.LitAPI):
         boxes, scores = self.runner(x, text, mask)
         for b, (i, info, vocab) in enumerate(zip(idx, infos, names)):
             item: Item = out[i]
-            det = postprocess(boxes[b : b + 1], scores[b : b + 1, :, : len(vocab)], **item.post.to_dict())[0]
+            det = postprocess(boxes[b : b + 1].float(), scores[b : b + 1, :, : len(vocab)].float(),
+                              **item.settings.post.to_dict())[0]
             out[i] = self._result(item, det.float().cpu(), info, vocab)
 
     def _result(self, item: Item, det: torch.Tensor, info: LetterboxInfo, vocab: list[str]) -> Result:
@@ -292,17 +289,13 @@ class DetectionAPI(ls.LitAPI):
         if isinstance(output, Rejected):
             return JSONResponse({"error": output.message, "status": output.status}, status_code=output.status)
         h, w = output.item.image.shape[:2]
+        # the one COCO row writer (and its category-id rule), plus the names a client wants
+        rows = coco_rows(0, output.boxes, output.scores, output.labels, output.category_ids)
         detections = []
-        for box, score, label in zip(output.boxes, output.scores, output.labels):
-            x1, y1, x2, y2 = (float(v) for v in box)
-            label = int(label)
-            detections.append({
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "score": float(score),
-                "category_id": int(output.category_ids[label]) if output.category_ids is not None else label + 1,
-                "label": label,
-                "class_name": output.class_names[label] if 0 <= label < len(output.class_names) else str(label),
-            })
+        for row, label in zip(rows, output.labels.tolist()):
+            del row["image_id"]
+            name = output.class_names[label] if 0 <= label < len(output.class_names) else str(label)
+            detections.append({**row, "label": label, "class_name": name})
         response: dict[str, Any] = {"width": int(w), "height": int(h), "detections": detections}
         if output.item.annotate:
             response["annotated_image"] = self._annotated_jpeg(output)
@@ -311,10 +304,9 @@ class DetectionAPI(ls.LitAPI):
     def _annotated_jpeg(self, output: Result) -> str:
         from PIL import Image
 
-        from detectkit.predict import ImagePrediction  # the one drawer lives behind ImagePrediction.draw
+        from detectkit.predict.draw import draw_boxes  # the one drawer
 
-        drawn = ImagePrediction(image=output.item.image, boxes=output.boxes, scores=output.scores,
-                                labels=output.labels, class_names=output.class_names).draw()
+        drawn = draw_boxes(output.item.image, output.boxes, output.labels, output.scores, output.class_names)
         buf = io.BytesIO()
         Image.fromarray(drawn).save(buf, format="JPEG", quality=90)
         return base64.b64encode(buf.getvalue()).decode("ascii")
