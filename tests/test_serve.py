@@ -350,7 +350,7 @@ def test_sigterm_drains_accepted_requests(world):
         while _metric(server, "detectkit_requests_in_flight") < 6 and time.monotonic() < deadline:
             time.sleep(0.05)  # all six accepted and waiting in the 3 s batch window
         assert _metric(server, "detectkit_requests_in_flight") == 6
-        os.kill(server.proc.pid, signal.SIGTERM)
+        os.killpg(server.proc.pid, signal.SIGTERM)  # the whole group, as systemd or `timeout` do
         time.sleep(0.2)
         try:
             late = server.post(json={"image": img})

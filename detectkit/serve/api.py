@@ -110,6 +110,7 @@ class DetectionAPI(ls.LitAPI):
         vocabulary_cache: int = 256,
         threads: int | None = None,
         log_level: str = "info",
+        drained_marker: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(max_batch_size=max_batch, batch_timeout=batch_timeout_ms / 1000.0, api_path="/predict")
         self.checkpoint = str(checkpoint)
@@ -120,13 +121,16 @@ class DetectionAPI(ls.LitAPI):
         self.vocabulary_cache = vocabulary_cache
         self.threads = threads
         self.log_level = log_level
+        self.drained_marker = None if drained_marker is None else str(drained_marker)
 
     # ------------------------------------------------------------------ setup
     def setup(self, device: str) -> None:
         if multiprocessing.current_process().name == "inference-worker":  # LitServe's worker process
-            # A Ctrl-C reaches the whole process group: it must not kill this worker while it holds
-            # accepted requests; the main process drains, then LitServe stops us with SIGTERM.
+            # Ctrl-C, systemd or `timeout` signal the whole process group: this worker must not die
+            # while accepted requests wait for it. The main process drains, writes the marker, and
+            # LitServe then stops us with SIGTERM, which is obeyed from then on.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         configure_json_logging(self.log_level)
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -161,6 +165,11 @@ class DetectionAPI(ls.LitAPI):
             "device": str(self.torch_device), "image_size": list(self.inference.image_size),
             "classes": len(self.class_names), "open_vocabulary": self.encoder is not None,
             "max_batch": self.max_batch_size, "batch_timeout_ms": self.batch_timeout * 1000}})
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.drained_marker is None or os.path.exists(self.drained_marker):
+            os._exit(0)
+        log.info("SIGTERM deferred until the server has drained", extra={"fields": {"event": "sigterm_deferred"}})
 
     # ------------------------------------------------------------------ decode
     def decode_request(self, request):  # no annotation: LitServe then passes the parsed JSON body

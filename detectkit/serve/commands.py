@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     api = DetectionAPI(
         checkpoint, backend=args.backend, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
         model_file=model_file, text_encoder=args.text_encoder, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        threads=args.threads, log_level=args.log_level,
+        threads=args.threads, log_level=args.log_level, drained_marker=Path(metrics_dir) / "drained",
     )
     state = SharedState()
     gate = (RequestGate, {"api_path": api.api_path, "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=args.workers,
                           timeout=args.timeout, middlewares=[gate], loggers=[PrometheusLogger()],
                           model_metadata=info)
-    _install_drain(server, state, args.drain_timeout)
+    _install_drain(server, state, args.drain_timeout, Path(metrics_dir) / "drained")
     log.info("starting", extra={"fields": {"event": "server_start", "host": args.host, "port": args.port,
                                            **info, "max_batch": args.max_batch,
                                            "batch_timeout_ms": args.batch_timeout_ms, "workers": args.workers}})
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _install_drain(server, state, timeout: float) -> None:
+def _install_drain(server, state, timeout: float, drained_marker: Path) -> None:
     """First SIGTERM/SIGINT: stop accepting, answer what was accepted, then stop LitServe."""
     started = threading.Event()
 
@@ -152,6 +153,7 @@ def _install_drain(server, state, timeout: float) -> None:
             time.sleep(0.02)
         left = state.in_flight_count()
         log.info("drained", extra={"fields": {"event": "drain_end", "in_flight_left": left}})
+        drained_marker.touch()  # inference workers obey SIGTERM from now on
         # LitServe's own graceful path (what its /shutdown endpoint sets); 0.2.19 has no public call for it
         while getattr(server, "_shutdown_event", None) is None:  # a signal during start-up
             time.sleep(0.05)
@@ -160,8 +162,10 @@ def _install_drain(server, state, timeout: float) -> None:
     main_pid = os.getpid()
 
     def handler(signum, frame) -> None:
-        if os.getpid() != main_pid:  # a forked LitServe process inherited this handler: default behaviour
-            signal.signal(signum, signal.SIG_DFL)
+        if os.getpid() != main_pid:  # a process LitServe forked inherited this handler
+            if multiprocessing.current_process().name.startswith("SyncManager"):
+                return  # LitServe's manager holds the request queues: LitServe stops it after the drain
+            signal.signal(signum, signal.SIG_DFL)  # e.g. uvicorn re-raising after its own graceful stop
             os.kill(os.getpid(), signum)
             return
         if started.is_set():
