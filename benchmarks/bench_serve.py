@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-timeout-ms", type=float, default=10.0)
-    p.add_argument("--api-servers", type=int, default=1)
+    p.add_argument("--api-servers", type=int, default=2, help="HTTP processes (decode + letterbox run there)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--image", default=None, help="image file to send (default: a generated 640x480 JPEG)")
     p.add_argument("--cache-dir", default=None)

@@ -196,8 +196,10 @@ def test_annotated_image(nas):
 def test_onnxruntime_backend_equals_model_predict(nas_checkpoint, tmp_path):
     """The ORT backend (exported once, cached by checkpoint content) through the same API steps, in-process."""
     pytest.importorskip("onnxruntime")
+    from detectkit.predict.pipeline import resolve_settings
     from detectkit.serve.api import DetectionAPI
     from detectkit.serve.backends import prepare_onnx
+    from detectkit.serve.preprocess import prepare
 
     path, model = nas_checkpoint
     onnx = prepare_onnx(model, path, tmp_path)
@@ -205,7 +207,9 @@ def test_onnxruntime_backend_equals_model_predict(nas_checkpoint, tmp_path):
     api = DetectionAPI(path, backend="onnxruntime", model_file=onnx, max_batch=4)
     api.setup("cpu")
     images = [_image(11, 100, 140), _image(12, 70, 70)]
-    items = [api.decode_request({"image": base64.b64encode(_png(img)).decode()}) for img in images]
+    st = resolve_settings(model)
+    letterbox = {"size": st.size, "longest": st.longest, "center": st.center, "pad_value": st.pad_value}
+    items = [api.decode_request(prepare(_png(img), letterbox, 10**7, False)) for img in images]
     outputs = api.unbatch(api.predict(api.batch(items)))
     for img, out in zip(images, outputs):
         _assert_same(api.encode_response(out), _expected(model, img), model.category_ids)

@@ -1,16 +1,16 @@
 """The LitServe API of ``detectkit serve``: one worker's decode -> batch -> predict -> encode.
 
-Requests arrive already validated by the HTTP gate (``gate.py``) as ``{"image": base64,
-conf?, iou?, max_det?, classes?, annotate?, received}``. Per request, in the worker:
+Requests arrive validated, decoded and letterboxed by the HTTP gate (``gate.py``,
+``preprocess.py``) as ``{"pixels", "shape", "letterbox", conf?, iou?, max_det?, classes?,
+annotate?, image? (original bytes, for drawing), received}``. Per request, in the worker:
 
-* ``decode_request`` decodes the image with the project's one decoder
-  (``detectkit.data.images``: EXIF orientation, palette/16-bit/alpha handling) after a
-  header-only size check (decompression bombs are refused before decoding). A bad image becomes
-  a :class:`Rejected` item instead of an exception, because LitServe fails every request of a
-  batch when ``decode_request`` raises.
+* ``decode_request`` unpacks that. Whatever can still fail per request (a vocabulary this
+  model cannot take) becomes a :class:`Rejected` item instead of an exception, because LitServe
+  fails every request of a batch when ``decode_request`` raises.
 * ``predict`` uses the parts of ``detectkit.predict``: each request's settings are
   ``resolve_settings(model, conf=, iou=, max_det=)`` (``model.inference`` with the request's
-  overrides), images go through the one letterbox, the whole batch through one backend call, and
+  overrides; the gate letterboxed with the same function's letterbox), the whole batch goes
+  through one backend call, and
   each image through ``detectkit.ops.postprocess`` with its own :class:`PostprocessConfig` and
   the letterbox inverse: the steps of ``model.predict``, so the server returns the same
   detections. (``predict``'s own batch loop is not reused because it applies one setting and one
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from starlette.responses import JSONResponse
 
-from detectkit.data.letterbox import LetterboxInfo, letterbox, unletterbox_boxes
+from detectkit.data.letterbox import LetterboxInfo, unletterbox_boxes
 from detectkit.ops.nms import postprocess
 from detectkit.predict.pipeline import PredictSettings, resolve_settings
 from detectkit.predict.writers import coco_rows
@@ -53,12 +53,9 @@ from detectkit.serve.backends import (
     TorchBackend,
 )
 from detectkit.serve.metrics import BATCH_SIZE, INFERENCE_SECONDS, QUEUE_SECONDS, configure_json_logging
+from detectkit.serve.preprocess import unpack
 
 log = logging.getLogger("detectkit.serve")
-
-#: decoded-pixel limit per image (a 20 MB PNG can hold a 50000x50000 image: a decompression bomb)
-DEFAULT_MAX_PIXELS = 64_000_000
-
 
 @dataclass
 class Rejected:
@@ -70,7 +67,9 @@ class Rejected:
 
 @dataclass
 class Item:
-    image: np.ndarray  # HWC uint8 RGB, original pixels
+    pixels: np.ndarray  # HWC uint8 RGB, letterboxed by the gate
+    info: LetterboxInfo
+    original: bytes | None  # the upload, kept when annotate=true
     settings: PredictSettings  # letterbox + post-processing: model.inference with the request's overrides
     classes: list[str] | None
     annotate: bool
@@ -106,7 +105,6 @@ class DetectionAPI(ls.LitAPI):
         batch_timeout_ms: float = 10.0,
         model_file: str | os.PathLike | None = None,
         text_encoder: str | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
         vocabulary_cache: int = 256,
         threads: int | None = None,
         log_level: str = "info",
@@ -117,7 +115,6 @@ class DetectionAPI(ls.LitAPI):
         self.backend_name = backend
         self.model_file = None if model_file is None else str(model_file)
         self.text_encoder_spec = text_encoder
-        self.max_pixels = int(max_pixels)
         self.vocabulary_cache = vocabulary_cache
         self.threads = threads
         self.log_level = log_level
@@ -141,6 +138,7 @@ class DetectionAPI(ls.LitAPI):
         self.class_names = list(model.class_names)
         self.category_ids = getattr(model, "category_ids", None)
         self.stride = max(getattr(model, "strides", (32,)))
+        self.input_size = resolve_settings(model).size
         if self.backend_name == "torch":
             self.runner = TorchBackend(model, self.torch_device)
         elif self.backend_name == "onnxruntime":
@@ -174,7 +172,10 @@ class DetectionAPI(ls.LitAPI):
     # ------------------------------------------------------------------ decode
     def decode_request(self, request):  # no annotation: LitServe then passes the parsed JSON body
         try:
-            image = self._decode_image(base64.b64decode(request["image"]))
+            pixels, info = unpack(request)
+            if pixels.shape[:2] != tuple(self.input_size):
+                raise _BadImage(500, f"gate letterboxed to {pixels.shape[:2]}, the model takes {self.input_size}")
+            original = base64.b64decode(request["image"]) if "image" in request else None
             settings = resolve_settings(self.model, conf=request.get("conf"), iou=request.get("iou"),
                                         max_det=request.get("max_det"))
             classes = request.get("classes")
@@ -186,30 +187,10 @@ class DetectionAPI(ls.LitAPI):
                 if self.encoder is None:
                     return Rejected(400, "per-request classes need a text encoder: start the server with "
                                          "--text-encoder (CLIP folder or embeddings file)")
-            return Item(image, settings, classes, bool(request.get("annotate", False)), request.get("received"))
+            return Item(pixels, info, original, settings, classes, bool(request.get("annotate", False)),
+                        request.get("received"))
         except _BadImage as e:
             return Rejected(e.status, str(e))
-
-    def _decode_image(self, data: bytes) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
-        from detectkit.data.images import ImageReadError, decode_image
-
-        try:  # header only (no pixels decoded): refuse bombs below Pillow's own, much larger, limit
-            with Image.open(io.BytesIO(data)) as header:
-                w, h = header.size
-        except Image.DecompressionBombError as e:
-            raise _BadImage(413, f"image too large to decode safely: {e}") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise _BadImage(400, f"not a readable image ({e.__class__.__name__}: {e})") from None
-        if w * h > self.max_pixels:
-            raise _BadImage(413, f"image is {w}x{h} = {w * h} pixels; the limit is {self.max_pixels} "
-                                 "(a decompression bomb guard; detectkit serve --max-pixels)")
-        try:
-            return decode_image(data, "upload")  # the one decoder: EXIF orientation, modes, bomb guard
-        except ImageReadError as e:
-            status = 413 if e.kind == "image_too_large" else 400
-            raise _BadImage(status, f"corrupt or truncated image: {e.reason}") from None
 
     # ------------------------------------------------------------------ batch / predict
     def batch(self, inputs: list[Item | Rejected]) -> list[Item | Rejected]:
@@ -264,13 +245,8 @@ class DetectionAPI(ls.LitAPI):
 
     def _run(self, out: list[Any], idx: list[int], text: torch.Tensor | None, mask: torch.Tensor | None,
              names: list[list[str]]) -> None:
-        inputs, infos = [], []
-        for i in idx:
-            st: PredictSettings = out[i].settings  # one size per server: from model.inference
-            padded, info = letterbox(out[i].image, size=st.size, longest=st.longest, center=st.center,
-                                     pad_value=st.pad_value)
-            inputs.append(padded)
-            infos.append(info)
+        inputs = [out[i].pixels for i in idx]
+        infos = [out[i].info for i in idx]
         x = torch.from_numpy(np.stack(inputs)).permute(0, 3, 1, 2).float().div_(255.0)
         if text is not None and text.ndim == 2:
             text = text.unsqueeze(0).expand(len(idx), -1, -1)
@@ -297,7 +273,7 @@ class DetectionAPI(ls.LitAPI):
     def encode_response(self, output: Result | Rejected) -> Any:
         if isinstance(output, Rejected):
             return JSONResponse({"error": output.message, "status": output.status}, status_code=output.status)
-        h, w = output.item.image.shape[:2]
+        h, w = output.item.info.orig_size
         # the one COCO row writer (and its category-id rule), plus the names a client wants
         rows = coco_rows(0, output.boxes, output.scores, output.labels, output.category_ids)
         detections = []
@@ -313,9 +289,11 @@ class DetectionAPI(ls.LitAPI):
     def _annotated_jpeg(self, output: Result) -> str:
         from PIL import Image
 
+        from detectkit.data.images import decode_image
         from detectkit.predict.draw import draw_boxes  # the one drawer
 
-        drawn = draw_boxes(output.item.image, output.boxes, output.labels, output.scores, output.class_names)
+        image = decode_image(output.item.original, "upload")  # decoded by the gate once already
+        drawn = draw_boxes(image, output.boxes, output.labels, output.scores, output.class_names)
         buf = io.BytesIO()
         Image.fromarray(drawn).save(buf, format="JPEG", quality=90)
         return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -327,4 +305,4 @@ class _BadImage(Exception):
         self.status = status
 
 
-__all__ = ["DetectionAPI", "Item", "Rejected", "Result", "load_detector", "DEFAULT_MAX_PIXELS"]
+__all__ = ["DetectionAPI", "Item", "Rejected", "Result", "load_detector"]

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-timeout-ms", type=float, default=10.0,
                    help="how long a batch waits to fill before it runs (ms)")
     p.add_argument("--workers", type=int, default=1, help="inference worker processes per device")
-    p.add_argument("--api-servers", type=int, default=None, help="HTTP server processes (default: one per worker)")
+    p.add_argument("--api-servers", type=int, default=None,
+                   help="HTTP server processes; image decoding and letterboxing run there, in parallel with "
+                        "inference (default: one per worker)")
     p.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0", "::"))
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body accepted (413 above)")
@@ -90,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import litserve as ls
 
-    from detectkit.serve.api import DEFAULT_MAX_PIXELS, DetectionAPI, load_detector
+    from detectkit.predict.pipeline import resolve_settings
+    from detectkit.serve.api import DetectionAPI, load_detector
     from detectkit.serve.backends import BackendUnavailable, check_tensorrt, prepare_engine, prepare_onnx
     from detectkit.serve.gate import RequestGate, SharedState
     from detectkit.serve.metrics import HttpMetrics, PrometheusLogger, configure_json_logging
+    from detectkit.serve.preprocess import DEFAULT_MAX_PIXELS
 
     configure_json_logging(args.log_level)
     device = _resolve_device(args.device)
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             model_file = prepare_onnx(model, checkpoint, cache)
             if args.backend == "tensorrt":
                 model_file = prepare_engine(model_file, tuple(model.inference.image_size), args.max_batch)
+        st = resolve_settings(model)  # the letterbox model.predict would use; the gate applies it
+        letterbox = {"size": st.size, "longest": st.longest, "center": st.center, "pad_value": st.pad_value}
         info = {"checkpoint": str(checkpoint), "model": type(model).__name__, "classes": list(model.class_names),
                 "image_size": list(model.inference.image_size), "backend": args.backend}
         del model
@@ -120,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
 
     api = DetectionAPI(
         checkpoint, backend=args.backend, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
-        model_file=model_file, text_encoder=args.text_encoder, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        threads=args.threads, log_level=args.log_level, drained_marker=Path(metrics_dir) / "drained",
+        model_file=model_file, text_encoder=args.text_encoder, threads=args.threads, log_level=args.log_level, drained_marker=Path(metrics_dir) / "drained",
     )
     state = SharedState()
     gate = (RequestGate, {"api_path": api.api_path, "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
-                          "state": state, "metrics": HttpMetrics()})
+                          "state": state, "letterbox": letterbox,
+                          "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS, "metrics": HttpMetrics()})
     accelerator = "cuda" if device.startswith("cuda") else "cpu"
     devices = [int(device.split(":")[1])] if ":" in device else 1
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=args.workers,

@@ -12,8 +12,10 @@ the same error. So this gate, running in the API-server processes, does per requ
   ``image``;
 * parameter validation (422): ``conf``/``iou`` in [0, 1], ``max_det`` >= 1, ``classes`` a
   non-empty list of names, ``annotate`` a boolean; unknown fields are named;
-* and forwards ONE canonical JSON body to LitServe. Image decoding (and its errors: corrupt,
-  truncated, decompression bomb) happens in the worker, per request (see ``api.py``).
+* image decoding and letterboxing (``preprocess.py``; corrupt or truncated image 400,
+  decompression bomb 413), off the event loop;
+* and forwards ONE canonical JSON body to LitServe: the letterboxed pixels, the letterbox
+  geometry and the parameters.
 
 It also answers ``/live``, ``/ready`` (503 while draining) and ``/metrics``, keeps the count of
 in-flight requests the graceful shutdown waits for, and writes one JSON access-log line per
@@ -22,6 +24,7 @@ request.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -32,21 +35,14 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from detectkit.serve.preprocess import DEFAULT_MAX_PIXELS, RequestError, prepare
+
 log = logging.getLogger("detectkit.serve")
 
 PARAMS = ("conf", "iou", "max_det", "classes", "annotate")
 MAX_CLASSES = 1024
 MAX_CLASS_NAME = 200
 IMAGE_FIELDS = ("image", "file")
-
-
-class RequestError(Exception):
-    """A client error: an HTTP status and one message naming the problem."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -148,8 +144,8 @@ def _b64(text: Any, name: str) -> bytes:
         raise RequestError(400, f"JSON field {name!r} is not valid base64") from None
 
 
-async def canonical_request(content_type: str, body: bytes, query: str) -> dict[str, Any]:
-    """Turn one upload (raw / multipart / JSON) into ``{"image": base64, **params}``."""
+async def canonical_request(content_type: str, body: bytes, query: str) -> tuple[bytes, dict[str, Any]]:
+    """One upload (raw / multipart / JSON) -> the image bytes and the validated parameters."""
     ctype = content_type.split(";", 1)[0].strip().lower()
     if ctype == "application/json":
         try:
@@ -177,7 +173,7 @@ async def canonical_request(content_type: str, body: bytes, query: str) -> dict[
         )
     if not image:
         raise RequestError(400, "the image is empty (0 bytes)")
-    return {"image": base64.b64encode(image).decode("ascii"), **params}
+    return image, params
 
 
 async def _multipart(content_type: str, body: bytes) -> tuple[bytes, dict[str, Any]]:
@@ -213,8 +209,10 @@ class RequestGate:
     """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer and break streaming/disconnects)."""
 
     def __init__(self, app: Any, *, api_path: str, max_body_bytes: int, state: SharedState,
-                 metrics: Any = None) -> None:
+                 letterbox: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS, metrics: Any = None) -> None:
         self.app = app
+        self.letterbox = letterbox
+        self.max_pixels = max_pixels
         self.api_path = api_path
         self.max_body_bytes = max_body_bytes
         self.state = state
@@ -266,9 +264,12 @@ class RequestGate:
             size = len(body)
             if not body:
                 raise RequestError(400, "empty request body: send an image")
-            payload = await canonical_request(headers.get("content-type", ""), body,
-                                              scope.get("query_string", b"").decode("latin-1"))
-            payload["received"] = time.time()
+            image, params = await canonical_request(headers.get("content-type", ""), body,
+                                                    scope.get("query_string", b"").decode("latin-1"))
+            # decode + letterbox off the event loop, in parallel with the inference worker
+            prepared = await asyncio.to_thread(prepare, image, self.letterbox, self.max_pixels,
+                                               bool(params.get("annotate")))
+            payload = {**params, **prepared, "received": time.time()}
             new_body = json.dumps(payload).encode()
         except RequestError as e:
             await _reply(send_status, e.status, error_body(e.status, e.message))
