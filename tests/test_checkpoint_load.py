@@ -68,8 +68,7 @@ def test_load_uses_the_record(trained):
     # the same detections as the module that trained it (it holds the EMA weights after fit)
     x = torch.rand(2, 3, SIZE, SIZE)
     module.eval()
-    hp = module.hparams
-    ref = module.detect(x, hp.predict_conf, hp.predict_iou, 1000, hp.predict_max_det)
+    ref = module.detect(x, module.predict_postprocess)
     with torch.no_grad():
         got = postprocess(*model(x), **model.inference.postprocess.to_dict())
     assert sum(len(d) for d in ref) > 0

@@ -57,6 +57,8 @@ def test_fit_validate_predict(tmp_path):
     assert ckpts, list(tmp_path.rglob("*"))
     assert sorted(tmp_path.rglob("config.yaml"))  # LightningCLI saved the resolved config
     assert main(["validate", *_tiny(tmp_path), f"--ckpt_path={ckpts[0]}"]) == 0
+    with pytest.warns(UserWarning, match="randomly initialised weights"):  # no weights given: say so
+        assert main(["validate", *_tiny(tmp_path), "--trainer.limit_val_batches=1"]) == 0
     metrics = sorted(tmp_path.rglob("metrics.csv"))
     assert metrics and any("val/map_50" in p.read_text() for p in metrics)
 

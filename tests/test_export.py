@@ -9,7 +9,7 @@ import pytest
 import torch
 from compress_helpers import TinyDetector
 
-from detectkit.export.deploy import ExportConfig, example_input, export_detector, run_onnx
+from detectkit.export.deploy import ExportConfig, ExportResult, example_input, export_detector, run_onnx
 from detectkit.export.nms import NMSPostprocess, split_batch, split_flat
 from detectkit.export.tensorrt import add_efficient_nms, build_engine, tensorrt_available
 from detectkit.ops.nms import postprocess
@@ -162,3 +162,45 @@ def test_onnxruntime_int8_uses_integer_kernels(tiny, tmp_path):
     boxes, scores = run_onnx(q, x)
     ref_boxes, ref_scores = run_onnx(fp32, x)
     assert np.abs(scores - ref_scores).max() < 0.1 and np.abs(boxes - ref_boxes).mean() < 2.0
+
+
+def test_verify_compares_raw_outputs_and_refuses_to_compare_nothing(tiny, tmp_path):
+    """An NMS graph is checked before NMS too (raw taps), so a sample with no detections still
+    proves something; a graph without taps and no detections on either side is an error."""
+    from detectkit.export.deploy import ExportCheckError, verify_onnx
+    from detectkit.export.nms import DetectorWithNMS, NMSPostprocess
+
+    cfg = ExportConfig(image_size=64, nms="batch", conf=0.999)
+    res = export_detector(tiny, tmp_path / "nms.onnx", cfg)
+    assert res.raw_compared and res.max_abs_error < 1e-4 and res.num_detections == 0
+    assert [o.name for o in onnx.load(res.path).graph.output] == ["num_predictions", "pred_boxes", "pred_scores",
+                                                                 "pred_classes"]  # taps are not shipped
+    # a graph exported elsewhere, without the taps: zero detections on both sides compares nothing
+    def bare(config: ExportConfig, name: str):
+        module = DetectorWithNMS(tiny, NMSPostprocess.from_config(config.postprocess, "batch")).eval()
+        torch.onnx.export(module, (torch.rand(1, 3, 64, 64),), str(tmp_path / name), dynamo=False, opset_version=17,
+                          input_names=["images"], output_names=["num_predictions", "pred_boxes", "pred_scores",
+                                                                "pred_classes"], dynamic_axes={"images": {0: "batch"}})
+        return tmp_path / name
+
+    with pytest.raises(ExportCheckError, match="compared nothing"):
+        verify_onnx(tiny, bare(cfg, "bare.onnx"), cfg, torch.rand(2, 3, 64, 64))
+    # with detections on the sample, the detections are compared and pass
+    low = ExportConfig(image_size=64, nms="batch", conf=0.05)
+    checked = verify_onnx(tiny, bare(low, "low.onnx"), low, torch.rand(2, 3, 64, 64), ExportResult("", "", (), "", []))
+    assert checked.detections_match and checked.num_detections > 0 and not checked.raw_compared
+    # and a graph that differs from the model before NMS is caught on the raw outputs
+    other = TinyDetector(num_classes=3).eval().fuse()
+    with pytest.raises(ExportCheckError, match="before NMS"):
+        verify_onnx(other, res.path, cfg, torch.rand(2, 3, 64, 64))
+
+
+def test_export_size_defaults_to_the_model_inference(tiny, tmp_path):
+    import copy
+
+    from detectkit.models.base import InferenceDefaults
+
+    model = copy.deepcopy(tiny)
+    model.inference = InferenceDefaults(image_size=(96, 96), longest=None)
+    res = export_detector(model, tmp_path / "m.onnx")
+    assert res.input_shape == (1, 3, 96, 96)

@@ -155,3 +155,33 @@ def test_one_drawer_everywhere():
     offenders = [str(p.relative_to(ROOT)) for d in ("detectkit", "callbacks") for p in (ROOT / d).rglob("*.py")
                  if drawers.search(p.read_text()) and p.name != "draw.py"]
     assert offenders == []
+
+
+def test_onnx_export_with_default_arguments_gives_the_same_detections(trained, tmp_path, capsys):
+    """`detectkit export --checkpoint X --nms batch` (no size, no conf) exports at the trained 64 px with
+    the checkpoint's post-processing; onnxruntime then finds what model.predict finds."""
+    from detectkit.data.letterbox import letterbox, unletterbox_boxes
+    from detectkit.export.deploy import run_onnx
+    from detectkit.export.nms import split_batch
+
+    ckpt, _, images = trained
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--nms", "batch", "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["input_shape"] == [1, 3, SIZE, SIZE] and summary["raw_compared"]
+    model = detectkit.load(ckpt)
+    inf = model.inference
+    total = 0
+    for path in images:
+        pred = model.predict(path)[0]
+        padded, info = letterbox(read_image(path), inf.image_size, longest=inf.longest, center=inf.center,
+                                 pad_value=inf.pad_value)
+        x = padded.transpose(2, 0, 1)[None].astype(np.float32) / 255.0
+        (det,) = split_batch(*run_onnx(out, x))
+        assert len(det) == len(pred)
+        total += len(det)
+        order = np.argsort(-det[:, 4], kind="stable")
+        np.testing.assert_allclose(unletterbox_boxes(torch.from_numpy(det[order, :4]), info).numpy(), pred.boxes,
+                                   atol=1e-2)
+        np.testing.assert_allclose(det[order, 4], pred.scores, atol=1e-4)
+    assert total > 0
