@@ -21,6 +21,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -141,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting", extra={"fields": {"event": "server_start", "host": args.host, "port": args.port,
                                            **info, "max_batch": args.max_batch,
                                            "batch_timeout_ms": args.batch_timeout_ms, "workers": args.workers}})
-    server.run(host=args.host, port=args.port, num_api_servers=args.api_servers, log_level="warning",
-               access_log=False, generate_client_file=False)
+    try:
+        server.run(host=args.host, port=args.port, num_api_servers=args.api_servers, log_level="warning",
+                   access_log=False, generate_client_file=False)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)  # per-run metric files (and the drained marker)
     log.info("stopped", extra={"fields": {"event": "server_stop"}})
     return 0
 
