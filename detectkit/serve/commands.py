@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
     except (BackendUnavailable, ValueError, OSError) as e:
         print(f"detectkit serve: {e}", file=sys.stderr)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         return 2
 
     api = DetectionAPI(
