@@ -101,7 +101,6 @@ class TensorRTBackend:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_names = [n for n in names if n != self.input_name]
-        self.stream = torch.cuda.Stream(device)
 
     def __call__(self, images: torch.Tensor, text: torch.Tensor | None = None,
                  text_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,10 +114,10 @@ class TensorRTBackend:
             shape = tuple(self.context.get_tensor_shape(name))
             outputs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
             self.context.set_tensor_address(name, outputs[name].data_ptr())
-        with torch.cuda.stream(self.stream):
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-        self.stream.synchronize()
+        stream = torch.cuda.current_stream(self.device)  # the stream that produced x: no cross-stream race
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        stream.synchronize()
         return outputs["boxes"], outputs["scores"]
 
 
