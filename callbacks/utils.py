@@ -2,7 +2,9 @@
 
 Pruning and QAT replace parameters mid-fit. Lightning keeps references to the old ones in the
 optimizers, the LR schedulers and a ``WeightAveraging`` copy, so each change of architecture
-ends with :func:`rebuild_after_surgery`.
+ends with :func:`rebuild_after_surgery`. Resume does not happen here: the callbacks append
+architecture ops to the module (``pl_module.record_architecture``) and the module's
+``on_load_checkpoint`` replays them (``detectkit.checkpoint.replay_architecture``).
 """
 
 from __future__ import annotations

@@ -282,7 +282,9 @@ def read_checkpoint(path: str | os.PathLike, *, verify_hash: bool = True, map_lo
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text[0].split(' This is an internal miniz error')[0]}"
 
 
 # --------------------------------------------------------------------------- content hash
@@ -456,6 +458,11 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any)
     model.load_state_dict(state, strict=True)
 
 
+def _same_model(path: Any, asked: str | None, recorded: str | None) -> None:
+    if asked and recorded and asked != recorded:
+        raise CheckpointError(f"{path}: holds a {recorded} model, not {asked}")
+
+
 def _from_record(obj: Mapping[str, Any], path: Any, num_classes: int | None, name: str | None) -> nn.Module:
     from detectkit.models.base import InferenceDefaults
     from detectkit.registry import create_model
@@ -464,6 +471,7 @@ def _from_record(obj: Mapping[str, Any], path: Any, num_classes: int | None, nam
     if int(record.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: record format {record.get('format_version')} is newer than this detectkit reads "
                               f"({FORMAT_VERSION}); upgrade detectkit")
+    _same_model(path, name, record.get("model"))
     name = name or record.get("model")
     if not name:
         raise CheckpointError(f"{path}: the checkpoint does not name its model (built from a module instance); pass model=")
@@ -488,6 +496,7 @@ def _from_old_lightning(obj: Mapping[str, Any], path: Any, num_classes: int | No
     from detectkit.registry import create_model
 
     hp = obj.get("hyper_parameters") or {}
+    _same_model(path, name, hp.get("model") if isinstance(hp.get("model"), str) else None)
     name = name or (hp.get("model") if isinstance(hp.get("model"), str) else None)
     if name is None:
         raise CheckpointError(f"{path}: the checkpoint does not name its model in its hyper-parameters; pass model=")
@@ -567,8 +576,20 @@ def is_detectkit_checkpoint(obj: Any) -> bool:
 
 
 def load_state(obj: Any, path: str | os.PathLike = "<checkpoint>", *, model: str | None = None,
-               num_classes: int | None = None) -> nn.Module:
-    """A detector from an already-read checkpoint object (see :func:`load`); not moved, train mode."""
+               num_classes: int | None = None, model_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """A detector from an already-read checkpoint object (see :func:`load`); not moved, train mode.
+
+    ``model_kwargs`` (builder arguments a caller also passed) must agree with what a detectkit
+    checkpoint recorded: the file defines the architecture.
+    """
+    asked = {k: v for k, v in dict(model_kwargs or {}).items() if k not in _WEIGHT_KWARGS and k != "num_classes"}
+    if asked and is_detectkit_checkpoint(obj):
+        record = obj.get(RECORD_KEY) if isinstance(obj.get(RECORD_KEY), Mapping) else None
+        saved = record.get("model_kwargs", {}) if record else (obj.get("hyper_parameters") or {}).get("model_kwargs") or {}
+        differ = sorted(k for k in asked if k not in saved or saved[k] != asked[k])
+        if differ:
+            raise CheckpointError(f"{path}: the checkpoint was built with model arguments {dict(saved)}; "
+                                  f"{', '.join(differ)} given differently")
     if isinstance(obj, Mapping) and isinstance(obj.get(RECORD_KEY), Mapping) and "state_dict" in obj:
         return _from_record(obj, path, num_classes, model)
     if _is_lightning(obj):

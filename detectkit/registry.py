@@ -47,9 +47,7 @@ def create_model(name: str, num_classes: int = 80, checkpoint: str | None = None
 
         obj = read_checkpoint(checkpoint)
         if is_detectkit_checkpoint(obj):
-            if kwargs:
-                raise TypeError(f"{checkpoint}: a detectkit checkpoint records its own model arguments; got {sorted(kwargs)}")
-            model = load_state(obj, checkpoint, model=name, num_classes=num_classes)
+            model = load_state(obj, checkpoint, model=name, num_classes=num_classes, model_kwargs=kwargs)
             model.train()
             return model
         del obj

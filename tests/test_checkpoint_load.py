@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from compress_helpers import TinyDetector, tiny_trainer
@@ -41,6 +45,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
     torch.manual_seed(0)
     dm = tiny_data(root / "data")
+    # a dataset whose category ids are not label + 1 (COCO's are sparse); a subclass, whatever the base defines
+    dm.__class__ = type("SparseIds", (type(dm),), {"category_ids": property(lambda self: [5, 7, 9])})
     module = DetectionModule("tiny_ckpt_detector", num_classes=3, class_names=dm.class_names, warmup_steps=1,
                              lr=1e-2, predict_conf=0.05, predict_iou=0.6, predict_max_det=50)
     trainer = tiny_trainer(root, [ModelEMA(decay=0.5), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], 1)
@@ -55,7 +61,7 @@ def test_load_uses_the_record(trained):
     assert model.inference.image_size == (SIZE, SIZE) and model.inference.longest is None  # the validation letterbox
     post = model.inference.postprocess
     assert (post.conf, post.iou, post.max_det) == (0.05, 0.6, 50)
-    assert model.class_names == module.class_names and model.category_ids is None
+    assert model.class_names == module.class_names and model.category_ids == [5, 7, 9]
     assert model.record["model"] == "tiny_ckpt_detector" and model.record["content_sha256"]
 
     # the EMA weights (the ckpt's state_dict), not the live ones Lightning keeps beside them
@@ -93,6 +99,22 @@ def test_create_model_and_weights_file(trained, tmp_path):
         torch.testing.assert_close(back.state_dict()[k], v.half().to(v.dtype) if v.is_floating_point() else v)
     again = save_weights(back, tmp_path / "w2.pt")  # from a loaded model: the record travels along
     assert detectkit.load(again).record["inference"] == model.record["inference"]
+
+
+def test_weights_file_loads_without_lightning(trained, tmp_path):
+    """A deployment that only predicts never imports Lightning (seconds of import time)."""
+    _, path = trained
+    weights = save_weights(path, tmp_path / "w.pt")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); import detectkit; from compress_helpers import TinyDetector; "
+        "detectkit.register_model(lambda num_classes=3, checkpoint=None, width=8: TinyDetector(num_classes, width=width), "
+        "name='tiny_ckpt_detector'); "
+        "m = detectkit.load(sys.argv[1]); print(m.inference.image_size, 'lightning' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(weights), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False" and f"({SIZE}, {SIZE})" in out.stdout
 
 
 def test_old_checkpoint_without_record(trained, tmp_path):
