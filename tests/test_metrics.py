@@ -232,6 +232,11 @@ def test_empty_and_bad_input() -> None:
     with pytest.warns(UserWarning, match="before the ``update``"):
         res = metric.compute()
     assert float(res["map"]) == -1 and res["classes"].numel() == 0
+    metric.update([torch.zeros(0, 6)], [{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([1])}])
+    res = metric.compute()  # an object and no detection: AP and recall 0 (not undefined), one missed box
+    assert float(res["map"]) == 0 and float(res["mar_100"]) == 0
+    assert metric.confusion_matrix(num_classes=2).tolist() == [[0, 0, 0], [0, 0, 0], [0, 1, 0]]
+    metric.reset()
     with pytest.raises(ValueError, match="2 predictions for 1 targets"):
         metric.update([torch.zeros(0, 6), torch.zeros(0, 6)], [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
     with pytest.raises(ValueError, match=r"prediction 0: expected \[N, 6\]"):

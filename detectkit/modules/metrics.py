@@ -7,12 +7,13 @@ result files.
 Why not torchmetrics' ``MeanAveragePrecision`` (which we used before, with the same
 faster-coco-eval backend): on a 5,000-image COCO-sized set it spent about 4x what its backend
 needs (issue 16). It keeps a list of small tensors per image and converts each of them to
-Python lists at ``compute``, and with ``class_metrics=True`` it runs COCOeval a second time to
-get per-class AP that the first run's ``eval['precision']`` already holds. Here each batch is
+Python lists at ``compute``, and with ``class_metrics=True`` it rebuilds the COCO datasets and
+runs ``evaluate``/``accumulate`` once more per class (torchmetrics 1.9, ``detection/helpers.py``)
+for per-class AP that the first run's ``eval['precision']`` already holds. Here each batch is
 appended as one array, and ``compute`` builds faster-coco-eval's ``COCO`` objects straight from
 the concatenated arrays (no ``loadRes``, which also writes a polygon per detection), runs
-``evaluate``/``accumulate``/``summarize`` once and reads everything from that one run: the
-summary, per-class AP/AR, the PR arrays (:attr:`COCOEvalResult.precision`) and, from the same
+``evaluate``/``accumulate`` once and reads everything from that one run: the COCO summary,
+per-class AP/AR, the PR arrays (:attr:`COCOEvalResult.precision`) and, from the same
 accumulated detections, the confusion matrix. It is still a torchmetrics ``Metric`` so that
 Lightning moves, resets and syncs it like any other.
 
@@ -53,7 +54,6 @@ SUMMARY_KEYS = (
     "map", "map_50", "map_75", "map_small", "map_medium", "map_large",
     "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large",
 )
-AREA_LABELS = ("all", "small", "medium", "large")
 
 # state layouts (one array per update call)
 _DET_COLS = 6  # x1 y1 x2 y2 score label (float32, original pixels)
