@@ -28,6 +28,16 @@ class OptionParser(argparse.ArgumentParser):
     """argparse whose errors are one :class:`UserError` line naming the option (and the closest
     real one) rather than a usage block."""
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        # argparse reports missing required options before unknown ones, so a typo in a required
+        # option (--sorce) would read "--source is required": name the typo first.
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        for word in args or ():
+            option = word.split("=")[0] if isinstance(word, str) else ""
+            if option.startswith("--") and option != "--" and not any(k.startswith(option) for k in known):
+                self.error(f"unrecognized arguments: {option}")
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         bad = [w for w in message.replace(",", " ").split() if w.startswith("--")]
         known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
