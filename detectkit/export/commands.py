@@ -88,6 +88,13 @@ def calibration_images(folder: str, size: int, batch_size: int = 8) -> list[torc
     return [torch.stack(tensors[i : i + batch_size]).float() / 255.0 for i in range(0, len(tensors), batch_size)]
 
 
+def _default_stem(model: nn.Module) -> str:
+    """The output file's default name: the registry name the checkpoint records (yolo_nas_s)."""
+    from detectkit.registry import name_of
+
+    return name_of(model) or type(model).__name__.lower()
+
+
 def run_export(args: argparse.Namespace) -> int:
     from detectkit.compress.quantize import is_quantized, quantize_model
     from detectkit.export.deploy import ExportConfig, export_detector
@@ -110,7 +117,7 @@ def run_export(args: argparse.Namespace) -> int:
         quantized = True
     if not quantized and hasattr(model, "fuse"):
         model.fuse()
-    name = args.model or type(model).__name__.lower()
+    name = args.model or _default_stem(model)
     output = Path(args.output or f"{name}.onnx")
     nms = None if args.nms == "none" or args.format == "tensorrt" else args.nms
     config = ExportConfig(
@@ -162,7 +169,7 @@ def _export_onnxruntime_int8(model: nn.Module, args: argparse.Namespace, quantiz
     if not args.calib or args.format != "onnx" or args.nms != "none" or args.uint8:
         raise SystemExit("--int8-backend onnxruntime needs --calib, --format onnx, no --nms and no --uint8")
     model.fuse()
-    output = Path(args.output or f"{args.model or type(model).__name__.lower()}.onnx")
+    output = Path(args.output or f"{args.model or _default_stem(model)}.onnx")
     fp32 = output.with_suffix(".fp32.onnx")
     export_detector(model, fp32, ExportConfig(image_size=args.size), check=not args.no_check)
     batches = calibration_images(args.calib, args.size, batch_size=1)[: args.calib_batches]
