@@ -123,15 +123,13 @@ def _image(value: Any, index: int) -> Any:
 
 
 def _open(raw: bytes, index: int) -> Any:
-    """Encoded bytes -> a PIL image; ``model.predict`` then applies the one conversion (EXIF, RGB)."""
-    from PIL import Image, UnidentifiedImageError
+    """Encoded bytes -> HWC uint8 RGB through the project's one decoder (EXIF, RGB, bomb limit)."""
+    from detectkit.data.images import ImageReadError, decode_image
 
     try:
-        img = Image.open(io.BytesIO(raw))
-        img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"image {index}: the bytes are not a readable image ({e})") from e
-    return img
+        return decode_image(raw, f"image {index}")
+    except ImageReadError as e:
+        raise ValueError(str(e)) from e
 
 
 def _signature() -> Any:

@@ -163,7 +163,7 @@ def test_pyfunc_inputs_and_clear_errors(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="image 1: neither an existing file, a URL nor base64"):
         pyfunc.predict(None, [str(tmp_path / "x.png"), str(tmp_path / "missing.png")])
-    with pytest.raises(ValueError, match="image 0: the bytes are not a readable image"):
+    with pytest.raises(ValueError, match="image 0: not a readable image"):
         pyfunc.predict(None, [b"not an image"])
     with pytest.raises(ValueError, match="image 0: arrays must be HWC RGB uint8"):
         pyfunc.predict(None, [rgb.astype(np.float32)])
