@@ -50,10 +50,10 @@ from detectkit.callbacks.prediction_images import (
     save_figure,
 )
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
 from detectkit.modules.curves import validation_curves
+from detectkit.tracking import run_dir
 
 __all__ = ["RunReport", "run_folder", "metrics_table"]
 
@@ -64,18 +64,9 @@ _VAL_ORDER = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
 
 
 def run_folder(trainer: pl.Trainer) -> Path:
-    """The folder of this run (see the module docstring). Every rank must call it (broadcast)."""
-    path: str | None = None
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        if isinstance(logger, CSVLogger | TensorBoardLogger):
-            path = logger.log_dir
-        elif logger.save_dir is not None:
-            name, version = logger.name, logger.version
-            version = version if isinstance(version, str) else f"version_{version}"
-            path = os.path.join(logger.save_dir, str(name), version)
-    path = trainer.strategy.broadcast(path or trainer.default_root_dir)
-    return Path(path)
+    """The folder of this run (the one rule, :func:`detectkit.tracking.run_dir`), the same on every
+    rank (broadcast from rank 0: every rank must call it)."""
+    return Path(trainer.strategy.broadcast(str(run_dir(trainer))))
 
 
 def metrics_table(summary: dict[str, float], per_class: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -148,8 +148,12 @@ def run_dir(trainer: Any) -> Path:
     if not trainer.loggers:
         return Path(trainer.default_root_dir)
     logger = trainer.loggers[0]
+    if type(logger).__name__ in ("CSVLogger", "TensorBoardLogger"):  # their own per-version folder
+        return Path(logger.log_dir)
+    if logger.save_dir is None:
+        return Path(trainer.default_root_dir)
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
+    return Path(logger.save_dir) / str(logger.name) / version
 
 
 def find_logger(loggers: list[Logger], kind: str) -> Logger | None:
