@@ -57,10 +57,12 @@ class ExportOnFitEnd(Callback):
     """Export the fitted detector to ONNX (dynamic batch, optional NMS/uint8 input) and TensorRT.
 
     Args:
-        dirpath: output folder; default ``<trainer.log_dir or default_root_dir>/export``.
+        dirpath: output folder; default ``<the run's own folder>/export`` (see
+            :func:`detectkit.tracking.run_dir`: runs sharing an MLflow/W&B ``save_dir`` keep theirs).
         filename: file stem; files are ``<stem>.onnx`` (+ ``<stem>.trt.onnx`` with
             ``EfficientNMS_TRT``, ``<stem>.engine`` or ``<stem>.trtexec.sh``, ``<stem>.json``).
-        image_size: export resolution (int or (h, w), multiples of 32).
+        image_size: export resolution (int or (h, w), multiples of 32); default the size the model
+            is validated at (the one its checkpoint records, so predict and the ONNX file agree).
         nms: ``None`` (raw boxes/scores), ``"batch"`` or ``"flat"`` (super-gradients' formats).
         conf, iou, top_k, max_det: post-processing embedded with ``nms``.
         uint8_input, layout, channel_order: embed ``/255``, NHWC->NCHW and BGR->RGB.
@@ -74,7 +76,7 @@ class ExportOnFitEnd(Callback):
         self,
         dirpath: str | None = None,
         filename: str = "model",
-        image_size: int | tuple[int, int] = 640,
+        image_size: int | tuple[int, int] | None = None,
         nms: str | None = "batch",
         conf: float = 0.25,
         iou: float = 0.7,
@@ -105,7 +107,9 @@ class ExportOnFitEnd(Callback):
 
     # ------------------------------------------------------------ the work
     def output_dir(self, trainer: pl.Trainer) -> Path:
-        return Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "export"))
+        from detectkit.tracking import run_dir
+
+        return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
 
     def export_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
         """A CPU copy of the detector holding the weights to ship, fused unless quantized."""
@@ -159,6 +163,10 @@ class ExportOnFitEnd(Callback):
         out = self.output_dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         model = self.export_model(trainer, pl_module)
+        defaults = getattr(pl_module, "inference_defaults", None)  # DetectionModule: what its checkpoint records
+        if callable(defaults):
+            model.inference = defaults()
+        self.config = self.config.for_model(model)
         quantized = _is_quantized(model)
         onnx_path = out / f"{self.filename}.onnx"
         self.result = export_detector(
