@@ -233,7 +233,8 @@ def run_proxy(run: ProxyRun, report: Callable[[int, float], None] | None = None)
     import lightning as L
 
     class Reporter(L.Callback):
-        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        # on_validation_end: after the module's epoch-end hook has logged this epoch's val/map
+        def on_validation_end(self, trainer, pl_module) -> None:
             value = trainer.callback_metrics.get("val/map")
             if not trainer.sanity_checking and report is not None and value is not None:
                 report(trainer.current_epoch, float(value))

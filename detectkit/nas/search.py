@@ -14,7 +14,7 @@ candidates (limits) are PRUNED as well, with the reason in ``user_attrs["rejecte
 Resumable and distributed: the study lives in an RDB storage (sqlite file by default; a
 PostgreSQL/MySQL URL for a cluster) with heartbeats: a worker killed mid-trial leaves a RUNNING
 trial whose heartbeat stops; after ``heartbeat.grace_period`` seconds the next worker to start a
-trial marks it FAILED and re-enqueues its parameters (``RetryFailedTrialCallback``). ``n_trials`` is
+trial marks it FAILED and re-enqueues its parameters (``RetryHeartbeatStaleTrialCallback``). ``n_trials`` is
 the study's total: finished (complete or pruned) plus running trials of all workers; a restarted
 search runs only what remains.
 """
@@ -22,6 +22,7 @@ search runs only what remains.
 from __future__ import annotations
 
 import os
+import socket
 import statistics
 import time
 from collections.abc import Mapping
@@ -113,7 +114,7 @@ class SearchConfig:
 def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None):
     """An Optuna RDB storage (a sqlite file's folder is created); heartbeats make killed trials retry."""
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None):
     kw: dict[str, Any] = {}
     if hb.get("interval"):
         kw = {"heartbeat_interval": int(hb["interval"]), "grace_period": int(hb.get("grace_period") or 6 * hb["interval"]),
-              "failed_trial_callback": RetryFailedTrialCallback(max_retry=hb.get("max_retry", 2))}
+              "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=hb.get("max_retry", 2))}
     return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None, **kw)
 
 
@@ -183,12 +184,19 @@ class Objective:
     def __call__(self, trial) -> tuple[float, ...]:
         import optuna
 
-        from detectkit.nas.objectives import count_macs, count_params, measure_latency, prepare_proxy, run_proxy
+        from detectkit.nas.objectives import (
+            count_macs,
+            count_params,
+            measure_latency,
+            prepare_proxy,
+            run_proxy,
+        )
 
         cfg = self.cfg
         start = time.time()
         arch = cfg.space.suggest(trial)
         trial.set_user_attr("arch", arch.to_dict())
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         seed = cfg.space.seed_name(trial.params)
         if seed:
             trial.set_user_attr("seed", seed)

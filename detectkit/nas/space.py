@@ -23,7 +23,7 @@ and every resumed run declares the same Optuna distributions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 

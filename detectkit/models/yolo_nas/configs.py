@@ -128,20 +128,24 @@ class YoloNASConfig:
         return text
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> YoloNASConfig:
-        """Read an architecture YAML (``safe_load``); a missing/unparsable file is a ValueError naming it."""
+    def from_yaml_text(cls, text: str, source: str = "architecture") -> YoloNASConfig:
         import yaml
 
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{source}: not valid YAML ({e})") from None
+        if isinstance(data, Mapping) and "arch" in data and "stem_channels" not in data:
+            data = data["arch"]  # a recipe's model_kwargs may nest it
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> YoloNASConfig:
+        """Read an architecture YAML (``safe_load``); a missing/unparsable file is a ValueError naming it."""
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"{p}: architecture file not found")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML ({e})") from None
-        if isinstance(data, Mapping) and "arch" in data and "stem_channels" not in data:
-            data = data["arch"]  # a file written by `detectkit nas export` may nest it
-        return cls.from_dict(data, source=str(p))
+        return cls.from_yaml_text(p.read_text(), source=str(p))
 
 
 def resolve_config(arch: YoloNASConfig | Mapping[str, Any] | str | os.PathLike) -> YoloNASConfig:
