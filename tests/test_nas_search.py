@@ -134,3 +134,27 @@ def test_export_writes_a_recipe_that_fit_parses(resumed):
     assert data["image_size"] == 64  # the searched setting (the proxy's overrides) carries over
     with pytest.raises(ValueError, match="no trial 99"):
         export_trial("killed", f"sqlite:///{tmp}/studies.db", 99, tmp / "export")
+
+
+def test_limits_reject_before_training_and_poor_candidates_stop_early(tmp_path):
+    from detectkit.nas.search import Objective, SearchConfig, run_search
+
+    data = yaml.safe_load(write_config(tmp_path, "limits", n_trials=1).read_text())
+    cfg = SearchConfig.from_dict({**data, "max_params": 1000})
+    study = run_search(cfg, log=lambda *_: None)
+    (t,) = study.trials
+    assert t.state == TrialState.PRUNED and t.user_attrs["rejected"].startswith("params ")
+    assert "latency_ms" not in t.user_attrs and "map" not in t.user_attrs  # nothing measured or trained
+
+    # the median rule on intermediate mAP (Optuna's pruners refuse multi-objective studies)
+    cfg = SearchConfig.from_dict({**data, "early_stop": {"ratio": 0.5, "min_trials": 2}})
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for v in (0.4, 0.6):
+        study.add_trial(optuna.trial.create_trial(values=[v, 1.0], user_attrs={"map_epoch_0": v}))
+    objective = Objective(cfg)
+    good, poor = study.ask(), study.ask()
+    objective._early_stop(good, 0, 0.3)  # 0.3 >= 0.5 x median 0.5: goes on
+    with pytest.raises(optuna.TrialPruned, match="epoch 0"):
+        objective._early_stop(poor, 0, 0.2)
+    objective._early_stop(poor, 1, 0.0)  # the last epoch is scored, never stopped
+    assert good.user_attrs["map_epoch_0"] == 0.3 and "stopped" in poor.user_attrs
