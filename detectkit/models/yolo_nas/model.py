@@ -153,13 +153,15 @@ def yolo_nas_l(num_classes: int = 80, checkpoint: str | Path | None = None, **kw
 def yolo_nas_custom(
     num_classes: int = 80,
     checkpoint: str | Path | None = None,
-    arch: YoloNASConfig | dict | str | Path = "yolo_nas_s",
+    arch: YoloNASConfig | dict | str | Path | None = None,
     class_names: Sequence[str] | None = None,
     in_channels: int = 3,
 ) -> YoloNAS:
     """Any architecture of the YOLO-NAS space: ``arch`` is a dict, an architecture YAML path (e.g.
     from ``detectkit nas export``) or a variant name. The checkpoint record stores the architecture
     itself (a dict), never the path, so a checkpoint loads after the YAML file is gone."""
+    if arch is None:
+        raise ValueError("yolo_nas_custom needs arch= (a dict, an architecture YAML path or a variant name)")
     cfg = resolve_config(arch)
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"yolo_nas_custom: got {len(class_names)} class_names for num_classes={num_classes}")
