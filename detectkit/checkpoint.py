@@ -515,7 +515,8 @@ def _from_old_lightning(obj: Mapping[str, Any], path: Any, num_classes: int | No
 def _candidates(family: str) -> list[str]:
     from detectkit.registry import list_models
 
-    return list_models(f"{family}*")
+    # a custom architecture (yolo_nas_custom) is never guessed from shapes: its own record names it
+    return [n for n in list_models(f"{family}*") if not n.endswith("_custom")]
 
 
 def _matching(names: list[str], state: Mapping[str, torch.Tensor], num_classes: int, path: Any) -> str:

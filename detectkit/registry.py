@@ -54,7 +54,10 @@ def create_model(name: str, num_classes: int = 80, checkpoint: str | Mapping | N
     model = _MODELS[name](num_classes=num_classes, checkpoint=checkpoint, **kwargs)
     # what a checkpoint record needs to rebuild this model (see detectkit.checkpoint.build_record)
     model.registry_name = name
-    model.registry_kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained", "download")}
+    # A builder may set its own canonical form (yolo_nas_custom stores the architecture dict, not
+    # the YAML path it was given, so the record never depends on a file that may vanish).
+    given = {k: v for k, v in kwargs.items() if k not in ("pretrained", "download")}
+    model.registry_kwargs = getattr(model, "registry_kwargs", None) or given
     return model
 
 

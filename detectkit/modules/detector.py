@@ -309,7 +309,8 @@ class DetectionModule(pl.LightningModule):
         cats = getattr(dm, "category_ids", None)  # the dataset's category id per label, when it has them
         return build_record(
             self.model, name=hp.get("model") if isinstance(hp.get("model"), str) else None,
-            model_kwargs=hp.get("model_kwargs") if isinstance(hp.get("model"), str) else None,
+            # the builder's canonical arguments (e.g. an architecture dict rather than its YAML path)
+            model_kwargs=getattr(self.model, "registry_kwargs", hp.get("model_kwargs")) if isinstance(hp.get("model"), str) else None,
             class_names=self.class_names, category_ids=cats if cats is not None else getattr(self.model, "category_ids", None),
             architecture=self.architecture, inference=self.inference_defaults(),
         )

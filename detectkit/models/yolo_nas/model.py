@@ -10,7 +10,7 @@ import torch
 from detectkit.models.base import Detector
 from detectkit.models.outputs import HeadOutput
 from detectkit.models.yolo_nas.backbone import YoloNASBackbone
-from detectkit.models.yolo_nas.configs import CONFIGS, YoloNASConfig
+from detectkit.models.yolo_nas.configs import CONFIGS, YoloNASConfig, resolve_config
 from detectkit.models.yolo_nas.head import NDFLHeads
 from detectkit.models.yolo_nas.neck import YoloNASPANNeck
 from detectkit.nn.conv import fuse_conv_bn_act
@@ -31,6 +31,8 @@ def _is_tracing() -> bool:
 
 class YoloNAS(Detector):
     """YOLO-NAS: QARepVGG/CSP backbone + SPP, PAN neck with a C2 skip, three DFL heads (17 bins).
+
+    Any point of the YOLO-NAS space builds (``cfg``: see :class:`YoloNASConfig`); S/M/L are three.
 
     State-dict keys are identical to super-gradients' ``YoloNAS`` (minus the unused
     ``rbr_reparam`` placeholders), so its checkpoints load by name (see ``weights.py``).
@@ -145,3 +147,35 @@ def yolo_nas_m(num_classes: int = 80, checkpoint: str | Path | None = None, **kw
 @register_model
 def yolo_nas_l(num_classes: int = 80, checkpoint: str | Path | None = None, **kwargs) -> YoloNAS:
     return build_yolo_nas("yolo_nas_l", num_classes, checkpoint, **kwargs)
+
+
+@register_model
+def yolo_nas_custom(
+    num_classes: int = 80,
+    checkpoint: str | Path | None = None,
+    arch: YoloNASConfig | dict | str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+    in_channels: int = 3,
+) -> YoloNAS:
+    """Any architecture of the YOLO-NAS space: ``arch`` is a dict, an architecture YAML path (e.g.
+    from ``detectkit nas export``) or a variant name. The checkpoint record stores the architecture
+    itself (a dict), never the path, so a checkpoint loads after the YAML file is gone."""
+    if arch is None:
+        raise ValueError("yolo_nas_custom needs arch= (a dict, an architecture YAML path or a variant name)")
+    cfg = resolve_config(arch)
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"yolo_nas_custom: got {len(class_names)} class_names for num_classes={num_classes}")
+    model = YoloNAS(cfg, num_classes=num_classes, in_channels=in_channels)
+    if class_names is not None:
+        model.class_names = list(class_names)
+    if checkpoint is not None:
+        from detectkit.models.yolo_nas.weights import load_super_gradients_checkpoint
+
+        load_super_gradients_checkpoint(model, checkpoint)
+    # the builder's canonical, file-independent arguments (kept by create_model for the record)
+    model.registry_kwargs = {"arch": cfg.to_dict()}
+    if class_names is not None:
+        model.registry_kwargs["class_names"] = list(class_names)
+    if in_channels != 3:
+        model.registry_kwargs["in_channels"] = in_channels
+    return model

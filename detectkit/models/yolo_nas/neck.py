@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn as nn
 
+from detectkit.models.yolo_nas.backbone import block_factory
 from detectkit.models.yolo_nas.configs import StageCfg
 from detectkit.nn.conv import ConvBNAct
 from detectkit.nn.csp import CSPLayer
-from detectkit.nn.qarepvgg import QARepVGGBlock
 
 
 class YoloNASUpStage(nn.Module):
@@ -30,7 +28,7 @@ class YoloNASUpStage(nn.Module):
         self.downsample = ConvBNAct(c, c, 3, 2)
         self.reduce_after_concat = ConvBNAct(3 * c, c, 1)
         self.blocks = CSPLayer(
-            c, c, cfg.num_blocks, partial(QARepVGGBlock, use_residual_connection=True),
+            c, c, cfg.num_blocks, block_factory(cfg.block, "qarepvgg"),
             cfg.hidden_channels, cfg.concat_intermediates,
         )
 
@@ -50,7 +48,7 @@ class YoloNASDownStage(nn.Module):
         c = cfg.out_channels
         self.conv = ConvBNAct(in_channels, c // 2, 3, 2)
         self.blocks = CSPLayer(
-            c // 2 + skip_channels, c, cfg.num_blocks, partial(ConvBNAct, kernel_size=3),
+            c // 2 + skip_channels, c, cfg.num_blocks, block_factory(cfg.block, "conv"),
             cfg.hidden_channels, cfg.concat_intermediates,
         )
 

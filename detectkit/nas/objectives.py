@@ -1,0 +1,264 @@
+"""What a candidate costs and how well it learns: parameters, MACs, measured latency, proxy mAP.
+
+Latency is measured, not modelled: the candidate is fused to its deployment form, exported to ONNX
+with :func:`detectkit.export.deploy.export_detector` and timed in onnxruntime on this machine's CPU
+(optionally after onnxruntime's static INT8, :mod:`detectkit.export.ort_int8`), or built into a
+TensorRT engine where TensorRT is installed. Proxy accuracy is a short training through the same
+LightningCLI recipe that ``detectkit fit`` runs, so the proxy and the final training share data,
+augmentation, loss and schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detectkit.models.yolo_nas.configs import YoloNASConfig
+
+
+def build(cfg: YoloNASConfig, num_classes: int):
+    """The candidate detector (random init) through the registry, as ``detectkit fit`` builds it."""
+    from detectkit.registry import create_model
+
+    return create_model("yolo_nas_custom", num_classes=num_classes, arch=cfg.to_dict())
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model, image_size: int) -> int:
+    """Multiply-accumulates of one eval forward at ``image_size`` (torch's FlopCounterMode / 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, image_size, image_size))
+    model.train(was)
+    return int(counter.get_total_flops() // 2)
+
+
+@dataclass
+class LatencyConfig:
+    """How latency is measured. ``backend``: ``onnxruntime`` (CPU) or ``tensorrt`` (needs TensorRT + a GPU).
+    ``int8``: time onnxruntime's static QDQ INT8 graph (calibrated on ``calibration_batches`` random
+    batches unless the search passes real images). Median of ``runs`` after ``warmup``."""
+
+    backend: str = "onnxruntime"
+    image_size: int | None = None  # None: the proxy training's image size
+    batch_size: int = 1
+    threads: int = 1
+    warmup: int = 5
+    runs: int = 30
+    int8: bool = False
+    calibration_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("onnxruntime", "tensorrt"):
+            raise ValueError(f"latency.backend must be 'onnxruntime' or 'tensorrt', got {self.backend!r}")
+
+
+def export_candidate(model, path: str | os.PathLike, image_size: int, batch_size: int = 1) -> Path:
+    """Deployment form (QARepVGG and Conv-BN fused) exported to ONNX, raw boxes/scores, static batch."""
+    import copy
+
+    from detectkit.export.deploy import ExportConfig, export_detector
+
+    fused = copy.deepcopy(model).eval().fuse()
+    export_detector(fused, path, ExportConfig(image_size=(image_size, image_size), batch_size=batch_size,
+                                              dynamic_batch=False), check=False)
+    return Path(path)
+
+
+def time_onnxruntime(path: str | os.PathLike, image_size: int, cfg: LatencyConfig) -> float:
+    """Median wall time (ms) of one onnxruntime CPU run of the graph at ``path``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = cfg.threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).random((cfg.batch_size, 3, image_size, image_size), dtype=np.float32)
+    for _ in range(cfg.warmup):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(cfg.runs):
+        t = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append((time.perf_counter() - t) * 1000)
+    return float(statistics.median(times))
+
+
+def time_tensorrt(path: str | os.PathLike, image_size: int, cfg: LatencyConfig) -> float:
+    """Median GPU latency (ms) of a TensorRT engine built from the ONNX graph (FP16, or INT8 with ``int8``)."""
+    from detectkit.export.tensorrt import tensorrt_available
+
+    if not tensorrt_available():
+        raise RuntimeError("latency.backend=tensorrt but TensorRT is not installed here (pip install tensorrt on a GPU machine)")
+    import tensorrt as trt
+    import torch
+
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(path).read_bytes()):
+        raise RuntimeError(f"{path}: TensorRT could not parse the graph: {parser.get_error(0)}")
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.FP16)
+    if cfg.int8:
+        config.set_flag(trt.BuilderFlag.INT8)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(builder.build_serialized_network(network, config))
+    context = engine.create_execution_context()
+    buffers = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        shape = tuple(engine.get_tensor_shape(name))
+        buffers[name] = torch.empty(shape, device="cuda", dtype=torch.float32)
+        context.set_tensor_address(name, buffers[name].data_ptr())
+    stream = torch.cuda.Stream()
+    for _ in range(cfg.warmup):
+        context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    times = []
+    for _ in range(cfg.runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        context.execute_async_v3(stream.cuda_stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(statistics.median(times))
+
+
+def measure_latency(model, image_size: int, cfg: LatencyConfig, workdir: str | os.PathLike | None = None,
+                    calibration: Sequence[Any] | None = None) -> float:
+    """Export, optionally quantize, and time ``model`` on the configured backend (ms per batch)."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        onnx_path = export_candidate(model, Path(tmp) / "candidate.onnx", image_size, cfg.batch_size)
+        if cfg.backend == "tensorrt":
+            return time_tensorrt(onnx_path, image_size, cfg)
+        if cfg.int8:
+            from detectkit.export.ort_int8 import quantize_for_onnxruntime
+
+            if calibration is None:
+                rng = np.random.default_rng(0)
+                calibration = [rng.random((cfg.batch_size, 3, image_size, image_size), dtype=np.float32)
+                               for _ in range(cfg.calibration_batches)]
+            onnx_path = quantize_for_onnxruntime(onnx_path, Path(tmp) / "candidate.int8.onnx", calibration)
+        return time_onnxruntime(onnx_path, image_size, cfg)
+
+
+@dataclass
+class ProxyConfig:
+    """The proxy training: ``recipe`` (a ``detectkit fit`` config) with ``overrides`` (CLI arguments,
+    e.g. a smaller image size), trained ``epochs`` epochs of ``train_batches`` batches each and
+    validated every epoch on ``val_batches`` batches (None: all)."""
+
+    recipe: str = "experiments/quickstart.yaml"
+    epochs: int = 2
+    train_batches: int | None = 8
+    val_batches: int | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fit_args(proxy: ProxyConfig, arch: YoloNASConfig, root: str | os.PathLike) -> list[str]:
+    """The LightningCLI arguments of one proxy training (the recipe + this architecture + the budget)."""
+    args = ["--config", str(proxy.recipe), *proxy.overrides,
+            "--model.model", "yolo_nas_custom",
+            "--model.model_kwargs", json.dumps({"arch": arch.to_dict()}),
+            "--trainer.max_epochs", str(proxy.epochs),
+            "--trainer.check_val_every_n_epoch", "1",
+            "--trainer.num_sanity_val_steps", "0",
+            "--trainer.default_root_dir", str(root),
+            "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+    if proxy.train_batches is not None:
+        args += ["--trainer.limit_train_batches", str(proxy.train_batches)]
+    if proxy.val_batches is not None:
+        args += ["--trainer.limit_val_batches", str(proxy.val_batches)]
+    return args
+
+
+class ProxyRun:
+    """One proxy training, built (model at random init, data, trainer) but not yet run: the search
+    measures the very model it will train before spending the training time."""
+
+    def __init__(self, arch: YoloNASConfig, proxy: ProxyConfig, workdir: str | os.PathLike | None = None) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        from detectkit.cli import DetectkitCLI
+
+        self._tmp = tempfile.TemporaryDirectory(dir=workdir)
+        try:
+            cli = DetectkitCLI(args=fit_args(proxy, arch, self._tmp.name), run=False)
+        except SystemExit as e:  # jsonargparse reports a bad recipe/override by exiting
+            self._tmp.cleanup()
+            raise ValueError(f"proxy recipe {proxy.recipe} with overrides {proxy.overrides} does not parse (exit {e.code})") from None
+        self.trainer, self.module, self.data = cli.trainer, cli.model, cli.datamodule
+        # a proxy keeps nothing on disk: the recipe's checkpoint callbacks are dropped
+        self.trainer.callbacks[:] = [cb for cb in self.trainer.callbacks if not isinstance(cb, ModelCheckpoint)]
+        self.image_size = int(self.data.image_size)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def prepare_proxy(arch: YoloNASConfig, proxy: ProxyConfig, workdir: str | os.PathLike | None = None) -> ProxyRun:
+    return ProxyRun(arch, proxy, workdir)
+
+
+def run_proxy(run: ProxyRun, report: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train briefly; returns ``{"map", "map_50", "epochs", "images", "image_size", "seconds"}``.
+
+    ``report(epoch, map)`` runs after every validation (the search's early stop raises from it).
+    """
+    import lightning as L
+
+    class Reporter(L.Callback):
+        # on_validation_end: after the module's epoch-end hook has logged this epoch's val/map
+        def on_validation_end(self, trainer, pl_module) -> None:
+            value = trainer.callback_metrics.get("val/map")
+            if not trainer.sanity_checking and report is not None and value is not None:
+                report(trainer.current_epoch, float(value))
+
+    start = time.time()
+    trainer = run.trainer
+    trainer.callbacks.append(Reporter())
+    trainer.fit(run.module, datamodule=run.data)
+    metrics = {k.split("/", 1)[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    return {
+        "map": metrics.get("map", 0.0),
+        "map_50": metrics.get("map_50", 0.0),
+        "epochs": trainer.current_epoch,
+        "images": int(trainer.current_epoch * trainer.num_training_batches * run.data.batch_size),
+        "image_size": run.image_size,
+        "seconds": round(time.time() - start, 1),
+    }
+
+
+def proxy_train(arch: YoloNASConfig, proxy: ProxyConfig, report: Callable[[int, float], None] | None = None,
+                workdir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Build and run one proxy training (see :func:`run_proxy`)."""
+    run = prepare_proxy(arch, proxy, workdir)
+    try:
+        return run_proxy(run, report)
+    finally:
+        run.close()

@@ -1,0 +1,250 @@
+"""The Optuna study: multi-objective search (NSGA-II or TPE) seeded with YOLO-NAS S/M/L.
+
+Order of work per candidate, cheapest first: build it and count parameters/MACs (reject over the
+limits before anything else), export and time it (reject over the latency limit), then the proxy
+training, validated every epoch.
+
+Early stopping: Optuna's pruners (``trial.report``/``should_prune``) do not support
+multi-objective studies, so the search applies its own median rule to the intermediate mAP, which
+every trial stores as user attributes ``map_epoch_<e>``: after epoch ``e`` (not the last), a
+candidate whose mAP is below ``early_stop.ratio`` x the median mAP at epoch ``e`` of the finished
+trials (once ``early_stop.min_trials`` have finished) is stopped and marked PRUNED. Rejected
+candidates (limits) are PRUNED as well, with the reason in ``user_attrs["rejected"]``.
+
+Resumable and distributed: the study lives in an RDB storage (sqlite file by default; a
+PostgreSQL/MySQL URL for a cluster) with heartbeats: a worker killed mid-trial leaves a RUNNING
+trial whose heartbeat stops; after ``heartbeat.grace_period`` seconds the next worker to start a
+trial marks it FAILED and re-enqueues its parameters (``RetryHeartbeatStaleTrialCallback``). ``n_trials`` is
+the study's total: finished (complete or pruned) plus running trials of all workers; a restarted
+search runs only what remains.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detectkit.nas.objectives import LatencyConfig, ProxyConfig
+from detectkit.nas.space import SearchSpace
+
+#: objective name -> Optuna direction
+OBJECTIVES = {"map": "maximize", "map_50": "maximize", "latency_ms": "minimize", "params": "minimize", "macs": "minimize"}
+DEFAULT_STORAGE = "sqlite:///runs/nas/studies.db"
+
+
+@dataclass
+class SearchConfig:
+    """``detectkit nas search --config X.yaml``: see experiments/nas_quickstart.yaml."""
+
+    study_name: str = "nas"
+    storage: str = DEFAULT_STORAGE
+    sampler: str = "nsga2"
+    population_size: int = 8
+    seed: int = 0
+    n_trials: int | None = 12
+    timeout: float | None = None
+    objectives: list[str] = field(default_factory=lambda: ["map", "latency_ms"])
+    max_latency_ms: float | None = None
+    max_params: int | None = None
+    max_macs: int | None = None
+    early_stop: dict[str, Any] = field(default_factory=lambda: {"ratio": 0.5, "min_trials": 3})
+    heartbeat: dict[str, Any] = field(default_factory=lambda: {"interval": 10, "grace_period": 60, "max_retry": 2})
+    space: SearchSpace = field(default_factory=lambda: SearchSpace.from_dict({}))
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    output_dir: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> SearchConfig:
+        data = dict(data)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}; allowed: {sorted(known)}")
+        try:
+            data["space"] = SearchSpace.from_dict(data.get("space"), source=f"{source}: space")
+            data["proxy"] = ProxyConfig(**(data.get("proxy") or {}))
+            data["latency"] = LatencyConfig(**(data.get("latency") or {}))
+            cfg = cls(**data)
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from None
+        bad = [o for o in cfg.objectives if o not in OBJECTIVES]
+        if bad or not cfg.objectives:
+            raise ValueError(f"{source}: objectives must be a non-empty list of {sorted(OBJECTIVES)}, got {cfg.objectives}")
+        if cfg.n_trials is None and cfg.timeout is None:
+            raise ValueError(f"{source}: set n_trials or timeout (or both)")
+        if cfg.sampler not in ("nsga2", "tpe"):
+            raise ValueError(f"{source}: sampler must be 'nsga2' or 'tpe', got {cfg.sampler!r}")
+        if not Path(cfg.proxy.recipe).is_file():
+            raise ValueError(f"{source}: proxy.recipe {cfg.proxy.recipe!r} not found")
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> SearchConfig:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"{p}: search config not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{p}: expected a mapping at the top level")
+        return cls.from_dict(data, source=str(p))
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or f"runs/nas/{self.study_name}")
+
+    def record(self) -> dict[str, Any]:
+        """What the study keeps about itself (``nas show``/``nas export`` read it back)."""
+        return {"objectives": self.objectives, "space": self.space.to_dict(), "proxy": self.proxy.to_dict(),
+                "latency": asdict(self.latency), "limits": {"max_latency_ms": self.max_latency_ms,
+                                                            "max_params": self.max_params, "max_macs": self.max_macs}}
+
+
+def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None):
+    """An Optuna RDB storage (a sqlite file's folder is created); heartbeats make killed trials retry."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    hb = dict(heartbeat or {})
+    kw: dict[str, Any] = {}
+    if hb.get("interval"):
+        kw = {"heartbeat_interval": int(hb["interval"]), "grace_period": int(hb.get("grace_period") or 6 * hb["interval"]),
+              "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=hb.get("max_retry", 2))}
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None, **kw)
+
+
+def make_sampler(cfg: SearchConfig, worker: int = 0):
+    import optuna
+
+    seed = cfg.seed + 1000 * worker  # distinct streams per worker, reproducible per worker index
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.population_size)
+
+
+def open_study(cfg: SearchConfig, worker: int = 0, create: bool = True):
+    """Create or join the study; enqueue the seeds once (``skip_if_exists``)."""
+    import optuna
+
+    storage = open_storage(cfg.storage, cfg.heartbeat)
+    directions = [OBJECTIVES[o] for o in cfg.objectives]
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage, directions=directions,
+                                sampler=make_sampler(cfg, worker), load_if_exists=True)
+    saved = study.user_attrs.get("detectkit_nas")
+    if saved is None:
+        study.set_user_attr("detectkit_nas", cfg.record())
+    elif saved.get("objectives") != cfg.objectives or saved.get("space") != cfg.space.to_dict():
+        raise ValueError(f"study {cfg.study_name!r} in {cfg.storage} was created with other objectives or another "
+                         "space; use a new study_name")
+    for name, arch in cfg.space.seeds.items():
+        study.enqueue_trial(cfg.space.params_of(arch), user_attrs={"seed": name}, skip_if_exists=True)
+    return study
+
+
+def _counted(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)))
+
+
+class Objective:
+    """One candidate: limits, latency, proxy training (see the module docstring)."""
+
+    def __init__(self, cfg: SearchConfig, log=print) -> None:
+        self.cfg = cfg
+        self.log = log
+
+    def _early_stop(self, trial, epoch: int, value: float) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
+        trial.set_user_attr(f"map_epoch_{epoch}", value)
+        if epoch + 1 >= self.cfg.proxy.epochs:
+            return
+        ratio, min_trials = float(self.cfg.early_stop.get("ratio", 0)), int(self.cfg.early_stop.get("min_trials", 3))
+        done = [t.user_attrs.get(f"map_epoch_{epoch}") for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        done = [v for v in done if v is not None]
+        if ratio > 0 and len(done) >= min_trials and value < ratio * statistics.median(done):
+            trial.set_user_attr("stopped", f"map {value:.4f} at epoch {epoch} < {ratio} x median {statistics.median(done):.4f}")
+            raise optuna.TrialPruned(trial.user_attrs["stopped"])
+
+    def __call__(self, trial) -> tuple[float, ...]:
+        import optuna
+
+        from detectkit.nas.objectives import (
+            count_macs,
+            count_params,
+            measure_latency,
+            prepare_proxy,
+            run_proxy,
+        )
+
+        cfg = self.cfg
+        start = time.time()
+        arch = cfg.space.suggest(trial)
+        trial.set_user_attr("arch", arch.to_dict())
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        seed = cfg.space.seed_name(trial.params)
+        if seed:
+            trial.set_user_attr("seed", seed)
+        run = prepare_proxy(arch, cfg.proxy, workdir=None)
+        try:
+            model, size = run.module.model, run.image_size
+            params, macs = count_params(model), count_macs(model, size)
+            trial.set_user_attr("params", params)
+            trial.set_user_attr("macs", macs)
+            for limit, value, name in ((cfg.max_params, params, "params"), (cfg.max_macs, macs, "macs")):
+                if limit is not None and value > limit:
+                    trial.set_user_attr("rejected", f"{name} {value} > {limit}")
+                    raise optuna.TrialPruned(trial.user_attrs["rejected"])
+            lat_size = cfg.latency.image_size or size
+            latency = measure_latency(model, lat_size, cfg.latency)
+            trial.set_user_attr("latency_ms", latency)
+            trial.set_user_attr("latency", {**asdict(cfg.latency), "image_size": lat_size})
+            if cfg.max_latency_ms is not None and latency > cfg.max_latency_ms:
+                trial.set_user_attr("rejected", f"latency {latency:.2f} ms > {cfg.max_latency_ms}")
+                raise optuna.TrialPruned(trial.user_attrs["rejected"])
+            result = run_proxy(run, lambda e, v: self._early_stop(trial, e, v))
+        finally:
+            run.close()
+        for k in ("map", "map_50", "epochs", "images", "image_size"):
+            trial.set_user_attr(k, result[k])
+        trial.set_user_attr("seconds", round(time.time() - start, 1))
+        values = {"map": result["map"], "map_50": result["map_50"], "latency_ms": latency, "params": params, "macs": macs}
+        self.log(f"trial {trial.number}{' (' + seed + ')' if seed else ''}: map {result['map']:.4f} "
+                 f"latency {latency:.2f} ms params {params / 1e6:.2f}M ({time.time() - start:.0f} s)")
+        return tuple(float(values[o]) for o in cfg.objectives)
+
+
+def run_search(cfg: SearchConfig, worker: int = 0, n_trials: int | None = None, log=print):
+    """Run (or resume, or join) the study until it holds ``n_trials`` finished trials or ``timeout`` passes."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(cfg, worker)
+    total = n_trials if n_trials is not None else cfg.n_trials
+    optuna.storages.fail_stale_trials(study)  # trials of killed workers: FAILED and re-enqueued
+    if total is not None and _counted(study) >= total:
+        log(f"study {cfg.study_name!r}: {total} trials already done")
+        return study
+
+    def stop_at_total(study, trial) -> None:
+        if total is not None and _counted(study) >= total:
+            study.stop()
+
+    study.optimize(Objective(cfg, log), n_trials=None, timeout=cfg.timeout, callbacks=[stop_at_total],
+                   gc_after_trial=True)
+    return study
