@@ -21,7 +21,7 @@ from detectkit.compress.quantize import partial_fuse
 
 __all__ = [
     "IMPORTANCE", "DEFAULT_KEEP", "DEFAULT_EXCLUDE", "count_macs_params", "importance_for", "prune_model",
-    "prune_to_macs", "record_shapes", "apply_pruned_shapes", "prune_op",
+    "prune_to_macs", "record_shapes", "apply_pruned_shapes", "prune_op", "layerwise_prune",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,21 @@ def prune_model(
     exclude_modules: Sequence[str] = DEFAULT_EXCLUDE,
     round_to: int | None = 8,
     global_pruning: bool = False,
+    unit_ratios: dict[str, float] | None = None,
 ) -> nn.Module:
     """Remove ``ratio`` of the prunable channels of every group, in place (QARepVGG fused first).
 
+    ``unit_ratios`` (submodule name -> ratio) overrides ``ratio`` for the groups rooted in that
+    submodule (layer-wise budgets, see :mod:`detectkit.compress.sensitivity`).
     For ``importance="taylor"`` the parameters' ``.grad`` must hold a loss gradient.
     """
     partial_fuse(model)
+    modules = dict(model.named_modules())
+    ratio_dict = {}
+    for name, r in (unit_ratios or {}).items():
+        if name not in modules:
+            raise KeyError(f"unit_ratios names {name!r}, which {type(model).__name__} does not have")
+        ratio_dict[modules[name]] = float(min(max(r, 0.0), 0.95))
     was_training = model.training
     model.eval()
     x = torch.rand(1, 3, image_size, image_size, device=next(model.parameters()).device)
@@ -103,7 +112,7 @@ def prune_model(
         pruner = _tp().pruner.MetaPruner(
             model, x, importance=importance_for(importance), pruning_ratio=float(ratio),
             ignored_layers=_ignored(model, keep_layers, exclude_modules), round_to=round_to,
-            global_pruning=global_pruning,
+            global_pruning=global_pruning, pruning_ratio_dict=ratio_dict or None,
         )
         try:
             pruner.step()
@@ -123,11 +132,14 @@ def prune_to_macs(
     target_macs: float,
     increment: float = 0.05,
     before_step: Callable[[], None] | None = None,
+    unit_weights: dict[str, float] | None = None,
     **prune_kwargs: Any,
 ) -> tuple[float, int]:
     """Prune ``increment`` of the channels at a time until MACs <= ``target_macs``; returns (MACs, params).
 
     ``before_step`` runs before each increment (e.g. a backward pass for Taylor importance).
+    ``unit_weights`` (from :func:`detectkit.compress.sensitivity.budget_weights`) scales the
+    increment per submodule: sensitive units lose channels more slowly.
     """
     image_size = prune_kwargs.get("image_size", 64)
     macs, params = count_macs_params(model, image_size)
@@ -136,7 +148,8 @@ def prune_to_macs(
             break
         if before_step is not None:
             before_step()
-        prune_model(model, increment, **prune_kwargs)
+        unit_ratios = {u: increment * w for u, w in unit_weights.items()} if unit_weights else None
+        prune_model(model, increment, unit_ratios=unit_ratios, **prune_kwargs)
         new_macs, params = count_macs_params(model, image_size)
         if new_macs >= macs:  # nothing prunable left
             log.warning("pruning: stuck at %.4g MACs above the target %.4g", new_macs, target_macs)
@@ -190,3 +203,31 @@ def apply_pruned_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]], fus
 def prune_op(model: nn.Module) -> dict[str, Any]:
     """The architecture op that :func:`detectkit.checkpoint.replay_architecture` replays."""
     return {"op": "prune", "shapes": record_shapes(model), "fused": True}
+
+
+def layerwise_prune(
+    model: nn.Module,
+    batches: Any,
+    macs_ratio: float = 0.5,
+    sensitivity_ratio: float = 0.3,
+    strength: float = 1.0,
+    num_batches: int = 4,
+    recalibrate: bool = True,
+    **prune_kwargs: Any,
+) -> dict[str, Any]:
+    """One-shot layer-wise pruning to ``macs_ratio`` of the MACs, budgets from a sensitivity ranking.
+
+    Ranks the units (:func:`~detectkit.compress.sensitivity.pruning_sensitivity`), turns the
+    ranking into per-unit ratio multipliers, prunes to the MACs target, recalibrates BatchNorm on
+    the same batches. Returns what it did (``sensitivity``, ``weights``, MACs before/after).
+    """
+    from detectkit.compress.sensitivity import budget_weights, pruning_sensitivity, recalibrate_batchnorm, take_images
+
+    image_size = prune_kwargs.get("image_size", 64)
+    base, _ = count_macs_params(model, image_size)
+    sens = pruning_sensitivity(model, batches, ratio=sensitivity_ratio, num_batches=num_batches, **prune_kwargs)
+    weights = budget_weights(sens, strength)
+    macs, params = prune_to_macs(model, base * macs_ratio, unit_weights=weights, **prune_kwargs)
+    if recalibrate:
+        recalibrate_batchnorm(model, take_images(batches, num_batches, next(model.parameters()).device))
+    return {"sensitivity": sens, "weights": weights, "base_macs": base, "macs": macs, "params": params}
