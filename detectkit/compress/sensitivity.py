@@ -159,7 +159,7 @@ def budget_weights(
     if not sensitivity:
         return {}
     damages = torch.tensor([max(float(d), 0.0) for _, d in sensitivity], dtype=torch.float64)
-    eps = max(float(damages[damages > 0].min()) if bool((damages > 0).any()) else 1.0, 1e-12) * 0.5
+    eps = max(0.1 * float(damages.mean()), 1e-12)  # a unit with ~no damage gets ~10x the average share
     raw = (damages + eps).pow(-strength)
     w = (raw / raw.mean()).clamp(floor, cap)
     return {name: float(x) for (name, _), x in zip(sensitivity, w)}
