@@ -221,7 +221,12 @@ def layerwise_prune(
     ranking into per-unit ratio multipliers, prunes to the MACs target, recalibrates BatchNorm on
     the same batches. Returns what it did (``sensitivity``, ``weights``, MACs before/after).
     """
-    from detectkit.compress.sensitivity import budget_weights, pruning_sensitivity, recalibrate_batchnorm, take_images
+    from detectkit.compress.sensitivity import (
+        budget_weights,
+        pruning_sensitivity,
+        recalibrate_batchnorm,
+        take_images,
+    )
 
     image_size = prune_kwargs.get("image_size", 64)
     base, _ = count_macs_params(model, image_size)
