@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     if args.only in ("all", "prune"):
         rows.append(ort_int8_row("pruned_kd_int8_ort", "pruned_ft_kd", dm, work, args, calib))
     if args.only in ("all", "int8"):
-        sens = quantization_sensitivity(dense, calib, num_batches=4)
+        sens = quantization_sensitivity(dense, calib, num_batches=2)
         for k in (0, args.mixed_k, 2 * args.mixed_k):
             q = quantize_model(copy.deepcopy(dense), calib, args.calib_batches, skip_layers=select_skip_layers(sens, k))
             row = model_row(f"int8_mp_skip{k}", q.eval(), dm, work, args, quantized=True)
@@ -269,8 +269,11 @@ def main(argv=None) -> int:
         world = create_model("yolo_world_v2_s", num_classes=dm.num_classes).eval()
         rows.append(model_row("yolo_world_v2_s", world, dm, work, args, score=False))
         base = count_macs_params(world, dm.image_size)[0]
-        prune_to_macs(world, args.macs_ratio * base, image_size=dm.image_size)
-        rows.append(model_row("yolo_world_v2_s_pruned", world, dm, work, args, score=False))
+        try:
+            prune_to_macs(world, args.macs_ratio * base, image_size=dm.image_size)
+            rows.append(model_row("yolo_world_v2_s_pruned", world, dm, work, args, score=False))
+        except RuntimeError as e:  # reported, not fatal: the rest of the table stands
+            print(f"  yolo_world_v2_s_pruned: not pruned: {e}", flush=True)
 
     lat = interleaved_latency_ms({r["name"]: Path(r["onnx"]) for r in rows}, args.deploy_size, args.threads, args.runs)
     for r in rows:
