@@ -208,8 +208,13 @@ def main(argv=None) -> int:
     p.add_argument("--deploy-size", type=int, default=640)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=7)
-    p.add_argument("--only", choices=("all", "int8", "prune", "world"), default="all", help="run one part")
+    p.add_argument("--only", default="all",
+                   help="comma-separated parts: prune (pruned_ft, pruned_ft_kd, pruned + INT8), int8 (int8_ort), "
+                        "mixed (int8_mp_skip*), world (yolo_world_v2_s rows); default all")
     args = p.parse_args(argv)
+    parts = {"prune", "int8", "mixed", "world"} if args.only == "all" else set(args.only.split(","))
+    if not parts <= {"prune", "int8", "mixed", "world"}:
+        p.error(f"--only: unknown part in {args.only!r}")
     torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
     work = run_dir / "onnx"
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
     budget = {"epochs": epochs, "train_batches_per_epoch": n_batches, "batch_size": dm.batch_size,
               "prune_steps": args.prune_steps, "macs_ratio_target": args.macs_ratio}
 
-    if args.only in ("all", "prune"):
+    if "prune" in parts:
         def pruning():
             return StructuredPruning(target_macs_ratio=args.macs_ratio, steps=args.prune_steps, epochs_between=1,
                                      image_size=dm.image_size, layerwise=True, calib_batches=4)
@@ -251,18 +256,18 @@ def main(argv=None) -> int:
         finetune(copy.deepcopy(dense), dm, epochs, args.finetune_lr, [pruning(), kd], args.train_batches, save=saved)
         ft_kd = detectkit.load(saved, device="cpu")  # the pruned architecture comes back from the record
         rows.append(model_row("pruned_ft_kd", ft_kd, dm, work, args))
-    if args.only in ("all", "int8"):
+    if "int8" in parts:
         rows.append(ort_int8_row("int8_ort", "dense", dm, work, args, calib))
-    if args.only in ("all", "prune"):
+    if "prune" in parts:
         rows.append(ort_int8_row("pruned_kd_int8_ort", "pruned_ft_kd", dm, work, args, calib))
-    if args.only in ("all", "int8"):
+    if "mixed" in parts:
         sens = quantization_sensitivity(dense, calib, num_batches=2)
         for k in (0, args.mixed_k, 2 * args.mixed_k):
             q = quantize_model(copy.deepcopy(dense), calib, args.calib_batches, skip_layers=select_skip_layers(sens, k))
             row = model_row(f"int8_mp_skip{k}", q.eval(), dm, work, args, quantized=True)
             row["float_layers"] = select_skip_layers(sens, k)
             rows.append(row)
-    if args.only in ("all", "world"):
+    if "world" in parts:
         from detectkit.compress.prune import count_macs_params, prune_to_macs
         from detectkit.registry import create_model
 
