@@ -55,3 +55,25 @@ def test_layerwise_prune_spares_the_sensitive_unit():
     w = result["weights"]
     assert w["down1.conv"] == max(w.values())  # dead channels: the cheapest unit gives the most
     assert model.down1.conv.out_channels <= 20  # ... and loses most of its dead half
+
+
+def test_structured_pruning_layerwise_in_a_fit(tmp_path):
+    """The callback ranks units on training batches, prunes with their budgets, recalibrates BN,
+    and keeps the ranking in its state (resume does not re-rank)."""
+    from compress_helpers import tiny_datamodule, tiny_trainer
+    from detectkit.callbacks import StructuredPruning
+
+    from detectkit.modules.detector import DetectionModule
+
+    torch.manual_seed(0)
+    module = DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3, lr=1e-3, warmup_steps=1)
+    base = count_macs_params(module.model, 64)[0]
+    prune = StructuredPruning(target_macs_ratio=0.6, steps=1, image_size=64, round_to=None, layerwise=True,
+                              calib_batches=1)
+    trainer = tiny_trainer(tmp_path, [prune], max_epochs=1, train_batches=1)
+    trainer.fit(module, datamodule=tiny_datamodule(tmp_path / "data"))
+    assert count_macs_params(module.model, 64)[0] <= 0.6 * base
+    assert prune.unit_weights and set(prune.unit_weights) == {n for n, _ in prune.sensitivity}
+    restored = StructuredPruning(target_macs_ratio=0.6, steps=1, layerwise=True)
+    restored.load_state_dict(prune.state_dict())
+    assert restored.unit_weights == prune.unit_weights and restored.steps_done == 1
