@@ -47,6 +47,12 @@ from detectkit.compress.prune import (  # noqa: F401 (re-exported: the algorithm
     record_shapes,
 )
 from detectkit.compress.quantize import partial_fuse
+from detectkit.compress.sensitivity import (
+    budget_weights,
+    pruning_sensitivity,
+    recalibrate_batchnorm,
+    take_images,
+)
 
 __all__ = ["StructuredPruning", "prune_model", "prune_to_macs", "count_macs_params", "record_shapes", "apply_pruned_shapes"]
 
@@ -67,6 +73,12 @@ class StructuredPruning(Callback):
         exclude_modules: modules left whole (attention), see the module docstring.
         round_to: channel counts stay multiples of this (tensor-core friendly).
         increment: channel ratio per sub-step when chasing a MACs target.
+        layerwise: before the first step, rank units by pruning sensitivity on
+            ``calib_batches`` training batches (:mod:`detectkit.compress.sensitivity`) and give
+            sensitive units a smaller share of each step (MACs target only).
+        layerwise_strength: how strongly the ranking skews the budget (0 = uniform).
+        calib_batches: training batches for the sensitivity ranking and for re-estimating the
+            BatchNorm statistics after each step (0: no recalibration).
     """
 
     def __init__(
@@ -82,6 +94,9 @@ class StructuredPruning(Callback):
         exclude_modules: Sequence[str] = DEFAULT_EXCLUDE,
         round_to: int | None = 8,
         increment: float = 0.05,
+        layerwise: bool = False,
+        layerwise_strength: float = 1.0,
+        calib_batches: int = 0,
     ) -> None:
         if (target_macs_ratio is None) == (channel_sparsity is None):
             raise ValueError("give exactly one of target_macs_ratio or channel_sparsity")
@@ -92,6 +107,9 @@ class StructuredPruning(Callback):
         self.importance, self.image_size = importance, int(image_size)
         self.keep_layers, self.exclude_modules = list(keep_layers), list(exclude_modules)
         self.round_to, self.increment = round_to, float(increment)
+        self.layerwise, self.layerwise_strength, self.calib_batches = layerwise, float(layerwise_strength), int(calib_batches)
+        self.unit_weights: dict[str, float] | None = None
+        self.sensitivity: list[tuple[str, float]] = []
         self.steps_done = 0
         self.base: tuple[float, int] | None = None  # MACs, params before pruning
         self.history: list[dict[str, float]] = []
@@ -127,6 +145,9 @@ class StructuredPruning(Callback):
         loss, _ = pl_module.compute_loss(model(images), batch["targets"].to(pl_module.device), images.shape[0])
         loss.backward()
 
+    def _calibration_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[torch.Tensor]:
+        return take_images(trainer.train_dataloader, max(1, self.calib_batches), pl_module.device)
+
     def prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         copy_average_to_model(trainer, pl_module)  # prune the EMA weights; the EMA restarts after
         model = detector_of(pl_module)
@@ -136,6 +157,12 @@ class StructuredPruning(Callback):
         k = self.steps_done + 1
         kwargs = dict(importance=self.importance, image_size=self.image_size, keep_layers=self.keep_layers,
                       exclude_modules=self.exclude_modules, round_to=self.round_to)
+        if self.layerwise and self.unit_weights is None and self.channel_sparsity is None:
+            self.sensitivity = pruning_sensitivity(
+                model, self._calibration_images(trainer, pl_module), num_batches=max(1, self.calib_batches),
+                **{**kwargs, "importance": "group_norm" if self.importance == "taylor" else self.importance})
+            self.unit_weights = budget_weights(self.sensitivity, self.layerwise_strength)
+            log.info("pruning: most sensitive units %s", [n for n, _ in self.sensitivity[:3]])
         if self.channel_sparsity is not None:
             # remaining channel fraction after step k is 1 - s*k/steps; prune the ratio that gets there
             before, after = 1 - self.channel_sparsity * (k - 1) / self.steps, 1 - self.channel_sparsity * k / self.steps
@@ -146,8 +173,11 @@ class StructuredPruning(Callback):
         else:
             target = base_macs * (1 - (1 - self.target_macs_ratio) * k / self.steps)
             grads = (lambda: self._taylor_gradients(trainer, pl_module)) if self.importance == "taylor" else None
-            macs, params = prune_to_macs(model, target, self.increment, before_step=grads, **kwargs)
+            macs, params = prune_to_macs(model, target, self.increment, before_step=grads,
+                                         unit_weights=self.unit_weights, **kwargs)
         model.zero_grad(set_to_none=True)
+        if self.calib_batches > 0:  # the layers after a cut see other inputs: fresh BN statistics
+            recalibrate_batchnorm(model, self._calibration_images(trainer, pl_module))
         self.steps_done = k
         op = prune_op(model)  # resume/load rebuild these shapes before the weights load
         self.shapes = op["shapes"]
@@ -164,10 +194,13 @@ class StructuredPruning(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"steps_done": self.steps_done, "base": self.base, "history": list(self.history),
-                "shapes": self.shapes, "fused": True}
+                "shapes": self.shapes, "fused": True, "unit_weights": self.unit_weights,
+                "sensitivity": [list(t) for t in self.sensitivity]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps_done = int(state_dict.get("steps_done", 0))
         self.base = tuple(state_dict["base"]) if state_dict.get("base") else None
         self.history = list(state_dict.get("history", []))
         self.shapes = state_dict.get("shapes") or self.shapes
+        self.unit_weights = state_dict.get("unit_weights") or self.unit_weights
+        self.sensitivity = [tuple(t) for t in state_dict.get("sensitivity", [])]

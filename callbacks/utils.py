@@ -5,6 +5,11 @@ optimizers, the LR schedulers and a ``WeightAveraging`` copy, so each change of 
 ends with :func:`rebuild_after_surgery`. Resume does not happen here: the callbacks append
 architecture ops to the module (``pl_module.record_architecture``) and the module's
 ``on_load_checkpoint`` replays them (``detectkit.checkpoint.replay_architecture``).
+
+Private Lightning attributes: only two remain, both here. ``WeightAveraging`` has no public
+accessor for its averaged copy (``_average_model``; detectkit's ``ModelEMA.averaged_module`` is
+used when the callback is one), and a DDP strategy has no public way to wrap a module again after
+its parameters were replaced (``strategy._setup_model``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ __all__ = [
     "weight_averaging_callbacks",
     "copy_average_to_model",
     "rebuild_after_surgery",
+    "averaged_module",
+    "reset_weight_averaging",
 ]
 
 
@@ -35,16 +42,33 @@ def weight_averaging_callbacks(trainer: pl.Trainer) -> list[WeightAveraging]:
     return [cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)]
 
 
+def averaged_module(cb: WeightAveraging) -> nn.Module | None:
+    """The module holding ``cb``'s averaged weights, or None before the first fit step."""
+    from detectkit.modules.ema import ModelEMA
+
+    if isinstance(cb, ModelEMA):
+        return cb.averaged_module
+    averaged = getattr(cb, "_average_model", None)  # WeightAveraging exposes no public accessor
+    return None if averaged is None else averaged.module
+
+
+def reset_weight_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Restart every running average from the module's current (new) architecture."""
+    for cb in weight_averaging_callbacks(trainer):
+        if averaged_module(cb) is not None:
+            cb.setup(trainer, pl_module, "fit")
+
+
 def copy_average_to_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
     """Load the EMA weights into the module (surgery starts from the weights that get validated)."""
     import torch
 
     copied = False
     for cb in weight_averaging_callbacks(trainer):
-        averaged = getattr(cb, "_average_model", None)
+        averaged = averaged_module(cb)
         if averaged is None:
             continue
-        avg = averaged.module.state_dict()
+        avg = averaged.state_dict()
         with torch.no_grad():
             for k, dst in pl_module.state_dict().items():
                 if k in avg and avg[k].shape == dst.shape:
@@ -70,10 +94,9 @@ def rebuild_after_surgery(
     strategy.setup_optimizers(trainer)
     for cfg, state in zip(trainer.lr_scheduler_configs, old):
         if state is not None and "last_epoch" in state:
-            sched = cfg.scheduler
-            sched.last_epoch = state["last_epoch"]
-            if hasattr(sched, "_step_count"):
-                sched._step_count = state.get("_step_count", sched._step_count)
+            sched = cfg.scheduler  # only the position: base LRs and groups are the new optimizer's
+            position = {k: state[k] for k in ("last_epoch", "_step_count") if k in state}
+            sched.load_state_dict({**sched.state_dict(), **position})
     if lr_factor != 1.0:
         for cfg in trainer.lr_scheduler_configs:
             if hasattr(cfg.scheduler, "base_lrs"):
@@ -90,6 +113,4 @@ def rebuild_after_surgery(
             for group, lr in zip(sched.optimizer.param_groups, sched.get_lr()):
                 group["lr"] = lr
     if reset_averaging:
-        for cb in weight_averaging_callbacks(trainer):
-            if getattr(cb, "_average_model", None) is not None:
-                cb.setup(trainer, pl_module, "fit")  # a fresh average of the new architecture
+        reset_weight_averaging(trainer, pl_module)  # a fresh average of the new architecture

@@ -21,13 +21,15 @@ from detectkit.compress.quantize import partial_fuse
 
 __all__ = [
     "IMPORTANCE", "DEFAULT_KEEP", "DEFAULT_EXCLUDE", "count_macs_params", "importance_for", "prune_model",
-    "prune_to_macs", "record_shapes", "apply_pruned_shapes", "prune_op",
+    "prune_to_macs", "record_shapes", "split_c2f", "SplitC2f", "apply_pruned_shapes", "prune_op", "layerwise_prune",
 ]
 
 log = logging.getLogger(__name__)
 
 IMPORTANCE = ("magnitude", "group_norm", "taylor")
-DEFAULT_KEEP = ("*cls_pred*", "*reg_pred*", "*cls_embed*", "*contrast*", "*text*")
+DEFAULT_KEEP = ("*cls_pred*", "*reg_pred*", "*cls_embed*", "*contrast*", "*text*",
+                # YOLO-World's head: box-distribution and region-embedding outputs, contrastive scorers
+                "head.cv2.*.2", "head.cv3.*.2", "head.cv4.*")
 DEFAULT_EXCLUDE = ("*attn*", "*attention*")
 _CHANNEL_ATTRS = ("in_channels", "out_channels", "num_features", "in_features", "out_features", "groups")
 
@@ -71,6 +73,63 @@ def _ignored(model: nn.Module, keep_layers: Sequence[str], exclude_modules: Sequ
     return ignored
 
 
+class SplitC2f(nn.Module):
+    """A ``C2f`` / ``C2fAttn`` whose ``cv1`` (one conv, output chunked in two) is two convs.
+
+    Why: torch-pruning 1.6 maps channel indices through ``chunk`` by walking the split's
+    consumers and assumes one consumer per chunk; in C2f the second half feeds both the concat and
+    the first bottleneck (and its residual add), so the offsets come out wrong (e.g.
+    ``[0, 768, 1536, 1280, 1536]`` for a 512-channel split) and importance fails with "index 768
+    is out of bounds". Two convs compute the same thing with no split (torch-pruning's own YOLOv8
+    recipe, ``C2f_v2``). Numerically identical to the module it replaces.
+    """
+
+    def __init__(self, c2f: nn.Module) -> None:
+        super().__init__()
+        import copy
+
+        self.c = c2f.c
+        self.cv0, self.cv1 = copy.deepcopy(c2f.cv1), copy.deepcopy(c2f.cv1)
+        for half, sl in ((self.cv0, slice(0, c2f.c)), (self.cv1, slice(c2f.c, 2 * c2f.c))):
+            _slice_out_channels(half, sl)
+        self.cv2, self.m = c2f.cv2, c2f.m
+        self.attn = getattr(c2f, "attn", None)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        ys = [self.cv0(x), self.cv1(x)]
+        for block in self.m:
+            ys.append(block(ys[-1]))
+        if self.attn is not None:
+            ys.append(self.attn(ys[-1], text, mask))
+        return self.cv2(torch.cat(ys, 1))
+
+
+def _slice_out_channels(unit: nn.Module, sl: slice) -> None:
+    """Keep output channels ``sl`` of a conv + BN unit (ConvBNAct)."""
+    conv, bn = unit.conv, unit.bn
+    conv.weight = nn.Parameter(conv.weight.detach()[sl].clone())
+    if conv.bias is not None:
+        conv.bias = nn.Parameter(conv.bias.detach()[sl].clone())
+    conv.out_channels = conv.weight.shape[0]
+    for name in ("weight", "bias"):
+        setattr(bn, name, nn.Parameter(getattr(bn, name).detach()[sl].clone()))
+    bn.running_mean, bn.running_var = bn.running_mean[sl].clone(), bn.running_var[sl].clone()
+    bn.num_features = conv.out_channels
+
+
+def split_c2f(model: nn.Module) -> int:
+    """Replace every C2f / C2fAttn by a :class:`SplitC2f`, in place; returns how many."""
+    from detectkit.models.yolo_world.neck import C2fAttn
+    from detectkit.nn.c2f import C2f
+
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, C2f | C2fAttn)]
+    for name, m in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SplitC2f(m))
+    return len(targets)
+
+
 def _sync_block_attrs(model: nn.Module) -> None:
     """Blocks that cache their channel counts (QARepVGG) follow their pruned conv."""
     from detectkit.nn.qarepvgg import QARepVGGBlock
@@ -89,12 +148,22 @@ def prune_model(
     exclude_modules: Sequence[str] = DEFAULT_EXCLUDE,
     round_to: int | None = 8,
     global_pruning: bool = False,
+    unit_ratios: dict[str, float] | None = None,
 ) -> nn.Module:
     """Remove ``ratio`` of the prunable channels of every group, in place (QARepVGG fused first).
 
+    ``unit_ratios`` (submodule name -> ratio) overrides ``ratio`` for the groups rooted in that
+    submodule (layer-wise budgets, see :mod:`detectkit.compress.sensitivity`).
     For ``importance="taylor"`` the parameters' ``.grad`` must hold a loss gradient.
     """
     partial_fuse(model)
+    split_c2f(model)
+    modules = dict(model.named_modules())
+    ratio_dict = {}
+    for name, r in (unit_ratios or {}).items():
+        if name not in modules:
+            raise KeyError(f"unit_ratios names {name!r}, which {type(model).__name__} does not have")
+        ratio_dict[modules[name]] = float(min(max(r, 0.0), 0.95))
     was_training = model.training
     model.eval()
     x = torch.rand(1, 3, image_size, image_size, device=next(model.parameters()).device)
@@ -103,7 +172,7 @@ def prune_model(
         pruner = _tp().pruner.MetaPruner(
             model, x, importance=importance_for(importance), pruning_ratio=float(ratio),
             ignored_layers=_ignored(model, keep_layers, exclude_modules), round_to=round_to,
-            global_pruning=global_pruning,
+            global_pruning=global_pruning, pruning_ratio_dict=ratio_dict or None,
         )
         try:
             pruner.step()
@@ -123,11 +192,14 @@ def prune_to_macs(
     target_macs: float,
     increment: float = 0.05,
     before_step: Callable[[], None] | None = None,
+    unit_weights: dict[str, float] | None = None,
     **prune_kwargs: Any,
 ) -> tuple[float, int]:
     """Prune ``increment`` of the channels at a time until MACs <= ``target_macs``; returns (MACs, params).
 
     ``before_step`` runs before each increment (e.g. a backward pass for Taylor importance).
+    ``unit_weights`` (from :func:`detectkit.compress.sensitivity.budget_weights`) scales the
+    increment per submodule: sensitive units lose channels more slowly.
     """
     image_size = prune_kwargs.get("image_size", 64)
     macs, params = count_macs_params(model, image_size)
@@ -136,7 +208,8 @@ def prune_to_macs(
             break
         if before_step is not None:
             before_step()
-        prune_model(model, increment, **prune_kwargs)
+        unit_ratios = {u: increment * w for u, w in unit_weights.items()} if unit_weights else None
+        prune_model(model, increment, unit_ratios=unit_ratios, **prune_kwargs)
         new_macs, params = count_macs_params(model, image_size)
         if new_macs >= macs:  # nothing prunable left
             log.warning("pruning: stuck at %.4g MACs above the target %.4g", new_macs, target_macs)
@@ -168,6 +241,8 @@ def apply_pruned_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]], fus
     if fused:
         partial_fuse(model)
     modules = dict(model.named_modules())
+    if any(name not in modules for name in shapes) and split_c2f(model):  # pruned in the split form
+        modules = dict(model.named_modules())
     for name, entry in shapes.items():
         m = modules.get(name)
         if m is None:
@@ -190,3 +265,36 @@ def apply_pruned_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]], fus
 def prune_op(model: nn.Module) -> dict[str, Any]:
     """The architecture op that :func:`detectkit.checkpoint.replay_architecture` replays."""
     return {"op": "prune", "shapes": record_shapes(model), "fused": True}
+
+
+def layerwise_prune(
+    model: nn.Module,
+    batches: Any,
+    macs_ratio: float = 0.5,
+    sensitivity_ratio: float = 0.3,
+    strength: float = 1.0,
+    num_batches: int = 4,
+    recalibrate: bool = True,
+    **prune_kwargs: Any,
+) -> dict[str, Any]:
+    """One-shot layer-wise pruning to ``macs_ratio`` of the MACs, budgets from a sensitivity ranking.
+
+    Ranks the units (:func:`~detectkit.compress.sensitivity.pruning_sensitivity`), turns the
+    ranking into per-unit ratio multipliers, prunes to the MACs target, recalibrates BatchNorm on
+    the same batches. Returns what it did (``sensitivity``, ``weights``, MACs before/after).
+    """
+    from detectkit.compress.sensitivity import (
+        budget_weights,
+        pruning_sensitivity,
+        recalibrate_batchnorm,
+        take_images,
+    )
+
+    image_size = prune_kwargs.get("image_size", 64)
+    base, _ = count_macs_params(model, image_size)
+    sens = pruning_sensitivity(model, batches, ratio=sensitivity_ratio, num_batches=num_batches, **prune_kwargs)
+    weights = budget_weights(sens, strength)
+    macs, params = prune_to_macs(model, base * macs_ratio, unit_weights=weights, **prune_kwargs)
+    if recalibrate:
+        recalibrate_batchnorm(model, take_images(batches, num_batches, next(model.parameters()).device))
+    return {"sensitivity": sens, "weights": weights, "base_macs": base, "macs": macs, "params": params}

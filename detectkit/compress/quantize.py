@@ -117,16 +117,6 @@ def _quantizers_by_layer(model: nn.Module) -> dict[str, list[nn.Module]]:
     return layers
 
 
-def _output_error(model: nn.Module, inputs: list[torch.Tensor], refs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean |score| error + mean |box| error / image size: 0 for an exact model."""
-    err = 0.0
-    with torch.no_grad():
-        for x, (rb, rs) in zip(inputs, refs):
-            b, s = model(x)
-            err += float((s - rs).abs().mean()) + float((b - rb).abs().mean()) / max(x.shape[-2:])
-    return err / max(1, len(inputs))
-
-
 def quantization_sensitivity(
     model: nn.Module,
     batches: Iterable[Any],
@@ -143,6 +133,8 @@ def quantization_sensitivity(
     ``(layer name, score)`` sorted from most to least sensitive; the head of the list is what
     :func:`select_skip_layers` keeps in float.
     """
+    from detectkit.compress.sensitivity import output_error
+
     float_model = partial_fuse(copy.deepcopy(model)).eval()
     device = next(float_model.parameters()).device
     inputs = []
@@ -166,7 +158,7 @@ def quantization_sensitivity(
         if metric_fn is not None:
             score = base - metric_fn(qmodel)
         else:
-            score = _output_error(qmodel, inputs, refs)
+            score = output_error(qmodel, inputs, refs)
         for q in by_layer[name]:
             q.disable()
         scores.append((name, float(score)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
@@ -14,7 +14,34 @@ from detectkit.modules.metrics import build_map_metric, summarize_map, to_origin
 from detectkit.modules.schedule import warmup_cosine_scheduler
 from detectkit.ops.nms import PostprocessConfig, postprocess
 
-__all__ = ["DetectionModule", "param_groups"]
+__all__ = ["DetectionModule", "ExtraLoss", "LossTermRegistry", "param_groups"]
+
+@runtime_checkable
+class ExtraLoss(Protocol):
+    """A loss term added to the detection loss inside ``training_step`` (same autocast as the
+    student's forward): returns the term and scalars to log (e.g. knowledge distillation)."""
+
+    def __call__(
+        self, module: pl.LightningModule, batch: Any, images: torch.Tensor, head: HeadOutput
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@runtime_checkable
+class LossTermRegistry(Protocol):
+    """What accepts extra loss terms (``DetectionModule``): callbacks register in ``setup``."""
+
+    def add_loss_term(self, name: str, fn: ExtraLoss) -> None: ...
+
+    def remove_loss_term(self, name: str) -> None: ...
+
+
+class _LossTerms(dict):
+    """name -> ExtraLoss. Deep copies share the terms: an EMA copy of the module
+    (``AveragedModel`` deep-copies it) never trains, and copying a term would clone its teacher."""
+
+    def __deepcopy__(self, memo: dict) -> _LossTerms:
+        return _LossTerms(self)
+
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -135,6 +162,8 @@ class DetectionModule(pl.LightningModule):
         #: checkpoint record and replayed on load (see ``detectkit.checkpoint.ArchitectureRecorder``)
         self.architecture: list[dict[str, Any]] = []
         self._restore_listeners: list[Callable[[Mapping[str, Any]], None]] = []
+        #: extra loss terms by name, added to the detection loss in ``training_step`` in order
+        self.loss_terms: dict[str, ExtraLoss] = _LossTerms()
 
     def setup(self, stage: str) -> None:
         if self.world is not None:  # encode the class names (no-op when the vocabulary already holds them)
@@ -175,10 +204,9 @@ class DetectionModule(pl.LightningModule):
         inputs = self.world.model_inputs(batch, images.device) if self.world is not None else {}
         head = self.model(images, **inputs)
         total, components = self.compute_loss(head, batch["targets"], images.shape[0], inputs.get("text_mask"))
-        for cb in self.trainer.callbacks if self._trainer is not None else ():
-            if hasattr(cb, "extra_loss"):  # loss terms from callbacks (e.g. KnowledgeDistillation)
-                extra, extra_logs = cb.extra_loss(self, batch, images, head)
-                total, components = total + extra, {**(components or {}), **extra_logs}
+        for fn in self.loss_terms.values():  # registered with add_loss_term (e.g. KnowledgeDistillation)
+            extra, extra_logs = fn(self, batch, images, head)
+            total, components = total + extra, {**(components or {}), **extra_logs}
         out: dict[str, Any] = {"loss": total}
         logs = {}
         for k, v in (components or {}).items():
@@ -274,6 +302,16 @@ class DetectionModule(pl.LightningModule):
             det = to_original(det, meta).cpu()
             out.append({"meta": meta, "boxes": det[:, :4], "scores": det[:, 4], "labels": det[:, 5].long()})
         return out
+
+    # ----------------------------------------------------------- loss terms
+    def add_loss_term(self, name: str, fn: ExtraLoss) -> None:
+        """Add ``fn``'s term to the training loss from now on (replaces a term of the same name)."""
+        if not callable(fn):
+            raise TypeError(f"loss term {name!r} must be callable (module, batch, images, head) -> (loss, logs)")
+        self.loss_terms[name] = fn
+
+    def remove_loss_term(self, name: str) -> None:
+        self.loss_terms.pop(name, None)
 
     # ----------------------------------------------------------- checkpoints
     def record_architecture(self, op: dict[str, Any]) -> None:
