@@ -31,6 +31,8 @@ class OptionParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         # argparse reports missing required options before unknown ones, so a typo in a required
         # option (--sorce) would read "--source is required": name the typo first.
+        if any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            return super().parse_known_args(args, namespace)  # options after a subcommand are its own
         known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
         for word in args or ():
             option = word.split("=")[0] if isinstance(word, str) else ""
