@@ -123,7 +123,20 @@ def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None):
     if hb.get("interval"):
         kw = {"heartbeat_interval": int(hb["interval"]), "grace_period": int(hb.get("grace_period") or 6 * hb["interval"]),
               "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=hb.get("max_retry", 2))}
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None, **kw)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    # Workers started together on a new database race to create Optuna's schema: the loser gets
+    # an IntegrityError/OperationalError from alembic's version table. The winner's schema is
+    # then there, so opening again succeeds.
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kw)
+        except (IntegrityError, OperationalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def make_sampler(cfg: SearchConfig, worker: int = 0):
