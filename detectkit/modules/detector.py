@@ -284,11 +284,8 @@ class DetectionModule(pl.LightningModule):
         # gets the same cached run, which stays readable as metric.last_result after the reset
         summary = summarize_map(metric.compute(), self.class_names)
         metric.reset()
-        # The values are already global (every rank computed the same numbers from the gathered
-        # states); sync_dist=True averages equal values, which changes nothing but tells Lightning
-        # so: without it every epoch warns "It is recommended to use sync_dist=True" under DDP.
         for k, v in summary.items():
-            self.log(f"{prefix}/{k}", v, prog_bar=k == "map_50", sync_dist=True)
+            self.log(f"{prefix}/{k}", v, prog_bar=k == "map_50")
         return summary
 
     def on_validation_epoch_end(self) -> None:
