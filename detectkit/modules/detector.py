@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from detectkit.models.outputs import HeadOutput
 from detectkit.modules.metrics import build_map_metric, summarize_map, to_original
 from detectkit.modules.schedule import warmup_cosine_scheduler
 from detectkit.ops.nms import PostprocessConfig, postprocess
+
+# The mAP values logged in _log_map are already global (one evaluation of the states gathered from
+# every rank), so Lightning's epoch-level "use sync_dist=True" advice is a false alarm for them;
+# it is silenced for those keys alone (sync_dist=True would add an all-reduce per key per epoch).
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/",
+                        category=PossibleUserWarning)
 
 __all__ = ["DetectionModule", "ExtraLoss", "LossTermRegistry", "param_groups"]
 
