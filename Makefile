@@ -3,6 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# Test processes (pytest-xdist, one file per worker so module fixtures are built once); 2 = CI's cores.
+TEST_WORKERS ?= 2
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := offline
 export PYTHONUNBUFFERED := 1
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 quickstart: setup
 	$(BIN)/python -m detectkit.quickstart

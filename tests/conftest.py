@@ -12,6 +12,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # OpenMP threads that spin-wait burn 5-10x the CPU per training step when the cores are shared
 # (measured on the 2-core dev box); libgomp reads this when torch is first imported, i.e. later.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist (`make test` runs two workers on the 2-core CI machine) each worker and the
+# processes it starts use one intra-op thread: two workers x two threads would oversubscribe.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 
