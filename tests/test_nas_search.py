@@ -208,3 +208,5 @@ def test_verdict_compares_found_architectures_with_yolo_nas_s():
     table = format_table(rows)
     assert "| 0 | **yolo_nas_s** |" in table and "latency ms (median, re-measured)" in table
     assert verdict([row(0, "yolo_nas_m", 0.1, 9.0)])["holds"] is None
+    late = {**row(7, "", 0.2, 3.0), "latency_source": "search", "latency_min_ms": None}  # finished after the re-measurement
+    assert "trials [7]: search-time latency only" in format_table([*rows, late])

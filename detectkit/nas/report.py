@@ -112,6 +112,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                    f"{f(r['seconds'], '.0f')} | {r['state']}{' (' + r['note'] + ')' if r['note'] else ''} |")
     if again:
         out.append(f"\nlatency: {again}; search ms: the trial's own figure while the search ran (other workers loading the machine)")
+        stale = [r["trial"] for r in rows if r["latency_source"] == "search" and r["state"] == "complete"]
+        if stale:
+            out.append(f"trials {stale}: search-time latency only (finished after the re-measurement; "
+                       "`detectkit nas show STUDY --remeasure` times them with the others)")
     return "\n".join(out)
 
 
