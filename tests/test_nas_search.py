@@ -202,7 +202,7 @@ def test_verdict_compares_found_architectures_with_yolo_nas_s():
     assert not verdict(rows)["holds"] and "no found architecture" in verdict(rows)["text"]
     rows.append(row(5, "", 0.10, 15.0))  # as accurate as yolo_nas_s, faster
     check = verdict(rows)
-    assert check["holds"] and check["trials"] == [5] and "15.00 ms vs 20.00 ms" in check["text"]
+    assert check["holds"] and check["trials"] == [5] and "15.00 ms (min 14.00) vs 20.00 ms (min 19.00)" in check["text"]
     rows.append(row(6, "", 0.10, 15.0, same=5))  # a duplicate is not a second point of the front
     assert pareto_front(rows, ["map", "latency_ms"]) == {1, 2, 3, 5}  # 0 is dominated by 5, 4 was pruned
     table = format_table(rows)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 from detectkit.errors import OptionParser, UserError
@@ -62,6 +63,11 @@ def _wait(procs: list[subprocess.Popen]) -> list[int]:
     try:
         return [p.wait() for p in procs]
     except KeyboardInterrupt:  # Ctrl-C: the workers stop too (their running trials resume later)
+        # a terminal's Ctrl-C reaches the workers as well (one process group); a SIGINT sent to this
+        # process alone does not: pass it on to those still running after a moment
+        deadline = time.time() + 5
+        while time.time() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.2)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)

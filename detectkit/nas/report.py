@@ -91,7 +91,12 @@ def verdict(rows: list[dict[str, Any]], reference: str = "yolo_nas_s") -> dict[s
     return {"holds": True, "reference": ref["trial"], "trials": sorted(r["trial"] for r in found),
             "text": f"{len(found)} found architecture(s) faster than {reference} with proxy mAP >= its "
                     f"{ref['map']:.4f}: trials {sorted(r['trial'] for r in found)}; fastest trial {best['trial']}: "
-                    f"{best['latency_ms']:.2f} ms vs {ref['latency_ms']:.2f} ms ({source}), mAP {best['map']:.4f}"}
+                    f"{best['latency_ms']:.2f} ms{_spread(best)} vs {ref['latency_ms']:.2f} ms{_spread(ref)} ({source}), "
+                    f"mAP {best['map']:.4f}"}
+
+
+def _spread(row: dict[str, Any]) -> str:
+    return f" (min {row['latency_min_ms']:.2f})" if row.get("latency_min_ms") is not None else ""
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
