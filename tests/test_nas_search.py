@@ -41,6 +41,7 @@ def write_config(tmp: Path, name: str, n_trials: int = 2) -> Path:
                           f"--data.cache_dir={tmp}/data", "--model.warmup_steps=1"],
         },
         "latency": {"runs": 3, "warmup": 1},
+        "remeasure": {"rounds": 2, "runs": 2},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -58,17 +59,25 @@ def study_of(tmp: Path, name: str):
 
 
 def test_two_workers_share_one_study(tmp_path):
+    """``--workers 2``: two worker processes of one study, then one re-measurement of all of them."""
     config = write_config(tmp_path, "shared", n_trials=2)
-    procs = [search(config, "--worker", str(i)) for i in range(2)]
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n----\n".join(o[-3000:] for o in outs)
-    done = study_of(tmp_path, "shared").get_trials(states=(TrialState.COMPLETE,))
+    proc = search(config, "--workers", "2")
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-4000:]
+    study = study_of(tmp_path, "shared")
+    done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) >= 2
     assert len({t.user_attrs["worker"] for t in done}) == 2  # each process ran a trial of the one study
     for t in done:
         assert t.values[1] == t.user_attrs["latency_ms"] > 0 and 0 <= t.values[0] == t.user_attrs["map"] <= 1
         assert t.user_attrs["images"] == 2 * 2 * 4 and t.user_attrs["epochs"] == 2
         assert {"map_epoch_0", "map_epoch_1"} <= set(t.user_attrs)
+    # after the workers: every complete trial timed again, in the parent, and the table uses it
+    again = study.user_attrs["remeasured"]
+    assert set(again) == {str(t.number) for t in done}
+    assert all(v["rounds"] == 2 and v["runs"] == 2 and 0 < v["min_ms"] <= v["median_ms"] for v in again.values())
+    assert "latency ms (median, re-measured)" in out and "re-measured (2 rounds x 2 runs, interleaved)" in out
+    assert "no complete yolo_nas_s trial in this study" in out  # the verdict line (this tiny space has no seeds)
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +167,46 @@ def test_limits_reject_before_training_and_poor_candidates_stop_early(tmp_path):
         objective._early_stop(poor, 0, 0.2)
     objective._early_stop(poor, 1, 0.0)  # the last epoch is scored, never stopped
     assert good.user_attrs["map_epoch_0"] == 0.3 and "stopped" in poor.user_attrs
+
+
+def test_a_measured_architecture_is_not_trained_again(resumed):
+    """A candidate equal to a complete trial (a seed proposed again, a crossover duplicate) reuses its figures."""
+    from detectkit.nas.search import SearchConfig, run_search
+
+    tmp, _, _ = resumed
+    cfg = SearchConfig.from_yaml(tmp / "killed.yaml")
+    first = study_of(tmp, "killed").get_trials(states=(TrialState.COMPLETE,))[0]
+    study_of(tmp, "killed").enqueue_trial(first.params)
+    lines: list[str] = []
+    start = time.time()
+    study = run_search(cfg, n_trials=3, log=lines.append)
+    assert time.time() - start < 20  # no export, no training (a proxy run alone takes longer here)
+    dup = study.trials[-1]
+    assert dup.state == TrialState.COMPLETE and dup.user_attrs["same_as"] == first.number
+    assert dup.values == first.values and dup.user_attrs["map"] == first.user_attrs["map"]
+    assert "seconds" not in dup.user_attrs and f"same architecture as trial {first.number}" in lines[-1]
+
+
+def test_verdict_compares_found_architectures_with_yolo_nas_s():
+    """The Done-when line: found (non-seed) architectures faster than yolo_nas_s with mAP no lower."""
+    from detectkit.nas.report import format_table, pareto_front, verdict
+
+    def row(n, seed, m, lat, state="complete", same=None):
+        return {"trial": n, "state": state, "seed": seed, "map": m, "map_50": m, "latency_ms": lat,
+                "latency_min_ms": lat - 1, "latency_source": "re-measured (3 rounds x 2 runs, interleaved)",
+                "search_latency_ms": lat * 2, "params": 1e6, "macs": 1e8, "seconds": 5.0, "same_as": same,
+                "pareto": False, "note": ""}
+
+    rows = [row(0, "yolo_nas_s", 0.10, 20.0), row(1, "yolo_nas_m", 0.12, 40.0), row(2, "", 0.11, 30.0),
+            row(3, "", 0.09, 10.0), row(4, "", 0.30, 5.0, state="pruned")]
+    assert not verdict(rows)["holds"] and "no found architecture" in verdict(rows)["text"]
+    rows.append(row(5, "", 0.10, 15.0))  # as accurate as yolo_nas_s, faster
+    check = verdict(rows)
+    assert check["holds"] and check["trials"] == [5] and "15.00 ms (min 14.00) vs 20.00 ms (min 19.00)" in check["text"]
+    rows.append(row(6, "", 0.10, 15.0, same=5))  # a duplicate is not a second point of the front
+    assert pareto_front(rows, ["map", "latency_ms"]) == {1, 2, 3, 5}  # 0 is dominated by 5, 4 was pruned
+    table = format_table(rows)
+    assert "| 0 | **yolo_nas_s** |" in table and "latency ms (median, re-measured)" in table
+    assert verdict([row(0, "yolo_nas_m", 0.1, 9.0)])["holds"] is None
+    late = {**row(7, "", 0.2, 3.0), "latency_source": "search", "latency_min_ms": None}  # finished after the re-measurement
+    assert "trials [7]: search-time latency only" in format_table([*rows, late])

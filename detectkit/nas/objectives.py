@@ -15,7 +15,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,8 +79,14 @@ def export_candidate(model, path: str | os.PathLike, image_size: int, batch_size
     return Path(path)
 
 
-def time_onnxruntime(path: str | os.PathLike, image_size: int, cfg: LatencyConfig) -> float:
-    """Median wall time (ms) of one onnxruntime CPU run of the graph at ``path``."""
+def _median_of(run_once: Callable[[], float], cfg: LatencyConfig) -> float:
+    for _ in range(cfg.warmup):
+        run_once()
+    return float(statistics.median(run_once() for _ in range(cfg.runs)))
+
+
+def onnxruntime_runner(path: str | os.PathLike, image_size: int, cfg: LatencyConfig) -> Callable[[], float]:
+    """A callable that runs the graph at ``path`` once on onnxruntime CPU and returns its wall time (ms)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -88,20 +94,24 @@ def time_onnxruntime(path: str | os.PathLike, image_size: int, cfg: LatencyConfi
     opts.intra_op_num_threads = cfg.threads
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    x = np.random.default_rng(0).random((cfg.batch_size, 3, image_size, image_size), dtype=np.float32)
-    for _ in range(cfg.warmup):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(cfg.runs):
+    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).random((cfg.batch_size, 3, image_size, image_size), dtype=np.float32)}
+
+    def run_once() -> float:
         t = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append((time.perf_counter() - t) * 1000)
-    return float(statistics.median(times))
+        sess.run(None, feed)
+        return (time.perf_counter() - t) * 1000
+
+    return run_once
 
 
-def time_tensorrt(path: str | os.PathLike, image_size: int, cfg: LatencyConfig) -> float:
-    """Median GPU latency (ms) of a TensorRT engine built from the ONNX graph (FP16, or INT8 with ``int8``)."""
+def time_onnxruntime(path: str | os.PathLike, image_size: int, cfg: LatencyConfig) -> float:
+    """Median wall time (ms) of one onnxruntime CPU run of the graph at ``path``."""
+    return _median_of(onnxruntime_runner(path, image_size, cfg), cfg)
+
+
+def tensorrt_runner(path: str | os.PathLike, image_size: int, cfg: LatencyConfig) -> Callable[[], float]:
+    """A callable that runs a TensorRT engine built from the ONNX graph (FP16, or INT8 with ``int8``)
+    once and returns its GPU time (ms)."""
     from detectkit.export.tensorrt import tensorrt_available
 
     if not tensorrt_available():
@@ -128,38 +138,78 @@ def time_tensorrt(path: str | os.PathLike, image_size: int, cfg: LatencyConfig) 
         buffers[name] = torch.empty(shape, device="cuda", dtype=torch.float32)
         context.set_tensor_address(name, buffers[name].data_ptr())
     stream = torch.cuda.Stream()
-    for _ in range(cfg.warmup):
-        context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    times = []
-    for _ in range(cfg.runs):
+
+    def run_once() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
         context.execute_async_v3(stream.cuda_stream)
         end.record(stream)
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(statistics.median(times))
+        return float(start.elapsed_time(end))
+
+    run_once.keep = (engine, context, buffers)  # type: ignore[attr-defined]  # alive as long as the runner
+    return run_once
+
+
+def time_tensorrt(path: str | os.PathLike, image_size: int, cfg: LatencyConfig) -> float:
+    """Median GPU latency (ms) of a TensorRT engine built from the ONNX graph (FP16, or INT8 with ``int8``)."""
+    return _median_of(tensorrt_runner(path, image_size, cfg), cfg)
+
+
+def _deployed_graph(model, tmp: Path, image_size: int, cfg: LatencyConfig, calibration: Sequence[Any] | None = None) -> Path:
+    """The graph that is timed: the fused model in ONNX, onnxruntime's static INT8 graph with ``int8``."""
+    import numpy as np
+
+    onnx_path = export_candidate(model, tmp / "candidate.onnx", image_size, cfg.batch_size)
+    if cfg.backend == "onnxruntime" and cfg.int8:
+        from detectkit.export.ort_int8 import quantize_for_onnxruntime
+
+        if calibration is None:
+            rng = np.random.default_rng(0)
+            calibration = [rng.random((cfg.batch_size, 3, image_size, image_size), dtype=np.float32)
+                           for _ in range(cfg.calibration_batches)]
+        onnx_path = quantize_for_onnxruntime(onnx_path, tmp / "candidate.int8.onnx", calibration)
+    return onnx_path
+
+
+def _runner(path: Path, image_size: int, cfg: LatencyConfig) -> Callable[[], float]:
+    return (tensorrt_runner if cfg.backend == "tensorrt" else onnxruntime_runner)(path, image_size, cfg)
 
 
 def measure_latency(model, image_size: int, cfg: LatencyConfig, workdir: str | os.PathLike | None = None,
                     calibration: Sequence[Any] | None = None) -> float:
     """Export, optionally quantize, and time ``model`` on the configured backend (ms per batch)."""
-    import numpy as np
-
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        onnx_path = export_candidate(model, Path(tmp) / "candidate.onnx", image_size, cfg.batch_size)
-        if cfg.backend == "tensorrt":
-            return time_tensorrt(onnx_path, image_size, cfg)
-        if cfg.int8:
-            from detectkit.export.ort_int8 import quantize_for_onnxruntime
+        return _median_of(_runner(_deployed_graph(model, Path(tmp), image_size, cfg, calibration), image_size, cfg), cfg)
 
-            if calibration is None:
-                rng = np.random.default_rng(0)
-                calibration = [rng.random((cfg.batch_size, 3, image_size, image_size), dtype=np.float32)
-                               for _ in range(cfg.calibration_batches)]
-            onnx_path = quantize_for_onnxruntime(onnx_path, Path(tmp) / "candidate.int8.onnx", calibration)
-        return time_onnxruntime(onnx_path, image_size, cfg)
+
+def remeasure_latency(models: Mapping[Any, tuple[Any, int]], cfg: LatencyConfig, rounds: int = 10, runs: int = 5,
+                      workdir: str | os.PathLike | None = None) -> dict[Any, dict[str, float]]:
+    """Time several models back to back, interleaved (A B C A B C ...), in this one process.
+
+    Why: the per-trial figure of a search is taken whenever the trial ran, next to whatever else the
+    machine was doing then (the other workers, other users); interleaving exposes every model to the
+    same conditions, so their differences are the models'. ``models``: key -> (model, image size).
+    Each round runs every model ``runs`` times after one warmup pass of ``cfg.warmup`` runs each.
+    Returns key -> ``{"median_ms", "min_ms", "rounds", "runs"}`` over all ``rounds x runs`` timings.
+    """
+    if rounds < 1 or runs < 1:
+        raise ValueError(f"remeasure needs rounds >= 1 and runs >= 1, got rounds={rounds} runs={runs}")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        runners = {}
+        for i, (key, (model, size)) in enumerate(models.items()):
+            sub = Path(tmp) / str(i)
+            sub.mkdir()
+            runners[key] = _runner(_deployed_graph(model, sub, size, cfg), size, cfg)
+        for run_once in runners.values():
+            for _ in range(cfg.warmup):
+                run_once()
+        times: dict[Any, list[float]] = {k: [] for k in runners}
+        for _ in range(rounds):
+            for key, run_once in runners.items():
+                times[key] += [run_once() for _ in range(runs)]
+    return {k: {"median_ms": float(statistics.median(v)), "min_ms": float(min(v)), "rounds": rounds, "runs": runs}
+            for k, v in times.items()}
 
 
 @dataclass

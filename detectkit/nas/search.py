@@ -17,6 +17,14 @@ trial whose heartbeat stops; after ``heartbeat.grace_period`` seconds the next w
 trial marks it FAILED and re-enqueues its parameters (``RetryHeartbeatStaleTrialCallback``). ``n_trials`` is
 the study's total: finished (complete or pruned) plus running trials of all workers; a restarted
 search runs only what remains.
+
+A candidate whose architecture a complete trial already measured (a seed found again by the
+sampler, a duplicate of NSGA-II's crossover, a seed re-enqueued into a resumed study) reuses that
+trial's figures instead of training again (``user_attrs["same_as"]``).
+
+Latency seen by a trial is taken while other workers (or users) load the machine, so the search
+ends with :func:`remeasure_study`: every complete trial's model is timed again, back to back and
+interleaved, in one process once no trial is running; the Pareto table and plot use those figures.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from detectkit.nas.space import SearchSpace
 #: objective name -> Optuna direction
 OBJECTIVES = {"map": "maximize", "map_50": "maximize", "latency_ms": "minimize", "params": "minimize", "macs": "minimize"}
 DEFAULT_STORAGE = "sqlite:///runs/nas/studies.db"
+#: what a trial with an already measured architecture copies from the trial that measured it
+REUSED = ("num_classes", "params", "macs", "latency_ms", "latency", "map", "map_50", "epochs", "images", "image_size")
 
 
 @dataclass
@@ -58,6 +68,8 @@ class SearchConfig:
     space: SearchSpace = field(default_factory=lambda: SearchSpace.from_dict({}))
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    #: the final re-measurement (rounds x runs per model, interleaved); rounds: 0 skips it
+    remeasure: dict[str, int] = field(default_factory=lambda: {"rounds": 10, "runs": 5})
     output_dir: str | None = None
 
     @classmethod
@@ -81,6 +93,9 @@ class SearchConfig:
             raise ValueError(f"{source}: set n_trials or timeout (or both)")
         if cfg.sampler not in ("nsga2", "tpe"):
             raise ValueError(f"{source}: sampler must be 'nsga2' or 'tpe', got {cfg.sampler!r}")
+        bad = sorted(set(cfg.remeasure) - {"rounds", "runs"})
+        if bad or any(not isinstance(v, int) or v < 0 for v in cfg.remeasure.values()):
+            raise ValueError(f"{source}: remeasure takes rounds and runs (integers >= 0), got {cfg.remeasure}")
         if not Path(cfg.proxy.recipe).is_file():
             raise ValueError(f"{source}: proxy.recipe {cfg.proxy.recipe!r} not found")
         return cfg
@@ -194,6 +209,14 @@ class Objective:
             trial.set_user_attr("stopped", f"map {value:.4f} at epoch {epoch} < {ratio} x median {statistics.median(done):.4f}")
             raise optuna.TrialPruned(trial.user_attrs["stopped"])
 
+    @staticmethod
+    def _measured(trial):
+        """A complete trial of the study with exactly this architecture (its own figures), if any."""
+        from optuna.trial import TrialState
+
+        return next((t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if t.params == trial.params and "same_as" not in t.user_attrs), None)
+
     def __call__(self, trial) -> tuple[float, ...]:
         import optuna
 
@@ -213,9 +236,19 @@ class Objective:
         seed = cfg.space.seed_name(trial.params)
         if seed:
             trial.set_user_attr("seed", seed)
+        same = self._measured(trial)
+        if same is not None:
+            for k, v in same.user_attrs.items():
+                if k in REUSED or k.startswith("map_epoch_"):
+                    trial.set_user_attr(k, v)
+            trial.set_user_attr("same_as", same.number)
+            self.log(f"trial {trial.number}{' (' + seed + ')' if seed else ''}: same architecture as trial "
+                     f"{same.number}, its figures reused")
+            return tuple(same.values)
         run = prepare_proxy(arch, cfg.proxy, workdir=None)
         try:
             model, size = run.module.model, run.image_size
+            trial.set_user_attr("num_classes", int(model.num_classes))
             params, macs = count_params(model), count_macs(model, size)
             trial.set_user_attr("params", params)
             trial.set_user_attr("macs", macs)
@@ -261,3 +294,48 @@ def run_search(cfg: SearchConfig, worker: int = 0, n_trials: int | None = None, 
     study.optimize(Objective(cfg, log), n_trials=None, timeout=cfg.timeout, callbacks=[stop_at_total],
                    gc_after_trial=True)
     return study
+
+
+def running_trials(study) -> list[int]:
+    from optuna.trial import TrialState
+
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+
+
+def remeasure_study(study, rounds: int = 10, runs: int = 5, log=print) -> dict[str, dict[str, Any]]:
+    """Time every complete trial's model again, interleaved in this process (see
+    :func:`detectkit.nas.objectives.remeasure_latency`), and keep the figures in the study
+    (``study.user_attrs["remeasured"]``, trial number -> median/min/rounds/runs/host) for
+    ``nas show``. Refuses while trials run: their load is what this step removes."""
+    from optuna.trial import TrialState
+
+    from detectkit.models.yolo_nas.configs import YoloNASConfig
+    from detectkit.nas.objectives import build, prepare_proxy, remeasure_latency
+
+    busy = running_trials(study)
+    if busy:
+        raise ValueError(f"study {study.study_name!r}: trials {busy} are still running; re-measure once every worker "
+                         f"has finished (detectkit nas show {study.study_name} --remeasure)")
+    record = study.user_attrs.get("detectkit_nas") or {}
+    lat = LatencyConfig(**record.get("latency", {}))
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if "arch" in t.user_attrs and "same_as" not in t.user_attrs and "latency_ms" in t.user_attrs]
+    if not trials:
+        return {}
+    num_classes = next((t.user_attrs["num_classes"] for t in trials if "num_classes" in t.user_attrs), None)
+    if num_classes is None:  # a study from before trials recorded it: the proxy recipe's data says
+        probe = prepare_proxy(YoloNASConfig.from_dict(trials[0].user_attrs["arch"]), ProxyConfig(**record["proxy"]))
+        num_classes = int(probe.module.model.num_classes)
+        probe.close()
+    models = {}
+    for t in trials:
+        model = build(YoloNASConfig.from_dict(t.user_attrs["arch"], source=f"trial {t.number}"),
+                      int(t.user_attrs.get("num_classes", num_classes))).eval()
+        size = int((t.user_attrs.get("latency") or {}).get("image_size") or lat.image_size or t.user_attrs["image_size"])
+        models[t.number] = (model, size)
+    log(f"re-measuring the latency of {len(models)} trials, interleaved: {rounds} rounds x {runs} runs each")
+    figures = remeasure_latency(models, lat, rounds=rounds, runs=runs)
+    host = socket.gethostname()
+    result = {str(k): {**v, "host": host} for k, v in figures.items()}
+    study.set_user_attr("remeasured", result)
+    return result
