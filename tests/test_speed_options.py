@@ -163,3 +163,21 @@ def test_compile_option_is_checked():
     with pytest.raises(TypeError, match="compile must be a bool or a dict"):
         compile_options("yes")
     assert repr(copy.deepcopy(CompiledForward({"dynamic": True}))) == "CompiledForward({'dynamic': True})"
+
+
+def test_recipe_keys_reach_the_module(capsys):
+    """``model.channels_last`` / ``model.compile`` are LightningCLI keys (documented in the recipes)."""
+    from pathlib import Path
+
+    import yaml
+
+    from detectkit.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(recipe), "--model.channels_last", "true", "--model.compile",
+              "{dynamic: true, mode: max-autotune}", "--print_config"])
+    assert e.value.code in (0, None)
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["channels_last"] is True
+    assert model["compile"] == {"dynamic": True, "mode": "max-autotune"}
