@@ -12,6 +12,12 @@ import torch.nn as nn
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from detectkit.models.outputs import HeadOutput
+from detectkit.models.speed import (
+    CompiledForward,
+    CompileOption,
+    compile_options,
+    set_channels_last,
+)
 from detectkit.modules.metrics import build_map_metric, summarize_map, to_original
 from detectkit.modules.schedule import warmup_cosine_scheduler
 from detectkit.ops.nms import PostprocessConfig, postprocess
@@ -106,6 +112,13 @@ class DetectionModule(pl.LightningModule):
             encoder that turns ``class_names`` into prompts at setup (CLIP folder/hub id in the
             local cache, ``.pt`` embeddings file; default ``$DETECTKIT_CLIP`` / HF cache), and
             learning only the prompt embeddings with the detector frozen.
+        channels_last: run the detector in NHWC memory format (parameters and images); results
+            equal the default within float tolerance. Faster where the convolution library
+            prefers it (cuDNN tensor cores; measure on CPU: ``benchmarks/bench_train_step.py``).
+        compile: ``torch.compile`` the detector's forward for training and evaluation: ``True``
+            or a dict of ``torch.compile`` arguments (e.g. ``{"mode": "max-autotune",
+            "dynamic": true}``; multi-scale training recompiles per size unless dynamic). The
+            compiled call shares the parameters; checkpoints and EMA copies stay plain.
     """
 
     def __init__(
@@ -133,6 +146,8 @@ class DetectionModule(pl.LightningModule):
         predict_max_det: int | None = None,
         text_encoder: str | None = None,
         prompt_tuning: bool = False,
+        channels_last: bool = False,
+        compile: CompileOption = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
@@ -172,8 +187,15 @@ class DetectionModule(pl.LightningModule):
         self._restore_listeners: list[Callable[[Mapping[str, Any]], None]] = []
         #: extra loss terms by name, added to the detection loss in ``training_step`` in order
         self.loss_terms: dict[str, ExtraLoss] = _LossTerms()
+        #: speed options (see :mod:`detectkit.models.speed`); the model is converted lazily, so a
+        #: model swapped by an architecture replay is converted too
+        self.channels_last = bool(channels_last)
+        options = compile_options(compile)
+        self._compiled = CompiledForward(options) if options is not None else None
+        self._layout_of: int | None = None
 
     def setup(self, stage: str) -> None:
+        self._prepare_model()
         if self.world is not None:  # encode the class names (no-op when the vocabulary already holds them)
             self.world.setup()
             self.class_names = list(self.model.class_names)
@@ -183,8 +205,22 @@ class DetectionModule(pl.LightningModule):
             self.world.finish_prompt_tuning()
 
     # ------------------------------------------------------------------ steps
+    def _prepare_model(self) -> None:
+        """Apply ``channels_last`` to the current model once (and again if it was replaced)."""
+        if self.channels_last and self._layout_of != id(self.model):
+            set_channels_last(self.model)
+            self._layout_of = id(self.model)
+
+    def run_model(self, images: torch.Tensor, **inputs: Any) -> Any:
+        """The detector's forward with this module's speed options (channels_last, compile)."""
+        if self.channels_last:  # images stay NCHW (see detectkit.models.speed.STEM_CHANNELS)
+            self._prepare_model()
+        if self._compiled is not None:
+            return self._compiled(self.model, images, **inputs)
+        return self.model(images, **inputs)
+
     def forward(self, images: torch.Tensor) -> Any:
-        return self.model(images)
+        return self.run_model(images)
 
     @staticmethod
     def _images(batch: dict[str, Any]) -> torch.Tensor:
@@ -210,7 +246,7 @@ class DetectionModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         images = self._images(batch)
         inputs = self.world.model_inputs(batch, images.device) if self.world is not None else {}
-        head = self.model(images, **inputs)
+        head = self.run_model(images, **inputs)
         total, components = self.compute_loss(head, batch["targets"], images.shape[0], inputs.get("text_mask"))
         for fn in self.loss_terms.values():  # registered with add_loss_term (e.g. KnowledgeDistillation)
             extra, extra_logs = fn(self, batch, images, head)
@@ -273,7 +309,7 @@ class DetectionModule(pl.LightningModule):
         """Eval-mode forward + the one post-processing (default :attr:`val_postprocess`):
         per image ``[N,6]`` in input pixels."""
         config = config or self.val_postprocess
-        boxes, scores = self.model(images)
+        boxes, scores = self.run_model(images)
         return postprocess(boxes.float(), scores.float(), **config.to_dict())
 
     def _eval_step(self, batch: dict[str, Any], metric: Any) -> None:
