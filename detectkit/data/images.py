@@ -137,7 +137,8 @@ def to_rgb(img: Image.Image, name: str | Path = "<image>") -> np.ndarray:
     palette, RGBA composited on the padding grey, CMYK, 16-bit and float images converted).
     Used for files, downloaded bytes and PIL images handed to ``predict`` alike."""
     try:
-        img = ImageOps.exif_transpose(img)
+        if _orientation(img) != 1:  # exif_transpose copies even when there is nothing to turn
+            img = ImageOps.exif_transpose(img)
         mode = img.mode
         if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             arr = _to_uint8(np.asarray(img))
@@ -147,7 +148,7 @@ def to_rgb(img: Image.Image, name: str | Path = "<image>") -> np.ndarray:
             rgba = img.convert("RGBA")
             bg = Image.new("RGBA", rgba.size, (114, 114, 114, 255))
             img = Image.alpha_composite(bg, rgba)
-        arr = np.asarray(img.convert("RGB"))
+        arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert copies even RGB
     except Image.DecompressionBombError as e:
         raise _bomb_error(Path(str(name)), e) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -177,7 +178,11 @@ def read_image(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise _missing(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # header only: format, mode, size, EXIF, pixel limit
+            if img.format == "JPEG" and img.mode == "RGB" and _orientation(img) == 1:
+                arr = _read_jpeg_rgb(path, img.size)
+                if arr is not None:
+                    return arr
             return to_rgb(img, path)
     except ImageReadError:
         raise
@@ -185,6 +190,27 @@ def read_image(path: str | Path) -> np.ndarray:
         raise _bomb_error(path, e) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(path, f"cannot decode image ({e.__class__.__name__}: {e})") from e
+
+
+def _read_jpeg_rgb(path: Path, size: tuple[int, int]) -> np.ndarray | None:
+    """Plain RGB JPEGs (the common case) through OpenCV's libjpeg-turbo straight into RGB: the same
+    pixels as Pillow's decode (tested), without Pillow's two intermediate copies (about 1.5-2x faster,
+    the training loader's largest per-image cost). ``None`` (caller falls back to Pillow) when OpenCV
+    cannot read it or disagrees on the size."""
+    import cv2
+
+    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
+    if rgb is None:
+        return None
+    data = path.read_bytes()
+    # OpenCV fills a truncated JPEG with grey and only warns; Pillow raises. A file that does not end
+    # in the end-of-image marker goes to Pillow, which names the problem.
+    if data.rstrip(b"\0\r\n ")[-2:] != b"\xff\xd9":
+        return None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), rgb | cv2.IMREAD_IGNORE_ORIENTATION)
+    if arr is None or arr.ndim != 3 or (arr.shape[1], arr.shape[0]) != tuple(size):
+        return None
+    return arr
 
 
 def check_images(split: DetectionSplit, decode: bool = False, progress: bool = False) -> list[Problem]:
