@@ -18,8 +18,8 @@ name, so a ``Case`` must be rebuildable from ``cases()`` alone (no closures over
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 Work = Callable[[], object]
 """One unit of work; its return value is ignored (the harness keeps a reference until the next call

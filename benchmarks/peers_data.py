@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from peers_common import Case, Work
 
 SIZE = 640
@@ -30,8 +29,18 @@ IMAGES = 64
 PASS_BATCHES = 4  # batches per call when workers > 0 (one fresh pass)
 SEED = 0
 # shared augmentation settings (ultralytics names -> detectkit names)
-AUG = dict(mosaic=1.0, mixup=0.0, degrees=0.0, translate=0.1, scale=0.5, shear=0.0, fliplr=0.5,
-           hsv_h=0.015, hsv_s=0.7, hsv_v=0.4)
+AUG = dict(
+    mosaic=1.0,
+    mixup=0.0,
+    degrees=0.0,
+    translate=0.1,
+    scale=0.5,
+    shear=0.0,
+    fliplr=0.5,
+    hsv_h=0.015,
+    hsv_s=0.7,
+    hsv_v=0.4,
+)
 
 
 def dataset_root() -> Path:
@@ -97,8 +106,14 @@ def _loader(dataset, collate_fn, workers: int):
 
     g = torch.Generator().manual_seed(SEED)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=BATCH, shuffle=True, num_workers=workers, collate_fn=collate_fn,
-        drop_last=True, persistent_workers=False, generator=g,
+        dataset,
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        drop_last=True,
+        persistent_workers=False,
+        generator=g,
         worker_init_fn=_worker_init if workers else None,
     )
 
@@ -111,15 +126,20 @@ def _worker_init(_: int) -> None:
 
 def _detectkit(workers: int, cache: str | None) -> Work:
     from detectkit.data.collate import collate
-    from detectkit.data.formats.detect import open_dataset
     from detectkit.data.dataset import DetectionDataset
+    from detectkit.data.formats.detect import open_dataset
     from detectkit.data.transforms import AugmentConfig
 
     split = open_dataset(str(dataset_root())).load("train")
     aug = AugmentConfig(
-        mosaic_prob=AUG["mosaic"], mixup_prob=AUG["mixup"], degrees=AUG["degrees"],
-        translate=AUG["translate"], scale=(1 - AUG["scale"], 1 + AUG["scale"]), shear=AUG["shear"],
-        hsv_prob=1.0, flip_prob=AUG["fliplr"],
+        mosaic_prob=AUG["mosaic"],
+        mixup_prob=AUG["mixup"],
+        degrees=AUG["degrees"],
+        translate=AUG["translate"],
+        scale=(1 - AUG["scale"], 1 + AUG["scale"]),
+        shear=AUG["shear"],
+        hsv_prob=1.0,
+        flip_prob=AUG["fliplr"],
     )
     kwargs = {"cache": cache} if cache else {}
     ds = DetectionDataset(split, SIZE, train=True, augment=aug, seed=SEED, **kwargs)
@@ -135,9 +155,21 @@ def _ultralytics(workers: int, cache: str | None) -> Work:
 
     root = dataset_root()
     data = check_det_dataset(str(root / "data.yaml"), autodownload=False)
-    cfg = get_cfg(overrides=dict(imgsz=SIZE, cache=cache or False, workers=workers, fraction=1.0,
-                                 copy_paste=0.0, cutmix=0.0, perspective=0.0, flipud=0.0,
-                                 bgr=0.0, close_mosaic=0, **AUG))
+    cfg = get_cfg(
+        overrides=dict(
+            imgsz=SIZE,
+            cache=cache or False,
+            workers=workers,
+            fraction=1.0,
+            copy_paste=0.0,
+            cutmix=0.0,
+            perspective=0.0,
+            flipud=0.0,
+            bgr=0.0,
+            close_mosaic=0,
+            **AUG,
+        )
+    )
     ds = build_yolo_dataset(cfg, data["train"], BATCH, data, mode="train", rect=False, stride=32)
     loader = _loader(ds, ds.collate_fn, workers)
     return _passes(loader) if workers else _cycle(loader)

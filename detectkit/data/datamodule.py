@@ -112,6 +112,9 @@ class DetectionDataModule(L.LightningDataModule):
         classes: class list of a VOC or CreateML set, whose files carry none (default: the set's
             ``labelmap.txt``/``classes.txt``, else the names found, reported in the setup log).
         synthetic: options of the generated dataset used when no path is given.
+        cache: ``"ram"`` decodes the train images once, shrunk to ``image_size`` on the longest
+            side, and keeps them in memory (opt-in like ultralytics' ``cache``; see
+            :class:`DetectionDataset`). ``None``: decode every time.
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class DetectionDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         drop_last: bool | None = None,
         classes: list[str] | None = None,
+        cache: str | None = None,
     ):
         super().__init__()
         if image_size % 32:
@@ -173,6 +177,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.seed = seed
         self.cache_dir = cache_dir
+        self.cache = cache
         self.pin_memory = pin_memory
         self.drop_last = drop_last
         self.synthetic = synthetic
@@ -284,6 +289,7 @@ class DetectionDataModule(L.LightningDataModule):
                 seed=self.seed,
                 center=self.val_center,
                 skip_bad_images=self.skip_bad_images,
+                cache=self.cache if role == "train" else None,
             )
             self.datasets[role] = ds
             log.info("%s: %s", role, ds)

@@ -9,8 +9,11 @@ memory so persistent workers see changes made in the main process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from detectkit.data.images import ImageReadError, check_images, read_image
-from detectkit.data.mosaic import mixup, mosaic4
+from detectkit.data.mosaic import _resize_longest, mixup, mosaic4
 from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, log_problems
 from detectkit.data.transforms import (
     AugmentConfig,
@@ -35,8 +38,21 @@ log = logging.getLogger("detectkit.data")
 _EPOCH, _MAGNITUDE, _MIX_ON, _SIZE = range(4)
 
 
+CACHE_MODES = (None, "ram")
+
+
 class DetectionDataset(Dataset):
-    """One split as a torch dataset; ``train=True`` enables augmentation."""
+    """One split as a torch dataset; ``train=True`` enables augmentation.
+
+    ``cache="ram"`` decodes every image once, at construction, shrunk so its longest side is
+    ``image_size`` (the size mosaic and the letterbox resize it to anyway, with the same
+    interpolation and rounding, so samples are pixel-identical to uncached ones at that size), and
+    keeps the uint8 arrays in memory; forked loader workers share them copy-on-write. Like
+    ultralytics' ``cache=ram``: it trades memory (width x height x 3 bytes per image at most
+    ``image_size`` on the longest side, logged) for the JPEG decode, the largest per-image cost.
+    When progressive resizing asks for a larger size than the cache holds, images are read from
+    disk again (never upsampled from the cache).
+    """
 
     def __init__(
         self,
@@ -48,6 +64,7 @@ class DetectionDataset(Dataset):
         center: bool = True,
         skip_bad_images: bool = False,
         check: bool = True,
+        cache: str | None = None,
     ):
         self.split = split
         self.class_names = list(split.class_names)
@@ -84,6 +101,31 @@ class DetectionDataset(Dataset):
         self._shared = mp.RawArray("d", [0.0, 1.0, 1.0, float(image_size)])
         self._bad_count = mp.RawValue("i", 0)
         self._pipelines: dict[float, tuple] = {}
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        self.cache = cache
+        self._cache_size = int(image_size)
+        self._cached: list[tuple[np.ndarray, float] | None] = []
+        if cache == "ram":
+            self._fill_cache()
+
+    def _fill_cache(self) -> None:
+        """Decode (threads: OpenCV and Pillow release the GIL) and shrink every image once."""
+        size = self._cache_size
+
+        def load(i: int) -> tuple[np.ndarray, float] | None:
+            try:
+                _, img = self._read_file(i)
+            except DatasetError:
+                return None  # read again (and reported or skipped) when the sample is used
+            if max(img.shape[:2]) <= size:
+                return img, 1.0
+            return _resize_longest(img, size)
+
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            self._cached = list(pool.map(load, range(len(self.records))))
+        nbytes = sum(c[0].nbytes for c in self._cached if c is not None)
+        log.info("cached %d images in RAM (%.0f MiB, longest side <= %d)", len(self._cached), nbytes / 2**20, size)
 
     # ---- state shared with (persistent) workers ------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -146,7 +188,17 @@ class DetectionDataset(Dataset):
         return len(self.records)
 
     # ---- loading -------------------------------------------------------------------------
-    def _read(self, index: int) -> tuple[int, np.ndarray]:
+    def _read(self, index: int) -> tuple[int, np.ndarray, float]:
+        """(index actually used, image, scale of the image relative to the file): from the RAM
+        cache (scale <= 1) when it holds the image at the current size or larger, else the file."""
+        if self._cached and self.image_size <= self._cache_size:
+            hit = self._cached[index % len(self.records)]
+            if hit is not None:
+                return index % len(self.records), hit[0], hit[1]
+        i, img = self._read_file(index)
+        return i, img, 1.0
+
+    def _read_file(self, index: int) -> tuple[int, np.ndarray]:
         """(index actually used, image); a bad image is an error naming it, or with
         ``skip_bad_images`` a counted, logged substitution by the next good one."""
         n = len(self.records)
@@ -169,10 +221,13 @@ class DetectionDataset(Dataset):
                 log.warning("skipping unreadable image %s (%s); using the next one", rec.path, e.reason)
         raise DatasetError(f"{self.split.source}: no readable image left")
 
-    def _load_train(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        i, img = self._read(index)
+    def _load_train(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, float]:
+        """(index used, image, boxes in that image's pixels, labels, image scale vs the file)."""
+        i, img, r = self._read(index)
         boxes, labels = self.records[i].train_targets()
-        return i, img, boxes, labels
+        if r != 1.0:
+            boxes = np.asarray(boxes, np.float32) * np.float32(r)
+        return i, img, boxes, labels, r
 
     def _pipelines_for(self, magnitude: float) -> tuple:
         key = round(magnitude, 4)
@@ -188,15 +243,18 @@ class DetectionDataset(Dataset):
         applied = {"mosaic": False, "mixup": False}
 
         def single(idx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, object]:
-            used, img, boxes, labels = self._load_train(idx)
+            used, img, boxes, labels, r = self._load_train(idx)
             img, boxes, info = letterbox_sample(img, boxes, size, center=False, pad_value=cfg.pad_value)
+            if r != 1.0:  # a cached, shrunk image: meta keeps describing the file
+                rec = self.records[used]
+                info = dataclasses.replace(info, scale=info.scale * r, orig_size=(rec.height, rec.width))
             return img, boxes, labels, used, info
 
         if mix and rng.random() < cfg.mosaic_prob:
             others = rng.integers(0, len(self), 3)
             parts = [self._load_train(int(j)) for j in (index, *others)]
             used, info = parts[0][0], None
-            img, boxes, labels = mosaic4([p[1:] for p in parts], size, rng, cfg.pad_value, cfg.min_visibility)
+            img, boxes, labels = mosaic4([p[1:4] for p in parts], size, rng, cfg.pad_value, cfg.min_visibility)
             applied["mosaic"] = True
         else:
             img, boxes, labels, used, info = single(index)
@@ -213,7 +271,7 @@ class DetectionDataset(Dataset):
         if self.train:
             img, boxes, labels, used, info, applied = self._train_sample(int(index))
         else:
-            used, img = self._read(int(index))
+            used, img = self._read_file(int(index))
             rec = self.records[used]
             b, labels = rec.train_targets()
             img, boxes, info = letterbox_sample(

@@ -1,0 +1,139 @@
+"""The loader's speed options keep samples identical: the OpenCV JPEG path, the window-only mosaic
+and the RAM cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detectkit.data.dataset import DetectionDataset
+from detectkit.data.formats import open_dataset
+from detectkit.data.images import read_image, to_rgb
+from detectkit.data.mosaic import _resize_longest, mosaic4
+from detectkit.data.synthetic import SyntheticConfig, generate_synthetic
+from detectkit.data.transforms import AugmentConfig
+
+
+def _noise_jpeg(path, w=97, h=61, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    arr[::7] = 30  # some structure so chroma subsampling matters
+    img = Image.fromarray(arr)
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, quality=90)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_fast_path_matches_pillow_pixels(tmp_path, mode):
+    path = _noise_jpeg(tmp_path / "a.jpg", mode=mode)
+    with Image.open(path) as img:
+        reference = to_rgb(img, path)  # Pillow's decode, the reference
+    got = read_image(path)
+    assert got.dtype == np.uint8 and got.shape == (61, 97, 3)
+    np.testing.assert_array_equal(got, reference)
+
+
+def _mosaic_reference(samples, size, rng, pad_value=114, min_visibility=0.1):
+    """The textbook construction: fill a 2S canvas, crop the S window (what mosaic4 must equal)."""
+    s = size
+    canvas = np.full((2 * s, 2 * s, 3), pad_value, np.uint8)
+    xc, yc = (int(v) for v in rng.uniform(0.5 * s, 1.5 * s, 2))
+    bxs, lbs = [], []
+    for k, (img, boxes, labels) in enumerate(samples):
+        img, r = _resize_longest(img, s)
+        h, w = img.shape[:2]
+        x1 = max(xc - w, 0) if k in (0, 2) else xc
+        y1 = max(yc - h, 0) if k in (0, 1) else yc
+        x2 = xc if k in (0, 2) else min(xc + w, 2 * s)
+        y2 = yc if k in (0, 1) else min(yc + h, 2 * s)
+        sx1 = w - (x2 - x1) if k in (0, 2) else 0
+        sy1 = h - (y2 - y1) if k in (0, 1) else 0
+        canvas[y1:y2, x1:x2] = img[sy1 : sy1 + y2 - y1, sx1 : sx1 + x2 - x1]
+        b = np.asarray(boxes, np.float32) * r + np.array([x1 - sx1, y1 - sy1] * 2, np.float32)
+        bxs.append(b)
+        lbs.append(labels)
+    ox, oy = xc - s // 2, yc - s // 2
+    return canvas[oy : oy + s, ox : ox + s], np.concatenate(bxs) - np.array([ox, oy, ox, oy], np.float32)
+
+
+def test_mosaic_window_equals_cropped_canvas():
+    rng = np.random.default_rng(5)
+    for trial in range(25):
+        size = int(rng.choice([32, 64, 96]))
+        samples = []
+        for _ in range(4):
+            h, w = (int(v) for v in rng.integers(8, 160, 2))
+            boxes = np.array([[1, 1, w - 1, h - 1]], np.float32)
+            samples.append((rng.integers(0, 256, (h, w, 3), dtype=np.uint8), boxes, np.array([0])))
+        img, _, _ = mosaic4(samples, size, np.random.default_rng(trial))
+        ref_img, _ = _mosaic_reference(samples, size, np.random.default_rng(trial))
+        np.testing.assert_array_equal(img, ref_img, err_msg=f"trial {trial}")
+
+
+def test_mosaic_box_lands_on_its_pixels():
+    """Tile 3 (bottom right) of a 64 mosaic: a box drawn in white must come out over white pixels."""
+    size = 64
+    samples = []
+    for k in range(4):
+        img = np.full((64, 64, 3), 40 * (k + 1), np.uint8)
+        samples.append((img, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)))
+    img3 = np.zeros((64, 64, 3), np.uint8)
+    img3[4:20, 6:30] = 255
+    samples[3] = (img3, np.array([[6, 4, 30, 20]], np.float32), np.array([2]))
+    rng = np.random.default_rng(0)
+    xc, yc = (int(v) for v in np.random.default_rng(0).uniform(0.5 * size, 1.5 * size, 2))
+    out, boxes, labels = mosaic4(samples, size, rng)
+    ox, oy = xc - size // 2, yc - size // 2
+    expected = np.array([6 + xc - ox, 4 + yc - oy, 30 + xc - ox, 20 + yc - oy], np.float32).clip(0, size)
+    assert labels.tolist() == [2]
+    np.testing.assert_allclose(boxes[0], expected)
+    x1, y1, x2, y2 = (int(v) for v in boxes[0])
+    assert (out[y1:y2, x1:x2] == 255).all()
+    # and the pixels just outside the box are the tile's black background (or the window edge)
+    if y2 < size:
+        assert (out[y2, x1:x2] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def big_images(tmp_path_factory):
+    """Images larger than the training size, so the cache really shrinks them."""
+    return generate_synthetic(
+        tmp_path_factory.mktemp("big"), SyntheticConfig(train_images=8, val_images=0, size=160, seed=4)
+    )
+
+
+@pytest.mark.parametrize("mosaic_prob", [0.0, 1.0])
+def test_ram_cache_gives_identical_samples(big_images, mosaic_prob):
+    split = open_dataset(big_images).load("train")
+    aug = AugmentConfig(mosaic_prob=mosaic_prob, mixup_prob=0.5, degrees=5.0, hsv_prob=1.0)
+    plain = DetectionDataset(split, 64, train=True, augment=aug, seed=2)
+    cached = DetectionDataset(split, 64, train=True, augment=aug, seed=2, cache="ram")
+    assert max(cached._cached[0][0].shape[:2]) == 64  # shrunk once, at construction
+    for i in range(len(plain)):
+        a, b = plain[i], cached[i]
+        assert np.array_equal(a["image"].numpy(), b["image"].numpy()), i
+        np.testing.assert_allclose(a["boxes"].numpy(), b["boxes"].numpy(), atol=1e-4)
+        assert a["labels"].tolist() == b["labels"].tolist()
+        assert a["meta"]["orig_size"] == b["meta"]["orig_size"]
+        assert a["meta"]["scale"] == pytest.approx(b["meta"]["scale"])
+        assert a["meta"]["pad"] == b["meta"]["pad"]
+
+
+def test_ram_cache_is_not_upsampled_when_the_size_grows(big_images):
+    split = open_dataset(big_images).load("train")
+    aug = AugmentConfig(mosaic_prob=1.0, mixup_prob=0.0)
+    plain = DetectionDataset(split, 64, train=True, augment=aug, seed=2)
+    cached = DetectionDataset(split, 64, train=True, augment=aug, seed=2, cache="ram")
+    for ds in (plain, cached):
+        ds.set_image_size(128)  # progressive resizing past the cached size: read the files again
+    a, b = plain[3], cached[3]
+    assert b["image"].shape == (3, 128, 128)
+    assert np.array_equal(a["image"].numpy(), b["image"].numpy())
+
+
+def test_cache_mode_is_checked(big_images):
+    with pytest.raises(ValueError, match="cache must be one of"):
+        DetectionDataset(open_dataset(big_images).load("train"), 64, cache="disk?")
