@@ -105,6 +105,8 @@ class DetectionDataModule(L.LightningDataModule):
         image_size: square input side (multiple of 32).
         mosaic_prob ... flip_prob: augmentation (see :class:`AugmentConfig`; defaults follow
             super-gradients' YOLO-NAS COCO recipe).
+        mix_pool: where mosaic/mixup partners come from, ``"batch"`` (decode each image once per
+            batch) or ``"dataset"`` (see :class:`AugmentConfig`).
         close_mosaic: turn mosaic and mixup off for the last N epochs (needs the Trainer's
             ``max_epochs`` or ``max_epochs`` here).
         val_center: centre the validation letterbox (False pads bottom/right only).
@@ -138,6 +140,7 @@ class DetectionDataModule(L.LightningDataModule):
         hsv_s: float = 30.0,
         hsv_v: float = 30.0,
         flip_prob: float = 0.5,
+        mix_pool: str = "batch",
         close_mosaic: int = 0,
         max_epochs: int | None = None,
         val_center: bool = True,
@@ -170,6 +173,7 @@ class DetectionDataModule(L.LightningDataModule):
             hsv_s=hsv_s,
             hsv_v=hsv_v,
             flip_prob=flip_prob,
+            mix_pool=mix_pool,
         )
         self.close_mosaic = close_mosaic
         self.max_epochs = max_epochs

@@ -23,13 +23,7 @@ from torch.utils.data import Dataset
 from detectkit.data.images import ImageReadError, check_images, read_image
 from detectkit.data.mosaic import _resize_longest, mixup, mosaic4
 from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, log_problems
-from detectkit.data.transforms import (
-    AugmentConfig,
-    apply,
-    build_geometric,
-    build_photometric,
-    letterbox_sample,
-)
+from detectkit.data.transforms import AugmentConfig, letterbox_sample, random_affine, random_hsv
 
 __all__ = ["DetectionDataset", "check_images"]
 
@@ -39,6 +33,7 @@ _EPOCH, _MAGNITUDE, _MIX_ON, _SIZE = range(4)
 
 
 CACHE_MODES = (None, "ram")
+MIN_BATCH_POOL = 8  # smaller batches draw mosaic/mixup partners from the whole split
 
 
 class DetectionDataset(Dataset):
@@ -100,7 +95,6 @@ class DetectionDataset(Dataset):
         self.skipped_at_setup = len(split.records) - len(records)
         self._shared = mp.RawArray("d", [0.0, 1.0, 1.0, float(image_size)])
         self._bad_count = mp.RawValue("i", 0)
-        self._pipelines: dict[float, tuple] = {}
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
         self.cache = cache
@@ -108,6 +102,8 @@ class DetectionDataset(Dataset):
         self._cached: list[tuple[np.ndarray, float] | None] = []
         if cache == "ram":
             self._fill_cache()
+        # set by __getitems__ while one batch is built: (its indices, decoded images by index)
+        self._batch: tuple[np.ndarray, dict] | None = None
 
     def _fill_cache(self) -> None:
         """Decode (threads: OpenCV and Pillow release the GIL) and shrink every image once."""
@@ -222,23 +218,46 @@ class DetectionDataset(Dataset):
         raise DatasetError(f"{self.split.source}: no readable image left")
 
     def _load_train(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, float]:
-        """(index used, image, boxes in that image's pixels, labels, image scale vs the file)."""
+        """(index used, image, boxes in that image's pixels, labels, image scale vs the file).
+        While a batch is built, each image is decoded once and kept (shrunk to the training size,
+        as mosaic and the letterbox would do anyway) for the other samples of the batch."""
+        memo = self._batch[1] if self._batch is not None else None
+        if memo is not None and index in memo:
+            return memo[index]
         i, img, r = self._read(index)
+        if memo is not None and max(img.shape[:2]) > self.image_size:
+            img, r2 = _resize_longest(img, self.image_size)
+            r *= r2
         boxes, labels = self.records[i].train_targets()
         if r != 1.0:
             boxes = np.asarray(boxes, np.float32) * np.float32(r)
-        return i, img, boxes, labels, r
+        out = (i, img, boxes, labels, r)
+        if memo is not None:
+            memo[index] = out
+        return out
 
-    def _pipelines_for(self, magnitude: float) -> tuple:
-        key = round(magnitude, 4)
-        if key not in self._pipelines:
-            self._pipelines[key] = (build_geometric(self.augment, key), build_photometric(self.augment, key))
-        return self._pipelines[key]
+    def _partners(self, rng: np.random.Generator, k: int) -> list[int]:
+        """``k`` partner indices for mosaic / mixup (see ``AugmentConfig.mix_pool``)."""
+        if self._batch is not None and self.augment.mix_pool == "batch":
+            pool = self._batch[0]
+            return [int(j) for j in pool[rng.integers(0, len(pool), k)]]
+        return [int(j) for j in rng.integers(0, len(self), k)]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A whole batch (the DataLoader calls this instead of ``__getitem__`` per sample): the
+        samples share decoded images and draw mosaic/mixup partners from the batch."""
+        if not self.train or len(indices) < MIN_BATCH_POOL:
+            return [self[int(i)] for i in indices]
+        self._batch = (np.asarray(indices, np.int64), {})
+        try:
+            return [self[int(i)] for i in indices]  # through the subclass's __getitem__
+        finally:
+            self._batch = None
 
     def _train_sample(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, object, dict]:
         cfg, size = self.augment, self.image_size
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        geometric, photometric = self._pipelines_for(self.magnitude)
+        magnitude = self.magnitude
         mix = self.mix_enabled
         applied = {"mosaic": False, "mixup": False}
 
@@ -251,20 +270,22 @@ class DetectionDataset(Dataset):
             return img, boxes, labels, used, info
 
         if mix and rng.random() < cfg.mosaic_prob:
-            others = rng.integers(0, len(self), 3)
+            others = self._partners(rng, 3)
             parts = [self._load_train(int(j)) for j in (index, *others)]
             used, info = parts[0][0], None
             img, boxes, labels = mosaic4([p[1:4] for p in parts], size, rng, cfg.pad_value, cfg.min_visibility)
             applied["mosaic"] = True
         else:
             img, boxes, labels, used, info = single(index)
-        img, boxes, labels = apply(geometric, img, boxes, labels, int(rng.integers(2**31)))
+        # the flip is decided first and folded into each warp (it commutes with the blend and HSV)
+        flip = bool(rng.random() < cfg.flip_prob)
+        img, boxes, labels = random_affine(img, boxes, labels, cfg, magnitude, rng, flip)
         if mix and rng.random() < cfg.mixup_prob:
-            o_img, o_boxes, o_labels, _, _ = single(int(rng.integers(len(self))))
-            o = apply(geometric, o_img, o_boxes, o_labels, int(rng.integers(2**31)))
+            o_img, o_boxes, o_labels, _, _ = single(self._partners(rng, 1)[0])
+            o = random_affine(o_img, o_boxes, o_labels, cfg, magnitude, rng, flip)
             img, boxes, labels = mixup((img, boxes, labels), o)
             applied["mixup"] = True
-        img, boxes, labels = apply(photometric, img, boxes, labels, int(rng.integers(2**31)))
+        img = random_hsv(img, cfg, magnitude, rng)
         return img, boxes, labels, used, info, applied
 
     def __getitem__(self, index: int) -> dict:
