@@ -137,3 +137,76 @@ def test_ram_cache_is_not_upsampled_when_the_size_grows(big_images):
 def test_cache_mode_is_checked(big_images):
     with pytest.raises(ValueError, match="cache must be one of"):
         DetectionDataset(open_dataset(big_images).load("train"), 64, cache="disk?")
+
+
+@pytest.mark.parametrize("degrees", [0.0, 12.0])  # the resize path and the warp path
+def test_affine_boxes_follow_the_pixels(degrees):
+    """A white rectangle with its exact box: after the random affine (+flip) the returned box is
+    the bounding box of the white pixels (within a pixel; when rotated it holds them and IoU > 0.8),
+    for many random draws."""
+    from detectkit.data.transforms import random_affine
+
+    size = 96
+    cfg = AugmentConfig(degrees=degrees, translate=0.25, scale=(0.5, 1.5), min_visibility=0.0)
+    checked = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        img = np.zeros((size, size, 3), np.uint8)
+        x1, y1 = (int(v) for v in rng.integers(5, 40, 2))
+        x2, y2 = x1 + int(rng.integers(15, 50)), y1 + int(rng.integers(15, 50))
+        img[y1:y2, x1:x2] = 255
+        box = np.array([[x1, y1, x2, y2]], np.float32)
+        out, boxes, labels = random_affine(img, box, np.array([1]), cfg, 1.0, rng, flip=bool(seed % 2))
+        assert out.shape == img.shape and out.dtype == np.uint8
+        ys, xs = np.nonzero(out[..., 0] > 127)
+        if not len(boxes):
+            assert len(xs) < 40  # dropped only when (nearly) nothing of it is left
+            continue
+        assert labels.tolist() == [1]
+        seen = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+        if degrees:  # corner tips of a rotated box are thin: they may fall under the threshold
+            b = boxes[0]
+            assert (seen[:2] >= b[:2] - 1).all() and (seen[2:] <= b[2:] + 1).all(), f"seed {seed}"
+            inter = np.prod(np.clip(np.minimum(b[2:], seen[2:]) - np.maximum(b[:2], seen[:2]), 0, None))
+            iou = inter / (np.prod(b[2:] - b[:2]) + np.prod(seen[2:] - seen[:2]) - inter)
+            assert iou > 0.8, f"seed {seed}: {b} vs {seen}"
+        else:
+            np.testing.assert_allclose(boxes[0], seen, atol=1.0, err_msg=f"seed {seed}")
+        checked += 1
+    assert checked > 20
+
+
+def test_affine_scale_translate_matches_warp_statistically():
+    """The resize path equals a general warpAffine of the same matrix up to resampling noise."""
+    import cv2
+
+    from detectkit.data.transforms import random_affine, sample_affine
+
+    rng_img = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng_img.integers(0, 256, (128, 128, 3), dtype=np.uint8), (9, 9), 3)
+    cfg = AugmentConfig(translate=0.2, scale=(0.6, 1.4))
+    for seed in range(10):
+        mat = sample_affine(cfg, 1.0, np.random.default_rng(seed), 128, flip=seed % 2 == 1)
+        half = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+        centres = (np.linalg.inv(half) @ np.vstack([mat, [0, 0, 1]]) @ half)[:2]
+        ref = cv2.warpAffine(img, centres, (128, 128), borderMode=cv2.BORDER_CONSTANT, borderValue=(114,) * 3)
+        out, _, _ = random_affine(
+            img, np.zeros((0, 4)), np.zeros(0), cfg, 1.0, np.random.default_rng(seed), seed % 2 == 1
+        )
+        inner = (slice(8, -8), slice(8, -8))  # away from the snapped borders
+        assert np.abs(out[inner].astype(int) - ref[inner]).mean() < 3.0, seed
+
+
+def test_hsv_keeps_grey_grey_and_is_a_pure_function_of_the_seed():
+    from detectkit.data.transforms import random_hsv
+
+    cfg = AugmentConfig(hsv_prob=1.0)
+    grey = np.full((8, 8, 3), 100, np.uint8)
+    colour = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for seed in range(10):
+        g = random_hsv(grey, cfg, 1.0, np.random.default_rng(seed))
+        assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()  # value shift only
+        a = random_hsv(colour, cfg, 1.0, np.random.default_rng(seed))
+        b = random_hsv(colour, cfg, 1.0, np.random.default_rng(seed))
+        assert np.array_equal(a, b)
+    assert np.array_equal(random_hsv(colour, cfg, 0.0, np.random.default_rng(3)), colour)

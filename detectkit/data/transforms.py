@@ -91,7 +91,7 @@ def sample_affine(
 ) -> np.ndarray:
     """A random 2x3 affine on a ``size`` x ``size`` image at ``magnitude``: scale (one factor for
     both axes), rotation and shear about the centre, translation as a fraction of the size, then
-    an optional horizontal flip."""
+    an optional horizontal flip. Pixel-edge coordinates (a box edge at x goes to ``mat @ x``)."""
     m = float(np.clip(magnitude, 0.0, 1.0))
     lo, hi = cfg.scale
     scale = rng.uniform(1 - (1 - lo) * m, 1 + (hi - 1) * m)
@@ -153,15 +153,55 @@ def random_affine(
     if image.shape[1] != size:
         raise ValueError(f"random_affine needs a square image, got {image.shape[:2]}")
     mat = sample_affine(cfg, magnitude, rng, size, flip)
+    if mat[0, 1] == 0 and mat[1, 0] == 0:  # no rotation or shear (the default recipe)
+        return _scale_translate(image, boxes, labels, mat, cfg)
+    # cv2 maps pixel centres; the matrix maps pixel edges: shift by half a pixel on both sides
+    half = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+    centres = (np.linalg.inv(half) @ np.vstack([mat, [0, 0, 1]]) @ half)[:2]
     out = cv2.warpAffine(
         image,
-        mat,
+        centres,
         (size, size),
         flags=cv2.INTER_LINEAR,
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=(cfg.pad_value,) * 3,
     )
     b, lab = filter_boxes(warp_boxes(boxes, mat), labels, size, cfg)
+    return out, b, lab
+
+
+def _scale_translate(
+    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, mat: np.ndarray, cfg: AugmentConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An axis-aligned affine (scale, translation, flip) as ONE resize of the visible source crop
+    pasted into the padded output: a separable resize costs a fraction of a general warpAffine.
+    The crop and paste are snapped to whole pixels, so the applied map differs from ``mat`` by
+    under a pixel; boxes go through the map actually applied, so they stay exact."""
+    size = image.shape[0]
+    out = np.full((size, size, 3), cfg.pad_value, np.uint8)
+    sx, tx, sy, ty = mat[0, 0], mat[0, 2], mat[1, 1], mat[1, 2]
+    flip = sx < 0
+    spans = []
+    for scale, shift in ((abs(sx), size - tx if flip else tx), (sy, ty)):
+        # unflipped: dst = scale * src + shift; visible dst part, then the src part that fills it
+        d0, d1 = max(0, round(shift)), min(size, round(scale * size + shift))
+        if d1 - d0 < 1:
+            return out, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+        s0 = max(0, int(np.floor((d0 - shift) / scale)))
+        s1 = min(size, int(np.ceil((d1 - shift) / scale)))
+        spans.append((d0, d1, s0, max(s1, s0 + 1)))
+    (dx0, dx1, sx0, sx1), (dy0, dy1, sy0, sy1) = spans
+    patch = cv2.resize(image[sy0:sy1, sx0:sx1], (dx1 - dx0, dy1 - dy0), interpolation=cv2.INTER_LINEAR)
+    if flip:
+        out[dy0:dy1, size - dx1 : size - dx0] = cv2.flip(patch, 1)
+    else:
+        out[dy0:dy1, dx0:dx1] = patch
+    # the map applied: edge x -> dx0 + (x - sx0) * kx (then mirrored when flipped)
+    kx, ky = (dx1 - dx0) / (sx1 - sx0), (dy1 - dy0) / (sy1 - sy0)
+    applied = np.array([[kx, 0, dx0 - sx0 * kx], [0, ky, dy0 - sy0 * ky]], np.float64)
+    if flip:
+        applied = np.array([[-1, 0, size], [0, 1, 0]], np.float64) @ np.vstack([applied, [0, 0, 1]])
+    b, lab = filter_boxes(warp_boxes(boxes, applied), labels, size, cfg)
     return out, b, lab
 
 
