@@ -317,7 +317,8 @@ class DetectionDataset(Dataset):
             "augment": applied,  # informational: which mixing transforms made this sample
         }
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            # a CHW view of the HWC array: collate's stack does the one transposing copy
+            "image": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1),
             "boxes": torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)),
             "labels": torch.from_numpy(np.asarray(labels, np.int64).reshape(-1)),
             "meta": meta,
