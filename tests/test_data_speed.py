@@ -210,3 +210,18 @@ def test_hsv_keeps_grey_grey_and_is_a_pure_function_of_the_seed():
         b = random_hsv(colour, cfg, 1.0, np.random.default_rng(seed))
         assert np.array_equal(a, b)
     assert np.array_equal(random_hsv(colour, cfg, 0.0, np.random.default_rng(3)), colour)
+
+
+def test_ram_cache_leaves_bad_images_to_the_counted_skip(tmp_path):
+    """An unreadable image is not cached: reading it counts and logs the skip as without the cache."""
+    root = generate_synthetic(tmp_path / "d", SyntheticConfig(train_images=4, val_images=0, size=64, seed=1))
+    split = open_dataset(root).load("train")
+    bad = split.records[1].path
+    kwargs = dict(train=True, augment=AugmentConfig(mosaic_prob=0.0, mixup_prob=0.0), check=False)
+    ds = DetectionDataset(split, 64, skip_bad_images=True, cache="ram", **kwargs)
+    assert ds._cached[1] is not None and ds.bad_images_skipped == 0
+    bad.write_bytes(b"not an image")
+    ds = DetectionDataset(split, 64, skip_bad_images=True, cache="ram", **kwargs)
+    assert ds._cached[1] is None and ds.bad_images_skipped == 0
+    sample = ds[1]
+    assert ds.bad_images_skipped == 1 and sample["meta"]["index"] == 2

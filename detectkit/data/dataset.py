@@ -110,10 +110,13 @@ class DetectionDataset(Dataset):
         size = self._cache_size
 
         def load(i: int) -> tuple[np.ndarray, float] | None:
+            rec = self.records[i]
             try:
-                _, img = self._read_file(i)
-            except DatasetError:
-                return None  # read again (and reported or skipped) when the sample is used
+                img = read_image(rec.path)
+            except ImageReadError:
+                return None  # left to the per-sample path, which raises or counts and logs the skip
+            if (img.shape[1], img.shape[0]) != (rec.width, rec.height):
+                return None  # same: the per-sample path names the size mismatch
             if max(img.shape[:2]) <= size:
                 return img, 1.0
             return _resize_longest(img, size)
