@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from detectkit.data.dataset import DetectionDataset
@@ -225,3 +226,18 @@ def test_ram_cache_leaves_bad_images_to_the_counted_skip(tmp_path):
     assert ds._cached[1] is None and ds.bad_images_skipped == 0
     sample = ds[1]
     assert ds.bad_images_skipped == 1 and sample["meta"]["index"] == 2
+
+
+def test_collate_packs_meta_tensors_into_one_storage(big_images):
+    """Per-image meta tensors become views of one tensor per key (one shared-memory segment per key
+    when a worker sends the batch), with the same values."""
+    from detectkit.data.collate import collate
+
+    ds = DetectionDataset(open_dataset(big_images).load("train"), 64)
+    samples = [ds[i] for i in range(4)]
+    expected = [(s["meta"]["boxes"].clone(), s["meta"]["labels"].clone()) for s in samples]
+    batch = collate(samples)
+    storages = {m["boxes"].untyped_storage().data_ptr() for m in batch["meta"]}
+    assert len(storages) == 1
+    for m, (boxes, labels) in zip(batch["meta"], expected):
+        assert torch.equal(m["boxes"], boxes) and torch.equal(m["labels"], labels)

@@ -29,4 +29,26 @@ def collate(samples: list[dict]) -> dict:
         idx = torch.full((len(boxes), 1), float(i))
         rows.append(torch.cat([idx, labels[:, None], boxes], 1))
     targets = torch.cat(rows) if rows else torch.zeros((0, 6))
-    return {"images": images, "targets": targets.float(), "meta": [s["meta"] for s in samples]}
+    meta = [s["meta"] for s in samples]
+    for key in _PACKED_META:
+        _pack(meta, key)
+    return {"images": images, "targets": targets.float(), "meta": meta}
+
+
+_PACKED_META = ("boxes", "labels", "iscrowd")
+
+
+def _pack(meta: list[dict], key: str) -> None:
+    """Make ``meta[i][key]`` views into ONE tensor per key. A loader worker sends every tensor of a
+    batch through its own shared-memory segment; 3 tensors per image made that a third of a
+    16-image batch's transfer cost. Views of one storage share one segment."""
+    parts = [m.get(key) for m in meta]
+    if not parts or not all(isinstance(t, torch.Tensor) for t in parts):
+        return
+    if len({t.dtype for t in parts}) != 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in parts])
+    start = 0
+    for m, t in zip(meta, parts):
+        m[key] = flat[start : start + t.numel()].view(t.shape)
+        start += t.numel()
