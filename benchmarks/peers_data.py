@@ -25,7 +25,7 @@ from peers_common import Case, Work
 
 SIZE = 640
 BATCH = 16
-IMAGES = 64
+IMAGES = 128
 PASS_BATCHES = 6  # batches per call when workers > 0 (one fresh pass)
 SEED = 0
 # shared augmentation settings (ultralytics names -> detectkit names)

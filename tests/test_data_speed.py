@@ -241,3 +241,17 @@ def test_collate_packs_meta_tensors_into_one_storage(big_images):
     assert len(storages) == 1
     for m, (boxes, labels) in zip(batch["meta"], expected):
         assert torch.equal(m["boxes"], boxes) and torch.equal(m["labels"], labels)
+
+
+def test_collate_images_equal_a_plain_stack(big_images):
+    """Dataset samples (CHW views of HWC arrays) and plain contiguous CHW tensors collate alike."""
+    from detectkit.data.collate import collate
+
+    ds = DetectionDataset(open_dataset(big_images).load("train"), 64, train=True, seed=1)
+    samples = [ds[i] for i in range(3)]
+    reference = torch.stack([s["image"].contiguous() for s in samples])
+    assert torch.equal(collate(samples)["images"], reference)
+    plain = [dict(s, image=s["image"].contiguous()) for s in samples]
+    assert torch.equal(collate(plain)["images"], reference)
+    with pytest.raises(ValueError, match="uint8"):
+        collate([dict(samples[0], image=samples[0]["image"].float())])

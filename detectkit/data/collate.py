@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import torch
 
 __all__ = ["collate"]
@@ -17,9 +18,20 @@ def collate(samples: list[dict]) -> dict:
     if len(shapes) != 1:
         listing = ", ".join(f"{s['meta'].get('path')}: {tuple(s['image'].shape)}" for s in samples[:8])
         raise ValueError(f"images in a batch must share one size; got {listing}")
-    images = torch.stack([s["image"] for s in samples])
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected uint8 [B,3,H,W] images, got {images.dtype} {tuple(images.shape)}")
+    first = samples[0]["image"]
+    if any(s["image"].dtype != torch.uint8 for s in samples) or first.ndim != 3 or first.shape[0] != 3:
+        raise ValueError(f"expected uint8 [B,3,H,W] images, got {first.dtype} {(len(samples), *first.shape)}")
+    images = torch.empty((len(samples), *first.shape), dtype=torch.uint8)
+    out = images.numpy()
+    for i, s in enumerate(samples):
+        hwc = s["image"].permute(1, 2, 0)
+        if hwc.is_contiguous():
+            # the dataset's CHW view of an HWC array: OpenCV's SIMD channel split is the fastest
+            # HWC -> CHW copy here (2-3x torch's strided copy on one core)
+            for k, plane in enumerate(cv2.split(hwc.numpy())):
+                out[i, k] = plane
+        else:
+            images[i].copy_(s["image"])
     rows = []
     for i, s in enumerate(samples):
         boxes = s["boxes"].reshape(-1, 4).float()
