@@ -255,3 +255,55 @@ def test_collate_images_equal_a_plain_stack(big_images):
     assert torch.equal(collate(plain)["images"], reference)
     with pytest.raises(ValueError, match="uint8"):
         collate([dict(samples[0], image=samples[0]["image"].float())])
+
+
+def test_reduced_jpeg_decode_scales_pixels_and_edges(tmp_path):
+    """A JPEG at least twice the training size decodes at 1/k; an edge at x lands on x / k."""
+    import cv2
+
+    from detectkit.data.images import read_image_reduced
+
+    img = np.full((150, 203, 3), 20, np.uint8)
+    img[40:80, 60:140] = 240
+    path = tmp_path / "big.jpg"
+    Image.fromarray(img).save(path, quality=95)
+    full, k1 = read_image_reduced(path, None)
+    assert k1 == 1 and full.shape == (150, 203, 3)
+    half, k = read_image_reduced(path, 64)  # 203 >= 2 * 64 but < 4 * 64
+    assert k == 2 and half.shape == (75, 102, 3)
+    quarter, k4 = read_image_reduced(path, 50)
+    assert k4 == 4 and quarter.shape == (38, 51, 3)
+    ys, xs = np.nonzero(half[..., 0] > 128)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (30, 20, 70, 40)
+    ref = cv2.resize(full, (102, 75), interpolation=cv2.INTER_AREA)
+    assert np.abs(half.astype(int) - ref).mean() < 3
+    png = tmp_path / "big.png"
+    Image.fromarray(img).save(png)
+    assert read_image_reduced(png, 64)[1] == 1  # only JPEG has DCT scaling
+
+
+def test_dataset_boxes_follow_a_reduced_decode(tmp_path):
+    """Training on images 3x the input size: the box still covers its object after decode at 1/2."""
+    from data_helpers import write_coco
+
+    img = np.full((192, 240, 3), 30, np.uint8)
+    img[60:120, 90:180] = 250
+    (tmp_path / "images").mkdir()
+    Image.fromarray(img).save(tmp_path / "images" / "a.jpg", quality=95)
+    write_coco(
+        tmp_path,
+        images=[{"id": 1, "file_name": "images/a.jpg", "width": 240, "height": 192}],
+        annotations=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [90, 60, 90, 60], "iscrowd": 0}],
+        categories=[{"id": 1, "name": "thing"}],
+    )
+    split = open_dataset(tmp_path).load()
+    aug = AugmentConfig(
+        mosaic_prob=0.0, mixup_prob=0.0, translate=0.0, scale=(1.0, 1.0), hsv_prob=0.0, flip_prob=0.0
+    )
+    s = DetectionDataset(split, 64, train=True, augment=aug)[0]
+    x1, y1, x2, y2 = s["boxes"][0].tolist()
+    assert (x1, y1, x2, y2) == pytest.approx((24, 16, 48, 32), abs=0.01)  # 64 / 240 of the original box
+    white = s["image"][0].numpy() > 128
+    ys, xs = np.nonzero(white)
+    assert abs(xs.min() - x1) <= 1 and abs(xs.max() + 1 - x2) <= 1 and abs(ys.min() - y1) <= 1
+    assert s["meta"]["orig_size"] == (192, 240) and s["meta"]["scale"] == pytest.approx(64 / 240)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detectkit.data.images import ImageReadError, check_images, read_image
+from detectkit.data.images import ImageReadError, check_images, read_image_reduced
 from detectkit.data.mosaic import _resize_longest, mixup, mosaic4
 from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, log_problems
 from detectkit.data.transforms import AugmentConfig, letterbox_sample, random_affine, random_hsv
@@ -112,14 +112,15 @@ class DetectionDataset(Dataset):
         def load(i: int) -> tuple[np.ndarray, float] | None:
             rec = self.records[i]
             try:
-                img = read_image(rec.path)
+                img, k = read_image_reduced(rec.path, size)
             except ImageReadError:
                 return None  # left to the per-sample path, which raises or counts and logs the skip
-            if (img.shape[1], img.shape[0]) != (rec.width, rec.height):
+            if (img.shape[1], img.shape[0]) != (-(-rec.width // k), -(-rec.height // k)):
                 return None  # same: the per-sample path names the size mismatch
             if max(img.shape[:2]) <= size:
-                return img, 1.0
-            return _resize_longest(img, size)
+                return img, 1.0 / k
+            img, r = _resize_longest(img, size)
+            return img, r / k
 
         with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
             self._cached = list(pool.map(load, range(len(self.records))))
@@ -194,24 +195,24 @@ class DetectionDataset(Dataset):
             hit = self._cached[index % len(self.records)]
             if hit is not None:
                 return index % len(self.records), hit[0], hit[1]
-        i, img = self._read_file(index)
-        return i, img, 1.0
+        return self._read_file(index, self.image_size)
 
-    def _read_file(self, index: int) -> tuple[int, np.ndarray]:
-        """(index actually used, image); a bad image is an error naming it, or with
-        ``skip_bad_images`` a counted, logged substitution by the next good one."""
+    def _read_file(self, index: int, longest: int | None = None) -> tuple[int, np.ndarray, float]:
+        """(index actually used, image, its scale vs the file); a bad image is an error naming it,
+        or with ``skip_bad_images`` a counted, logged substitution by the next good one. With
+        ``longest`` (training), large JPEGs are decoded at reduced scale (``read_image_reduced``)."""
         n = len(self.records)
         for step in range(n):
             i = (index + step) % n
             rec = self.records[i]
             try:
-                img = read_image(rec.path)
-                if (img.shape[1], img.shape[0]) != (rec.width, rec.height):
+                img, k = read_image_reduced(rec.path, longest)
+                if (img.shape[1], img.shape[0]) != (-(-rec.width // k), -(-rec.height // k)):
+                    w, h = img.shape[1] * k, img.shape[0] * k
                     raise ImageReadError(
-                        rec.path,
-                        f"annotations say {rec.width}x{rec.height} but the image is {img.shape[1]}x{img.shape[0]}",
+                        rec.path, f"annotations say {rec.width}x{rec.height} but the image is {w}x{h}"
                     )
-                return i, img
+                return i, img, 1.0 / k
             except ImageReadError as e:
                 if not self.skip_bad_images:
                     raise DatasetError(f"{e} (pass skip_bad_images=True to skip such images)") from e
@@ -295,7 +296,7 @@ class DetectionDataset(Dataset):
         if self.train:
             img, boxes, labels, used, info, applied = self._train_sample(int(index))
         else:
-            used, img = self._read_file(int(index))
+            used, img, _ = self._read_file(int(index))
             rec = self.records[used]
             b, labels = rec.train_targets()
             img, boxes, info = letterbox_sample(
