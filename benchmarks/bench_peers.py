@@ -171,6 +171,10 @@ def versions() -> dict:
             out[mod] = importlib.import_module(mod).__version__
         except Exception as e:  # a missing peer is reported, not fatal for the listing
             out[mod] = f"unavailable ({e.__class__.__name__})"
+    try:  # which checkout was measured (an editable install vs PYTHONPATH)
+        out["detectkit_path"] = str(Path(importlib.import_module("detectkit").__file__).parent)
+    except Exception:
+        out["detectkit_path"] = None
     out["loadavg"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return out
 
