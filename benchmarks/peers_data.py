@@ -26,7 +26,7 @@ from peers_common import Case, Work
 SIZE = 640
 BATCH = 16
 IMAGES = 128
-PASS_BATCHES = 6  # batches per call when workers > 0 (one fresh pass)
+PASS_BATCHES = 8  # batches per call when workers > 0: one fresh pass = one epoch of IMAGES
 SEED = 0
 # shared augmentation settings (ultralytics names -> detectkit names)
 AUG = dict(
