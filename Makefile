@@ -9,7 +9,14 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test quickstart bench lint clean
+# Comparison environment: detectkit plus ultralytics (the version the parity fixtures were made
+# with), for benchmarks/bench_peers.py only; detectkit itself never imports ultralytics.
+PEERS     := .venv-peers
+PEERS_BIN := $(PEERS)/bin
+PEERS_STAMP := $(PEERS)/.installed
+PEERS_ARGS ?=
+
+.PHONY: setup test quickstart bench bench-peers lint clean
 
 setup: $(STAMP)
 
@@ -26,10 +33,22 @@ quickstart: setup
 	$(BIN)/python -m detectkit.quickstart
 
 bench: setup
-	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
+	for f in benchmarks/bench_*.py; do [ $$f = benchmarks/bench_peers.py ] || $(BIN)/python $$f || exit 1; done
+
+$(PEERS_STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(PEERS)
+	$(PEERS_BIN)/pip install -q --upgrade setuptools wheel -c constraints.txt
+	$(PEERS_BIN)/pip install -q -c constraints.txt -e ".[all]" ultralytics
+	touch $(PEERS_STAMP)
+
+$(PEERS): $(PEERS_STAMP)
+
+# Side by side, interleaved, pinned: make bench-peers PEERS_ARGS="--only data --runs 10"
+bench-peers: $(PEERS_STAMP)
+	YOLO_OFFLINE=1 $(PEERS_BIN)/python benchmarks/bench_peers.py $(PEERS_ARGS)
 
 lint: setup
 	$(BIN)/ruff check detectkit callbacks tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs .pytest_cache

@@ -105,6 +105,8 @@ class DetectionDataModule(L.LightningDataModule):
         image_size: square input side (multiple of 32).
         mosaic_prob ... flip_prob: augmentation (see :class:`AugmentConfig`; defaults follow
             super-gradients' YOLO-NAS COCO recipe).
+        mix_pool: where mosaic/mixup partners come from, ``"batch"`` (decode each image once per
+            batch) or ``"dataset"`` (see :class:`AugmentConfig`).
         close_mosaic: turn mosaic and mixup off for the last N epochs (needs the Trainer's
             ``max_epochs`` or ``max_epochs`` here).
         val_center: centre the validation letterbox (False pads bottom/right only).
@@ -112,6 +114,9 @@ class DetectionDataModule(L.LightningDataModule):
         classes: class list of a VOC or CreateML set, whose files carry none (default: the set's
             ``labelmap.txt``/``classes.txt``, else the names found, reported in the setup log).
         synthetic: options of the generated dataset used when no path is given.
+        cache: ``"ram"`` decodes the train images once, shrunk to ``image_size`` on the longest
+            side, and keeps them in memory (opt-in like ultralytics' ``cache``; see
+            :class:`DetectionDataset`). ``None``: decode every time.
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class DetectionDataModule(L.LightningDataModule):
         hsv_s: float = 30.0,
         hsv_v: float = 30.0,
         flip_prob: float = 0.5,
+        mix_pool: str = "batch",
         close_mosaic: int = 0,
         max_epochs: int | None = None,
         val_center: bool = True,
@@ -145,6 +151,7 @@ class DetectionDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         drop_last: bool | None = None,
         classes: list[str] | None = None,
+        cache: str | None = None,
     ):
         super().__init__()
         if image_size % 32:
@@ -166,6 +173,7 @@ class DetectionDataModule(L.LightningDataModule):
             hsv_s=hsv_s,
             hsv_v=hsv_v,
             flip_prob=flip_prob,
+            mix_pool=mix_pool,
         )
         self.close_mosaic = close_mosaic
         self.max_epochs = max_epochs
@@ -173,6 +181,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.seed = seed
         self.cache_dir = cache_dir
+        self.cache = cache
         self.pin_memory = pin_memory
         self.drop_last = drop_last
         self.synthetic = synthetic
@@ -284,6 +293,7 @@ class DetectionDataModule(L.LightningDataModule):
                 seed=self.seed,
                 center=self.val_center,
                 skip_bad_images=self.skip_bad_images,
+                cache=self.cache if role == "train" else None,
             )
             self.datasets[role] = ds
             log.info("%s: %s", role, ds)

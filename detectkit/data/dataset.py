@@ -9,24 +9,21 @@ memory so persistent workers see changes made in the main process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detectkit.data.images import ImageReadError, check_images, read_image
-from detectkit.data.mosaic import mixup, mosaic4
+from detectkit.data.images import ImageReadError, check_images, read_image_reduced
+from detectkit.data.mosaic import _resize_longest, mixup, mosaic4
 from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, log_problems
-from detectkit.data.transforms import (
-    AugmentConfig,
-    apply,
-    build_geometric,
-    build_photometric,
-    letterbox_sample,
-)
+from detectkit.data.transforms import AugmentConfig, letterbox_sample, random_affine, random_hsv
 
 __all__ = ["DetectionDataset", "check_images"]
 
@@ -35,8 +32,22 @@ log = logging.getLogger("detectkit.data")
 _EPOCH, _MAGNITUDE, _MIX_ON, _SIZE = range(4)
 
 
+CACHE_MODES = (None, "ram")
+MIN_BATCH_POOL = 8  # smaller batches draw mosaic/mixup partners from the whole split
+
+
 class DetectionDataset(Dataset):
-    """One split as a torch dataset; ``train=True`` enables augmentation."""
+    """One split as a torch dataset; ``train=True`` enables augmentation.
+
+    ``cache="ram"`` decodes every image once, at construction, shrunk so its longest side is
+    ``image_size`` (the size mosaic and the letterbox resize it to anyway, with the same
+    interpolation and rounding, so samples are pixel-identical to uncached ones at that size), and
+    keeps the uint8 arrays in memory; forked loader workers share them copy-on-write. Like
+    ultralytics' ``cache=ram``: it trades memory (width x height x 3 bytes per image at most
+    ``image_size`` on the longest side, logged) for the JPEG decode, the largest per-image cost.
+    When progressive resizing asks for a larger size than the cache holds, images are read from
+    disk again (never upsampled from the cache).
+    """
 
     def __init__(
         self,
@@ -48,6 +59,7 @@ class DetectionDataset(Dataset):
         center: bool = True,
         skip_bad_images: bool = False,
         check: bool = True,
+        cache: str | None = None,
     ):
         self.split = split
         self.class_names = list(split.class_names)
@@ -83,7 +95,37 @@ class DetectionDataset(Dataset):
         self.skipped_at_setup = len(split.records) - len(records)
         self._shared = mp.RawArray("d", [0.0, 1.0, 1.0, float(image_size)])
         self._bad_count = mp.RawValue("i", 0)
-        self._pipelines: dict[float, tuple] = {}
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        self.cache = cache
+        self._cache_size = int(image_size)
+        self._cached: list[tuple[np.ndarray, float] | None] = []
+        if cache == "ram":
+            self._fill_cache()
+        # set by __getitems__ while one batch is built: (its indices, decoded images by index)
+        self._batch: tuple[np.ndarray, dict] | None = None
+
+    def _fill_cache(self) -> None:
+        """Decode (threads: OpenCV and Pillow release the GIL) and shrink every image once."""
+        size = self._cache_size
+
+        def load(i: int) -> tuple[np.ndarray, float] | None:
+            rec = self.records[i]
+            try:
+                img, k = read_image_reduced(rec.path, size)
+            except ImageReadError:
+                return None  # left to the per-sample path, which raises or counts and logs the skip
+            if (img.shape[1], img.shape[0]) != (-(-rec.width // k), -(-rec.height // k)):
+                return None  # same: the per-sample path names the size mismatch
+            if max(img.shape[:2]) <= size:
+                return img, 1.0 / k
+            img, r = _resize_longest(img, size)
+            return img, r / k
+
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            self._cached = list(pool.map(load, range(len(self.records))))
+        nbytes = sum(c[0].nbytes for c in self._cached if c is not None)
+        log.info("cached %d images in RAM (%.0f MiB, longest side <= %d)", len(self._cached), nbytes / 2**20, size)
 
     # ---- state shared with (persistent) workers ------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -146,21 +188,31 @@ class DetectionDataset(Dataset):
         return len(self.records)
 
     # ---- loading -------------------------------------------------------------------------
-    def _read(self, index: int) -> tuple[int, np.ndarray]:
-        """(index actually used, image); a bad image is an error naming it, or with
-        ``skip_bad_images`` a counted, logged substitution by the next good one."""
+    def _read(self, index: int) -> tuple[int, np.ndarray, float]:
+        """(index actually used, image, scale of the image relative to the file): from the RAM
+        cache (scale <= 1) when it holds the image at the current size or larger, else the file."""
+        if self._cached and self.image_size <= self._cache_size:
+            hit = self._cached[index % len(self.records)]
+            if hit is not None:
+                return index % len(self.records), hit[0], hit[1]
+        return self._read_file(index, self.image_size)
+
+    def _read_file(self, index: int, longest: int | None = None) -> tuple[int, np.ndarray, float]:
+        """(index actually used, image, its scale vs the file); a bad image is an error naming it,
+        or with ``skip_bad_images`` a counted, logged substitution by the next good one. With
+        ``longest`` (training), large JPEGs are decoded at reduced scale (``read_image_reduced``)."""
         n = len(self.records)
         for step in range(n):
             i = (index + step) % n
             rec = self.records[i]
             try:
-                img = read_image(rec.path)
-                if (img.shape[1], img.shape[0]) != (rec.width, rec.height):
+                img, k = read_image_reduced(rec.path, longest)
+                if (img.shape[1], img.shape[0]) != (-(-rec.width // k), -(-rec.height // k)):
+                    w, h = img.shape[1] * k, img.shape[0] * k
                     raise ImageReadError(
-                        rec.path,
-                        f"annotations say {rec.width}x{rec.height} but the image is {img.shape[1]}x{img.shape[0]}",
+                        rec.path, f"annotations say {rec.width}x{rec.height} but the image is {w}x{h}"
                     )
-                return i, img
+                return i, img, 1.0 / k
             except ImageReadError as e:
                 if not self.skip_bad_images:
                     raise DatasetError(f"{e} (pass skip_bad_images=True to skip such images)") from e
@@ -169,51 +221,82 @@ class DetectionDataset(Dataset):
                 log.warning("skipping unreadable image %s (%s); using the next one", rec.path, e.reason)
         raise DatasetError(f"{self.split.source}: no readable image left")
 
-    def _load_train(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        i, img = self._read(index)
+    def _load_train(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, float]:
+        """(index used, image, boxes in that image's pixels, labels, image scale vs the file).
+        While a batch is built, each image is decoded once and kept (shrunk to the training size,
+        as mosaic and the letterbox would do anyway) for the other samples of the batch."""
+        memo = self._batch[1] if self._batch is not None else None
+        if memo is not None and index in memo:
+            return memo[index]
+        i, img, r = self._read(index)
+        if memo is not None and max(img.shape[:2]) > self.image_size:
+            img, r2 = _resize_longest(img, self.image_size)
+            r *= r2
         boxes, labels = self.records[i].train_targets()
-        return i, img, boxes, labels
+        if r != 1.0:
+            boxes = np.asarray(boxes, np.float32) * np.float32(r)
+        out = (i, img, boxes, labels, r)
+        if memo is not None:
+            memo[index] = out
+        return out
 
-    def _pipelines_for(self, magnitude: float) -> tuple:
-        key = round(magnitude, 4)
-        if key not in self._pipelines:
-            self._pipelines[key] = (build_geometric(self.augment, key), build_photometric(self.augment, key))
-        return self._pipelines[key]
+    def _partners(self, rng: np.random.Generator, k: int) -> list[int]:
+        """``k`` partner indices for mosaic / mixup (see ``AugmentConfig.mix_pool``)."""
+        if self._batch is not None and self.augment.mix_pool == "batch":
+            pool = self._batch[0]
+            return [int(j) for j in pool[rng.integers(0, len(pool), k)]]
+        return [int(j) for j in rng.integers(0, len(self), k)]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A whole batch (the DataLoader calls this instead of ``__getitem__`` per sample): the
+        samples share decoded images and draw mosaic/mixup partners from the batch."""
+        if not self.train or len(indices) < MIN_BATCH_POOL:
+            return [self[int(i)] for i in indices]
+        self._batch = (np.asarray(indices, np.int64), {})
+        try:
+            return [self[int(i)] for i in indices]  # through the subclass's __getitem__
+        finally:
+            self._batch = None
 
     def _train_sample(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, object, dict]:
         cfg, size = self.augment, self.image_size
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        geometric, photometric = self._pipelines_for(self.magnitude)
+        magnitude = self.magnitude
         mix = self.mix_enabled
         applied = {"mosaic": False, "mixup": False}
 
         def single(idx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, object]:
-            used, img, boxes, labels = self._load_train(idx)
+            used, img, boxes, labels, r = self._load_train(idx)
             img, boxes, info = letterbox_sample(img, boxes, size, center=False, pad_value=cfg.pad_value)
+            if r != 1.0:  # a cached, shrunk image: meta keeps describing the file
+                rec = self.records[used]
+                info = dataclasses.replace(info, scale=info.scale * r, orig_size=(rec.height, rec.width))
             return img, boxes, labels, used, info
 
         if mix and rng.random() < cfg.mosaic_prob:
-            others = rng.integers(0, len(self), 3)
+            others = self._partners(rng, 3)
             parts = [self._load_train(int(j)) for j in (index, *others)]
             used, info = parts[0][0], None
-            img, boxes, labels = mosaic4([p[1:] for p in parts], size, rng, cfg.pad_value, cfg.min_visibility)
+            img, boxes, labels = mosaic4([p[1:4] for p in parts], size, rng, cfg.pad_value, cfg.min_visibility)
             applied["mosaic"] = True
         else:
             img, boxes, labels, used, info = single(index)
-        img, boxes, labels = apply(geometric, img, boxes, labels, int(rng.integers(2**31)))
+        # the flip is decided first and folded into each warp (it commutes with the blend and HSV)
+        flip = bool(rng.random() < cfg.flip_prob)
+        img, boxes, labels = random_affine(img, boxes, labels, cfg, magnitude, rng, flip)
         if mix and rng.random() < cfg.mixup_prob:
-            o_img, o_boxes, o_labels, _, _ = single(int(rng.integers(len(self))))
-            o = apply(geometric, o_img, o_boxes, o_labels, int(rng.integers(2**31)))
+            o_img, o_boxes, o_labels, _, _ = single(self._partners(rng, 1)[0])
+            o = random_affine(o_img, o_boxes, o_labels, cfg, magnitude, rng, flip)
             img, boxes, labels = mixup((img, boxes, labels), o)
             applied["mixup"] = True
-        img, boxes, labels = apply(photometric, img, boxes, labels, int(rng.integers(2**31)))
+        img = random_hsv(img, cfg, magnitude, rng)
         return img, boxes, labels, used, info, applied
 
     def __getitem__(self, index: int) -> dict:
         if self.train:
             img, boxes, labels, used, info, applied = self._train_sample(int(index))
         else:
-            used, img = self._read(int(index))
+            used, img, _ = self._read_file(int(index))
             rec = self.records[used]
             b, labels = rec.train_targets()
             img, boxes, info = letterbox_sample(
@@ -238,7 +321,8 @@ class DetectionDataset(Dataset):
             "augment": applied,  # informational: which mixing transforms made this sample
         }
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            # a CHW view of the HWC array: collate's stack does the one transposing copy
+            "image": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1),
             "boxes": torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)),
             "labels": torch.from_numpy(np.asarray(labels, np.int64).reshape(-1)),
             "meta": meta,

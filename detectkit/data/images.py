@@ -30,6 +30,7 @@ from detectkit.data.records import DetectionSplit, Problem
 __all__ = [
     "ImageReadError",
     "read_image",
+    "read_image_reduced",
     "decode_image",
     "to_rgb",
     "image_size",
@@ -137,7 +138,8 @@ def to_rgb(img: Image.Image, name: str | Path = "<image>") -> np.ndarray:
     palette, RGBA composited on the padding grey, CMYK, 16-bit and float images converted).
     Used for files, downloaded bytes and PIL images handed to ``predict`` alike."""
     try:
-        img = ImageOps.exif_transpose(img)
+        if _orientation(img) != 1:  # exif_transpose copies even when there is nothing to turn
+            img = ImageOps.exif_transpose(img)
         mode = img.mode
         if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             arr = _to_uint8(np.asarray(img))
@@ -147,7 +149,7 @@ def to_rgb(img: Image.Image, name: str | Path = "<image>") -> np.ndarray:
             rgba = img.convert("RGBA")
             bg = Image.new("RGBA", rgba.size, (114, 114, 114, 255))
             img = Image.alpha_composite(bg, rgba)
-        arr = np.asarray(img.convert("RGB"))
+        arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert copies even RGB
     except Image.DecompressionBombError as e:
         raise _bomb_error(Path(str(name)), e) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -173,18 +175,59 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 def read_image(path: str | Path) -> np.ndarray:
     """HWC uint8 RGB array of the displayed image (see :func:`to_rgb`): THE image file reader of
     detectkit (datasets, predict, calibration, drawing). Raises :class:`ImageReadError` naming the file."""
+    return read_image_reduced(path, None)[0]
+
+
+def read_image_reduced(path: str | Path, longest: int | None) -> tuple[np.ndarray, int]:
+    """:func:`read_image` for a caller that shrinks the image to ``longest`` on its longest side
+    anyway (training): a JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8 scale in
+    libjpeg's DCT (several times faster; the largest k that keeps the longest side >= ``longest``).
+    Returns ``(image, k)``: the image is ``ceil(width / k) x ceil(height / k)`` and an original
+    pixel edge x lands on x / k."""
     path = Path(path)
     if not path.is_file():
         raise _missing(path)
     try:
-        with Image.open(path) as img:
-            return to_rgb(img, path)
+        with Image.open(path) as img:  # header only: format, mode, size, EXIF, pixel limit
+            if img.format == "JPEG" and img.mode == "RGB" and _orientation(img) == 1:
+                k = 1
+                while longest and k < 8 and max(img.size) >= 2 * k * longest:
+                    k *= 2
+                arr = _read_jpeg_rgb(path, img.size, k)
+                if arr is not None:
+                    return arr, k
+            return to_rgb(img, path), 1
     except ImageReadError:
         raise
     except Image.DecompressionBombError as e:
         raise _bomb_error(path, e) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(path, f"cannot decode image ({e.__class__.__name__}: {e})") from e
+
+
+_REDUCED = {1: 0, 2: 16, 4: 32, 8: 48}  # OpenCV's IMREAD_REDUCED_* bits, without the colour bit
+
+
+def _read_jpeg_rgb(path: Path, size: tuple[int, int], k: int = 1) -> np.ndarray | None:
+    """Plain RGB JPEGs (the common case) through OpenCV's libjpeg-turbo straight into RGB: the same
+    pixels as Pillow's decode (tested), without Pillow's two intermediate copies (about 1.5-2x faster,
+    the training loader's largest per-image cost). ``None`` (caller falls back to Pillow) when OpenCV
+    cannot read it or disagrees on the size."""
+    import cv2
+
+    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
+    if rgb is None:
+        return None
+    data = path.read_bytes()
+    # OpenCV fills a truncated JPEG with grey and only warns; Pillow raises. A file that does not end
+    # in the end-of-image marker goes to Pillow, which names the problem.
+    if data.rstrip(b"\0\r\n ")[-2:] != b"\xff\xd9":
+        return None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), rgb | _REDUCED[k] | cv2.IMREAD_IGNORE_ORIENTATION)
+    expected = (-(-size[0] // k), -(-size[1] // k))
+    if arr is None or arr.ndim != 3 or (arr.shape[1], arr.shape[0]) != expected:
+        return None
+    return arr
 
 
 def check_images(split: DetectionSplit, decode: bool = False, progress: bool = False) -> list[Problem]:
