@@ -104,7 +104,10 @@ def run_pinned(case: Case, threads: int, runs: int, cores: str, timeout: float) 
         cmd = ["taskset", "-c", cores, *cmd]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    sys.stderr.write(proc.stderr[-4000:] if proc.returncode else "")
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+    else:  # setup and compile times (excluded from the timing) stay visible
+        sys.stderr.write("".join(f"{line}\n" for line in proc.stderr.splitlines() if line.startswith("  ")))
     if proc.returncode:
         return {
             "case": case.name,

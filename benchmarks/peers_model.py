@@ -14,6 +14,7 @@ L2-normalised "text" embeddings (no CLIP: ultralytics takes them as ``txt_feats`
   Conv+BN fused. detectkit additionally bakes the (unchanging) prompts into 1x1 convs
   (``reparameterize``), the inference path it deploys; ultralytics runs its text path with the
   given ``txt_feats``. ``_compiled``: detectkit under ``torch.compile`` (inductor, frozen weights);
+  ``_cl``: detectkit weights in channels_last (``detectkit.models.speed.set_channels_last``);
   compile time is printed on stderr at setup and excluded from the timing.
 
 ultralytics is imported only inside the ``setup_ultralytics`` functions.
@@ -107,9 +108,13 @@ def _detectkit_train(channels_last: bool = False, compile: bool = False):
     return setup
 
 
-def _detectkit_infer(size: int, compile: bool = False):
+def _detectkit_infer(size: int, compile: bool = False, channels_last: bool = False):
     def setup(threads: int):
+        from detectkit.models.speed import set_channels_last
+
         model = _detectkit_model().reparameterize().fuse().eval()
+        if channels_last:
+            set_channels_last(model)
         x = _images(1, size)
         run = model
         if compile:
@@ -199,4 +204,11 @@ def cases() -> list[Case]:
         out.append(Case(f"world_infer_{size}_compiled", "world_infer_compiled", "images", 1,
                         _detectkit_infer(size, compile=True), _ultralytics_infer(size), warmup=3, min_runs=10,
                         note=note + "; detectkit torch.compile (inductor, frozen), ultralytics eager"))
+        out.append(Case(f"world_infer_{size}_cl", "world_infer_cl", "images", 1,
+                        _detectkit_infer(size, channels_last=True), _ultralytics_infer(size), warmup=3,
+                        min_runs=10, note=note + "; detectkit eager channels_last, ultralytics eager"))
+        out.append(Case(f"world_infer_{size}_cl_compiled", "world_infer_cl_compiled", "images", 1,
+                        _detectkit_infer(size, compile=True, channels_last=True), _ultralytics_infer(size),
+                        warmup=3, min_runs=10,
+                        note=note + "; detectkit channels_last + torch.compile (inductor, frozen), ultralytics eager"))
     return out
