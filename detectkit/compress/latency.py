@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["unit_macs", "unit_latency", "latency_weights"]
+__all__ = ["unit_macs", "unit_latency", "latency_weights", "module_path"]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def unit_latency(
     """``unit -> (ms, MACs)``: onnxruntime CPU per-node time of the fused model's ONNX graph.
 
     The graph is what deployment runs (``model.fuse()``, ``ORT_ENABLE_ALL``); node names keep the
-    module path (``/backbone/stage1/...``), so each node's time is credited to the unit whose path
-    prefixes it. Layout reorders and other unnamed nodes belong to no unit and are not counted.
+    module path (``/backbone/stage1/...``, see :func:`module_path`), so each node's time is credited
+    to the unit whose path prefixes it. Layout reorders and other unnamed nodes belong to no unit and are not counted.
     """
     import onnxruntime as ort
 
@@ -73,7 +73,7 @@ def unit_latency(
         fused.fuse()
     x = torch.rand(1, 3, image_size, image_size)
     ms = dict.fromkeys(units, 0.0)
-    prefixes = sorted(((("/" + u.replace(".", "/") + "/"), u) for u in units), key=lambda t: -len(t[0]))
+    prefixes = sorted(((u + ".", u) for u in units), key=lambda t: -len(t[0]))
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(fused, Path(tmp) / "model.onnx", [x], ["images"], ["boxes", "scores"], dynamic_batch=False)
         opts = ort.SessionOptions()
@@ -95,12 +95,40 @@ def unit_latency(
             per_node.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1000.0)
     for node, times in per_node.items():
         t = sum(sorted(times)[:runs]) / max(1, min(runs, len(times)))
-        for prefix, unit in prefixes:
-            if node.startswith(prefix):
-                ms[unit] += t
-                break
+        unit = _owner(module_path(node), prefixes)
+        if unit is not None:
+            ms[unit] += t
     macs = unit_macs(fused, units, image_size)
     return {u: (ms[u], macs.get(u, 0.0)) for u in units}
+
+
+def _owner(path: str, prefixes: list[tuple[str, str]]) -> str | None:
+    """The unit a node belongs to: the one whose path prefixes the node's, or else, where
+    onnxruntime named a fused node after a sibling (Conv+ReLU named ``.../act/Relu``), the only unit
+    under the nearest ancestor."""
+    for prefix, unit in prefixes:
+        if (path + ".").startswith(prefix):
+            return unit
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        under = [unit for prefix, unit in prefixes if prefix.startswith(".".join(parts[:i]) + ".")]
+        if under:
+            return under[0] if len(under) == 1 else None
+    return None
+
+
+def module_path(node_name: str) -> str:
+    """The module path of an ONNX node named by the TorchScript exporter's scopes.
+
+    Scopes repeat the parent's name for indexed children: ``/stem/stem.0/conv/Conv`` is
+    ``stem.0.conv`` (+ the op), ``/heads/head1/cv2.0/cv2.0.1/conv/Conv`` is ``heads.head1.cv2.0.1.conv``.
+    """
+    path: list[str] = []
+    prev = ""
+    for part in node_name.strip("/").split("/"):
+        path += part[len(prev) + 1 :].split(".") if prev and part.startswith(prev + ".") else part.split(".")
+        prev = part
+    return ".".join(path)
 
 
 def latency_weights(latency: dict[str, tuple[float, float]], strength: float = 1.0) -> dict[str, float]:
