@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import statistics
 import sys
@@ -221,6 +222,8 @@ def main(argv=None) -> int:
     if not parts <= {"prune", "int8", "mixed", "world"}:
         p.error(f"--only: unknown part in {args.only!r}")
     torch.set_num_threads(args.threads)
+    logging.basicConfig(format="  %(name)s: %(message)s")
+    logging.getLogger("detectkit").setLevel(logging.INFO)  # pruning steps, ranking, time-per-MAC multipliers
     run_dir = Path(args.run_dir)
     work = run_dir / "onnx"
     work.mkdir(parents=True, exist_ok=True)
