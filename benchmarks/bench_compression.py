@@ -222,8 +222,10 @@ def main(argv=None) -> int:
     if not parts <= {"prune", "int8", "mixed", "world"}:
         p.error(f"--only: unknown part in {args.only!r}")
     torch.set_num_threads(args.threads)
-    logging.basicConfig(format="  %(name)s: %(message)s")
-    logging.getLogger("detectkit").setLevel(logging.INFO)  # pruning steps, ranking, time-per-MAC multipliers
+    handler = logging.StreamHandler()  # detectkit's own INFO lines (pruning steps, ranking, time-per-MAC
+    handler.setFormatter(logging.Formatter("  %(name)s: %(message)s"))  # multipliers); Lightning's stay as they are
+    logging.getLogger("detectkit").addHandler(handler)
+    logging.getLogger("detectkit").setLevel(logging.INFO)
     run_dir = Path(args.run_dir)
     work = run_dir / "onnx"
     work.mkdir(parents=True, exist_ok=True)
