@@ -13,8 +13,10 @@ Rows (the fine-tuning budget is printed: epochs x training batches):
 
 * ``dense``: the checkpoint's model.
 * ``pruned_ft``: ``--macs-ratio`` of the MACs, reached in ``--prune-steps`` steps with one
-  fine-tuning epoch after each (``StructuredPruning``: layer-wise budgets from the pruning
-  sensitivity ranking, BatchNorm recalibrated after each step), no distillation;
+  fine-tuning epoch after each and ``--extra-epochs`` more (default 3 + 2 = the quickstart's own
+  5 epochs; ``StructuredPruning``: layer-wise budgets from the pruning sensitivity ranking times
+  each unit's onnxruntime time per MAC at ``--deploy-size`` (``detectkit.compress.latency``),
+  BatchNorm recalibrated after each step), no distillation;
   ``pruned_ft_kd``: the same with ``KnowledgeDistillation`` from the dense model. The KD model is
   saved as a checkpoint and re-loaded through ``detectkit.load`` before export.
 * ``int8_ort``: onnxruntime's static QDQ INT8 of the FP32 graph (the CPU deployment path);
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import statistics
 import sys
@@ -195,12 +198,15 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="quickstart checkpoint (default: train one)")
     p.add_argument("--run-dir", default="runs/bench_compression")
     p.add_argument("--train-epochs", type=int, default=5, help="quickstart epochs when training here")
-    p.add_argument("--prune-steps", type=int, default=2, help="pruning steps, one fine-tuning epoch after each")
-    p.add_argument("--extra-epochs", type=int, default=0, help="fine-tuning epochs after the last step")
+    p.add_argument("--prune-steps", type=int, default=3, help="pruning steps, one fine-tuning epoch after each")
+    p.add_argument("--extra-epochs", type=int, default=2,
+                   help="fine-tuning epochs after the last step (default: 3 + 2 = the quickstart's 5 epochs)")
     p.add_argument("--train-batches", type=int, default=None, help="training batches per epoch (default: all)")
     p.add_argument("--calib-batches", type=int, default=8)
-    p.add_argument("--finetune-lr", type=float, default=5e-4)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--macs-ratio", type=float, default=0.5)
+    p.add_argument("--latency-strength", type=float, default=1.0,
+                   help="layer budgets: exponent of each unit's onnxruntime time per MAC at --deploy-size (0: MACs only)")
     p.add_argument("--kd-weight", type=float, default=1.0)
     p.add_argument("--kd-feat-weight", type=float, default=0.5)
     p.add_argument("--kd-temperature", type=float, default=2.0)
@@ -216,6 +222,10 @@ def main(argv=None) -> int:
     if not parts <= {"prune", "int8", "mixed", "world"}:
         p.error(f"--only: unknown part in {args.only!r}")
     torch.set_num_threads(args.threads)
+    handler = logging.StreamHandler()  # detectkit's own INFO lines (pruning steps, ranking, time-per-MAC
+    handler.setFormatter(logging.Formatter("  %(name)s: %(message)s"))  # multipliers); Lightning's stay as they are
+    logging.getLogger("detectkit").addHandler(handler)
+    logging.getLogger("detectkit").setLevel(logging.INFO)
     run_dir = Path(args.run_dir)
     work = run_dir / "onnx"
     work.mkdir(parents=True, exist_ok=True)
@@ -239,23 +249,33 @@ def main(argv=None) -> int:
     calib = [images for images, _ in batches(dm.train_dataloader(), args.calib_batches)]
     epochs = args.prune_steps + args.extra_epochs
     n_batches = args.train_batches or len(dm.train_dataloader())
-    budget = {"epochs": epochs, "train_batches_per_epoch": n_batches, "batch_size": dm.batch_size,
+    budget = {"epochs": epochs, "train_batches_per_epoch": n_batches, "train_steps": epochs * n_batches,
+              "batch_size": dm.batch_size, "finetune_lr": args.finetune_lr,
               "prune_steps": args.prune_steps, "macs_ratio_target": args.macs_ratio}
 
     if "prune" in parts:
         def pruning():
             return StructuredPruning(target_macs_ratio=args.macs_ratio, steps=args.prune_steps, epochs_between=1,
-                                     image_size=dm.image_size, layerwise=True, calib_batches=4)
+                                     image_size=dm.image_size, layerwise=True, calib_batches=4,
+                                     latency_size=args.deploy_size if args.latency_strength else None,
+                                     latency_strength=args.latency_strength, latency_threads=args.threads)
 
         print(f"fine-tuning budget: {budget}", flush=True)
-        ft = finetune(copy.deepcopy(dense), dm, epochs, args.finetune_lr, [pruning()], args.train_batches)
-        rows.append(model_row("pruned_ft", ft, dm, work, args))
         kd = KnowledgeDistillation(teacher=copy.deepcopy(dense), weight=args.kd_weight,
                                    feat_weight=args.kd_feat_weight, temperature=args.kd_temperature)
         saved = run_dir / "pruned_kd.ckpt"
-        finetune(copy.deepcopy(dense), dm, epochs, args.finetune_lr, [pruning(), kd], args.train_batches, save=saved)
+        first = pruning()
+        finetune(copy.deepcopy(dense), dm, epochs, args.finetune_lr, [first, kd], args.train_batches, save=saved)
         ft_kd = detectkit.load(saved, device="cpu")  # the pruned architecture comes back from the record
-        rows.append(model_row("pruned_ft_kd", ft_kd, dm, work, args))
+        kd_row = model_row("pruned_ft_kd", ft_kd, dm, work, args)
+        # the no-KD run prunes with the same layer budgets (same dense model, same batches): the
+        # ranking and latency profile are computed once and handed over as the callback's state
+        second = pruning()
+        second.load_state_dict({"unit_weights": first.unit_weights,
+                                "sensitivity": [list(t) for t in first.sensitivity]})
+        ft = finetune(copy.deepcopy(dense), dm, epochs, args.finetune_lr, [second], args.train_batches)
+        rows += [model_row("pruned_ft", ft, dm, work, args), kd_row]
+        budget["unit_weights"] = {u: round(w, 3) for u, w in first.unit_weights.items()}
     if "int8" in parts:
         rows.append(ort_int8_row("int8_ort", "dense", dm, work, args, calib))
     if "prune" in parts:

@@ -34,6 +34,7 @@ from detectkit.callbacks.utils import copy_average_to_model, detector_of, rebuil
 from lightning.pytorch.callbacks import Callback
 
 from detectkit.checkpoint import ArchitectureRecorder
+from detectkit.compress.latency import latency_weights, unit_latency
 from detectkit.compress.prune import (  # noqa: F401 (re-exported: the algorithms live in detectkit.compress)
     DEFAULT_EXCLUDE,
     DEFAULT_KEEP,
@@ -79,6 +80,11 @@ class StructuredPruning(Callback):
         layerwise_strength: how strongly the ranking skews the budget (0 = uniform).
         calib_batches: training batches for the sensitivity ranking and for re-estimating the
             BatchNorm statistics after each step (0: no recalibration).
+        latency_size: with ``layerwise``, also profile the fused model in onnxruntime at this input
+            side (:mod:`detectkit.compress.latency`) and give units that cost more time per MAC a
+            larger share of the cut; ``None``: MACs and sensitivity only.
+        latency_strength: exponent of that time-per-MAC multiplier (0 = ignore latency).
+        latency_threads: onnxruntime intra-op threads for the profile (those of the deployment).
     """
 
     def __init__(
@@ -97,6 +103,9 @@ class StructuredPruning(Callback):
         layerwise: bool = False,
         layerwise_strength: float = 1.0,
         calib_batches: int = 0,
+        latency_size: int | None = None,
+        latency_strength: float = 1.0,
+        latency_threads: int = 1,
     ) -> None:
         if (target_macs_ratio is None) == (channel_sparsity is None):
             raise ValueError("give exactly one of target_macs_ratio or channel_sparsity")
@@ -108,6 +117,8 @@ class StructuredPruning(Callback):
         self.keep_layers, self.exclude_modules = list(keep_layers), list(exclude_modules)
         self.round_to, self.increment = round_to, float(increment)
         self.layerwise, self.layerwise_strength, self.calib_batches = layerwise, float(layerwise_strength), int(calib_batches)
+        self.latency_size, self.latency_strength = latency_size, float(latency_strength)
+        self.latency_threads = int(latency_threads)
         self.unit_weights: dict[str, float] | None = None
         self.sensitivity: list[tuple[str, float]] = []
         self.steps_done = 0
@@ -161,7 +172,12 @@ class StructuredPruning(Callback):
             self.sensitivity = pruning_sensitivity(
                 model, self._calibration_images(trainer, pl_module), num_batches=max(1, self.calib_batches),
                 **{**kwargs, "importance": "group_norm" if self.importance == "taylor" else self.importance})
-            self.unit_weights = budget_weights(self.sensitivity, self.layerwise_strength)
+            lat = None
+            if self.latency_size:
+                lat = latency_weights(unit_latency(model, [n for n, _ in self.sensitivity], self.latency_size,
+                                                   self.latency_threads), self.latency_strength)
+                log.info("pruning: time-per-MAC multipliers %s", {u: round(w, 2) for u, w in lat.items()})
+            self.unit_weights = budget_weights(self.sensitivity, self.layerwise_strength, latency=lat)
             log.info("pruning: most sensitive units %s", [n for n, _ in self.sensitivity[:3]])
         if self.channel_sparsity is not None:
             # remaining channel fraction after step k is 1 - s*k/steps; prune the ratio that gets there

@@ -4,6 +4,8 @@
   ratios, YOLO-World's C2f split), the record/replay of a pruned architecture;
 * :mod:`~detectkit.compress.sensitivity`: per-unit pruning sensitivity, layer-wise budgets,
   BatchNorm recalibration;
+* :mod:`~detectkit.compress.latency`: per-unit onnxruntime time and MACs, the latency side of the
+  layer-wise budgets;
 * :mod:`~detectkit.compress.distill`: knowledge-distillation terms, teacher, feature adapters;
 * :mod:`~detectkit.compress.quantize`: INT8 quantization (modelopt), per-layer quantization
   sensitivity for mixed precision.

@@ -148,18 +148,23 @@ def pruning_sensitivity(
 
 
 def budget_weights(
-    sensitivity: Sequence[tuple[str, float]], strength: float = 1.0, floor: float = 0.1, cap: float = 2.0
+    sensitivity: Sequence[tuple[str, float]], strength: float = 1.0, floor: float = 0.1, cap: float = 2.0,
+    latency: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Per-unit multiplier of the pruning ratio, mean 1: the least sensitive unit is cut hardest.
 
     ``w_u`` is proportional to ``(1 / damage_u) ** strength`` (``strength=0``: uniform), normalised
     to mean 1 and clipped to ``[floor, cap]``: with the same global MACs target, the sensitive
-    units keep more channels and the insensitive ones give more.
+    units keep more channels and the insensitive ones give more. ``latency`` (unit -> multiplier,
+    :func:`detectkit.compress.latency.latency_weights`) scales each unit's share before the
+    normalisation: units that cost more time per MAC give more, so the same MACs cut saves more time.
     """
     if not sensitivity:
         return {}
     damages = torch.tensor([max(float(d), 0.0) for _, d in sensitivity], dtype=torch.float64)
     eps = max(0.1 * float(damages.mean()), 1e-12)  # a unit with ~no damage gets ~10x the average share
     raw = (damages + eps).pow(-strength)
+    if latency:
+        raw = raw * torch.tensor([float(latency.get(name, 1.0)) for name, _ in sensitivity], dtype=torch.float64)
     w = (raw / raw.mean()).clamp(floor, cap)
     return {name: float(x) for (name, _), x in zip(sensitivity, w)}
