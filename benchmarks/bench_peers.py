@@ -199,7 +199,7 @@ def main() -> None:
     cases = select(all_cases(), args.only)
     if args.list:
         for c in cases:
-            print(f"{c.name:<20}{c.group:<14}{c.note}")
+            print(f"{c.name:<28} {c.group:<24} {c.note}")
         return
     threads = [int(t) for t in args.threads.split(",")]
     rows = []
