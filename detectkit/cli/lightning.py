@@ -271,4 +271,15 @@ def main(argv: Sequence[str]) -> int:
         return 0
     argv = ["--help" if a == "--help-full" else a for a in argv]
     DetectkitCLI(args=argv)
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits. Left to static destructors, gloo's
+    threads can abort a finished rank at exit ("terminate called without an active exception",
+    SIGABRT), which torchrun reports as a failed node although training completed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
