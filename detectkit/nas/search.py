@@ -33,6 +33,7 @@ import os
 import socket
 import statistics
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,12 @@ from typing import Any
 
 from detectkit.nas.objectives import LatencyConfig, ProxyConfig
 from detectkit.nas.space import SearchSpace
+
+# Heartbeats and stale-trial retry are what make a killed search resume; Optuna marks both
+# experimental and would warn once per worker and per call.
+warnings.filterwarnings(
+    "ignore", message=r"(RetryHeartbeatStaleTrialCallback|optuna\.storages\._heartbeat\.fail_stale_trials) is experimental"
+)
 
 #: objective name -> Optuna direction
 OBJECTIVES = {"map": "maximize", "map_50": "maximize", "latency_ms": "minimize", "params": "minimize", "macs": "minimize"}
