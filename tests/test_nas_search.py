@@ -210,3 +210,15 @@ def test_verdict_compares_found_architectures_with_yolo_nas_s():
     assert verdict([row(0, "yolo_nas_m", 0.1, 9.0)])["holds"] is None
     late = {**row(7, "", 0.2, 3.0), "latency_source": "search", "latency_min_ms": None}  # finished after the re-measurement
     assert "trials [7]: search-time latency only" in format_table([*rows, late])
+
+
+def test_median_rule_waits_for_a_signal_above_noise() -> None:
+    from detectkit.nas.search import stops_early
+
+    assert stops_early(0.01, [0.1, 0.2, 0.3], ratio=0.5, min_trials=3)          # 0.01 < 0.5 x 0.2
+    assert not stops_early(0.15, [0.1, 0.2, 0.3], ratio=0.5, min_trials=3)
+    assert not stops_early(0.01, [0.1, 0.2], ratio=0.5, min_trials=3)           # too few complete trials
+    assert not stops_early(0.01, [0.1, 0.2, 0.3], ratio=0.0)                    # rule off
+    # early epochs: everyone is near zero; 0.000 vs a median of 0.002 is noise, not a poor candidate
+    assert stops_early(0.0, [0.002, 0.002, 0.004], ratio=0.5, min_trials=3)
+    assert not stops_early(0.0, [0.002, 0.002, 0.004], ratio=0.5, min_trials=3, min_median=0.02)

@@ -8,7 +8,9 @@ Early stopping: Optuna's pruners (``trial.report``/``should_prune``) do not supp
 multi-objective studies, so the search applies its own median rule to the intermediate mAP, which
 every trial stores as user attributes ``map_epoch_<e>``: after epoch ``e`` (not the last), a
 candidate whose mAP is below ``early_stop.ratio`` x the median mAP at epoch ``e`` of the finished
-trials (once ``early_stop.min_trials`` have finished) is stopped and marked PRUNED. Rejected
+trials (once ``early_stop.min_trials`` have finished, and only when that median is at least
+``early_stop.min_median``: below it every candidate's mAP is noise, and 0.000 against a median of
+0.002 would stop candidates for nothing) is stopped and marked PRUNED. Rejected
 candidates (limits) are PRUNED as well, with the reason in ``user_attrs["rejected"]``.
 
 Resumable and distributed: the study lives in an RDB storage (sqlite file by default; a
@@ -209,10 +211,10 @@ class Objective:
         trial.set_user_attr(f"map_epoch_{epoch}", value)
         if epoch + 1 >= self.cfg.proxy.epochs:
             return
-        ratio, min_trials = float(self.cfg.early_stop.get("ratio", 0)), int(self.cfg.early_stop.get("min_trials", 3))
         done = [t.user_attrs.get(f"map_epoch_{epoch}") for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         done = [v for v in done if v is not None]
-        if ratio > 0 and len(done) >= min_trials and value < ratio * statistics.median(done):
+        if stops_early(value, done, **self.cfg.early_stop):
+            ratio = self.cfg.early_stop.get("ratio")
             trial.set_user_attr("stopped", f"map {value:.4f} at epoch {epoch} < {ratio} x median {statistics.median(done):.4f}")
             raise optuna.TrialPruned(trial.user_attrs["stopped"])
 
@@ -280,6 +282,16 @@ class Objective:
         self.log(f"trial {trial.number}{' (' + seed + ')' if seed else ''}: map {result['map']:.4f} "
                  f"latency {latency:.2f} ms params {params / 1e6:.2f}M ({time.time() - start:.0f} s)")
         return tuple(float(values[o]) for o in cfg.objectives)
+
+
+def stops_early(value: float, done: list[float], ratio: float = 0.0, min_trials: int = 3,
+                min_median: float = 0.0) -> bool:
+    """The median rule: ``value`` (a candidate's mAP after an epoch) against the mAPs of the complete
+    trials after the same epoch."""
+    if ratio <= 0 or len(done) < min_trials:
+        return False
+    median = statistics.median(done)
+    return median >= min_median and value < ratio * median
 
 
 def run_search(cfg: SearchConfig, worker: int = 0, n_trials: int | None = None, log=print):
