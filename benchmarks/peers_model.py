@@ -33,6 +33,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from bench_yolo_world import random_targets  # noqa: E402
 from peers_common import Case  # noqa: E402
 
 NUM_PROMPTS = 80
@@ -57,16 +58,9 @@ def _text() -> torch.Tensor:
     return F.normalize(torch.randn(NUM_PROMPTS, 512, generator=gen), dim=-1)
 
 
-def _targets(batch: int, size: int, per_image: int = 6) -> torch.Tensor:
-    """``[N, 6]`` (batch_index, class, x1, y1, x2, y2) in pixels, fixed seed."""
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for b in range(batch):
-        xy = torch.rand(per_image, 2, generator=gen) * size * 0.7
-        wh = torch.rand(per_image, 2, generator=gen) * size * 0.3 + 8
-        cls = torch.randint(0, NUM_PROMPTS, (per_image, 1), generator=gen).float()
-        rows.append(torch.cat([torch.full((per_image, 1), float(b)), cls, xy, (xy + wh).clamp(max=size)], 1))
-    return torch.cat(rows)
+def _targets(batch: int, size: int) -> torch.Tensor:
+    """``[N, 6]`` (batch_index, class, x1, y1, x2, y2) in pixels, fixed seed (bench_yolo_world's)."""
+    return random_targets(batch, size, NUM_PROMPTS)
 
 
 def _images(batch: int, size: int) -> torch.Tensor:
