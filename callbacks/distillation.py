@@ -36,10 +36,10 @@ from lightning.pytorch.callbacks import Callback
 
 from detectkit.checkpoint import ArchitectureRecorder
 from detectkit.compress.distill import (
-    FEAT_NORMS,
     SCHEDULES,
     Distiller,
     build_adapters,
+    check_options,
     distillation_losses,
     load_teacher,
     neck_channels,
@@ -87,8 +87,7 @@ class KnowledgeDistillation(Callback):
     ) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if feat_norm not in FEAT_NORMS:
-            raise ValueError(f"feat_norm must be one of {FEAT_NORMS}, got {feat_norm!r}")
+        check_options(cls_loss, feat_norm)
         self.teacher_source = teacher if isinstance(teacher, str) else type(teacher).__name__
         self._teacher_arg = teacher
         self.teacher_checkpoint, self.teacher_kwargs = teacher_checkpoint, dict(teacher_kwargs or {})

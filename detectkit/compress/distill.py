@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from detectkit.models.outputs import HeadOutput
 
 __all__ = [
-    "CLS_LOSSES", "FEAT_NORMS", "SCHEDULES", "Distiller", "build_adapters", "distillation_losses", "load_teacher",
+    "CLS_LOSSES", "FEAT_NORMS", "SCHEDULES", "Distiller", "check_options", "build_adapters", "distillation_losses", "load_teacher",
     "schedule_factor",
 ]
 
@@ -58,6 +58,15 @@ def load_teacher(teacher: str | nn.Module, num_classes: int, checkpoint: str | N
     return model
 
 
+def check_options(cls_loss: str = "bce", feat_norm: str = "channel") -> None:
+    """Refuse an unknown score loss or feature normalisation (the callback calls this at
+    construction, so a typo in a recipe fails when the config is parsed, not at ``setup``)."""
+    if cls_loss not in CLS_LOSSES:
+        raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
+    if feat_norm not in FEAT_NORMS:
+        raise ValueError(f"feat_norm must be one of {FEAT_NORMS}, got {feat_norm!r}")
+
+
 def _standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Zero mean, unit variance per channel over batch and positions."""
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
@@ -67,8 +76,7 @@ def _standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def feature_loss(student_feats, teacher_feats, adapters: nn.ModuleList, feat_norm: str = "channel") -> torch.Tensor:
     """Mean over neck levels of the (standardised) MSE between adapted student and teacher features."""
-    if feat_norm not in FEAT_NORMS:
-        raise ValueError(f"feat_norm must be one of {FEAT_NORMS}, got {feat_norm!r}")
+    check_options(feat_norm=feat_norm)
     terms = []
     for ad, sf, tf in zip(adapters, student_feats, teacher_feats):
         s, t = ad(sf.float()), tf.float()
@@ -169,10 +177,7 @@ class Distiller:
         cls_loss: str = "bce",
         feat_norm: str = "channel",
     ) -> None:
-        if cls_loss not in CLS_LOSSES:
-            raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
-        if feat_norm not in FEAT_NORMS:
-            raise ValueError(f"feat_norm must be one of {FEAT_NORMS}, got {feat_norm!r}")
+        check_options(cls_loss, feat_norm)
         self.teacher = teacher.eval().requires_grad_(False)
         self.weight, self.cls_weight, self.dfl_weight, self.feat_weight = weight, cls_weight, dfl_weight, feat_weight
         self.temperature, self.cls_loss, self.feat_norm = float(temperature), cls_loss, feat_norm
