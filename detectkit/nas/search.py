@@ -213,8 +213,9 @@ class Objective:
             return
         done = [t.user_attrs.get(f"map_epoch_{epoch}") for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         done = [v for v in done if v is not None]
-        if stops_early(value, done, **self.cfg.early_stop):
-            ratio = self.cfg.early_stop.get("ratio")
+        rule = self.cfg.early_stop
+        ratio = float(rule.get("ratio", 0))
+        if stops_early(value, done, ratio, int(rule.get("min_trials", 3)), float(rule.get("min_median", 0.0))):
             trial.set_user_attr("stopped", f"map {value:.4f} at epoch {epoch} < {ratio} x median {statistics.median(done):.4f}")
             raise optuna.TrialPruned(trial.user_attrs["stopped"])
 
