@@ -141,19 +141,23 @@ def test_export_writes_a_recipe_that_fit_parses(resumed):
     assert YoloNASConfig.from_dict(printed["model"]["model_kwargs"]["arch"]) == arch
     data = printed["data"].get("init_args", printed["data"])
     assert data["image_size"] == 64  # the searched setting (the proxy's overrides) carries over
+    assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp / "export")  # not the proxy's runs/quickstart
     with pytest.raises(ValueError, match="no trial 99"):
         export_trial("killed", f"sqlite:///{tmp}/studies.db", 99, tmp / "export")
 
 
 def test_limits_reject_before_training_and_poor_candidates_stop_early(tmp_path):
-    from detectkit.nas.search import Objective, SearchConfig, run_search
+    from detectkit.nas.search import REJECTED_PER_TRIAL, Objective, SearchConfig, run_search
 
     data = yaml.safe_load(write_config(tmp_path, "limits", n_trials=1).read_text())
     cfg = SearchConfig.from_dict({**data, "max_params": 1000})
-    study = run_search(cfg, log=lambda *_: None)
-    (t,) = study.trials
-    assert t.state == TrialState.PRUNED and t.user_attrs["rejected"].startswith("params ")
-    assert "latency_ms" not in t.user_attrs and "map" not in t.user_attrs  # nothing measured or trained
+    lines: list[str] = []
+    study = run_search(cfg, log=lines.append)
+    # rejections do not count as trials: the search goes on until REJECTED_PER_TRIAL x n_trials of them
+    assert len(study.trials) == REJECTED_PER_TRIAL and "rejected by the limits" in lines[-1]
+    for t in study.trials:
+        assert t.state == TrialState.PRUNED and t.user_attrs["rejected"].startswith("params ")
+        assert "latency_ms" not in t.user_attrs and "map" not in t.user_attrs  # nothing measured or trained
 
     # the median rule on intermediate mAP (Optuna's pruners refuse multi-objective studies)
     cfg = SearchConfig.from_dict({**data, "early_stop": {"ratio": 0.5, "min_trials": 2}})
@@ -167,6 +171,23 @@ def test_limits_reject_before_training_and_poor_candidates_stop_early(tmp_path):
         objective._early_stop(poor, 0, 0.2)
     objective._early_stop(poor, 1, 0.0)  # the last epoch is scored, never stopped
     assert good.user_attrs["map_epoch_0"] == 0.3 and "stopped" in poor.user_attrs
+
+
+def test_latency_limit_can_be_a_seeds_own_measured_latency(tmp_path):
+    """``max_latency_ms: yolo_nas_s`` means "faster than yolo_nas_s on this machine": the limit is that
+    seed's figure from this study; before it exists nothing is rejected; the seed itself never is."""
+    from detectkit.nas.search import Objective, SearchConfig
+
+    data = yaml.safe_load(write_config(tmp_path, "relative").read_text())
+    data["space"]["seeds"] = ["yolo_nas_s"]
+    with pytest.raises(ValueError, match="max_latency_ms must be a number of ms or one of the seeds"):
+        SearchConfig.from_dict({**data, "max_latency_ms": "yolo_nas_xl"})
+    objective = Objective(SearchConfig.from_dict({**data, "max_latency_ms": "yolo_nas_s"}))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    assert objective._latency_limit(study) == (None, "yolo_nas_s (not measured yet)")
+    study.add_trial(optuna.trial.create_trial(values=[0.1, 8.5], user_attrs={"seed": "yolo_nas_s", "latency_ms": 8.5}))
+    assert objective._latency_limit(study) == (8.5, "8.50 (yolo_nas_s)")
+    assert Objective(SearchConfig.from_dict({**data, "max_latency_ms": 7}))._latency_limit(study) == (7, "7")
 
 
 def test_a_measured_architecture_is_not_trained_again(resumed):

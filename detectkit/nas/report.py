@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,10 @@ def export_trial(study_name: str, storage: str, trial: int, out: str | os.PathLi
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value)
+    # the run's logs and checkpoints go beside the architecture, not into the proxy recipe's folder
+    logger = recipe.get("trainer", {}).get("logger")
+    if isinstance(logger, Mapping) and isinstance(logger.get("init_args"), Mapping) and "save_dir" in logger["init_args"]:
+        logger["init_args"]["save_dir"] = str(out)
     header = (f"# yolo_nas_custom found by `detectkit nas` (study {study_name}, trial {trial}): proxy mAP "
               f"{t.user_attrs.get('map')}, latency {t.user_attrs.get('latency_ms')} ms, {t.user_attrs.get('params')} "
               f"params\n# detectkit fit --config {out / 'fit.yaml'}\n")

@@ -11,13 +11,17 @@ candidate whose mAP is below ``early_stop.ratio`` x the median mAP at epoch ``e`
 trials (once ``early_stop.min_trials`` have finished, and only when that median is at least
 ``early_stop.min_median``: below it every candidate's mAP is noise, and 0.000 against a median of
 0.002 would stop candidates for nothing) is stopped and marked PRUNED. Rejected
-candidates (limits) are PRUNED as well, with the reason in ``user_attrs["rejected"]``.
+candidates (limits) are PRUNED as well, with the reason in ``user_attrs["rejected"]``; they cost a
+build (and a latency measurement) only, so they do not count towards ``n_trials`` (a search stops
+after ``REJECTED_PER_TRIAL`` x ``n_trials`` of them). The seeds are never rejected: they are the
+reference points of the front. ``max_latency_ms`` may name a seed (``yolo_nas_s``): the limit is
+then that seed's latency as this study measured it, on this machine.
 
 Resumable and distributed: the study lives in an RDB storage (sqlite file by default; a
 PostgreSQL/MySQL URL for a cluster) with heartbeats: a worker killed mid-trial leaves a RUNNING
 trial whose heartbeat stops; after ``heartbeat.grace_period`` seconds the next worker to start a
 trial marks it FAILED and re-enqueues its parameters (``RetryHeartbeatStaleTrialCallback``). ``n_trials`` is
-the study's total: finished (complete or pruned) plus running trials of all workers; a restarted
+the study's total: finished (complete or stopped early) plus running trials of all workers; a restarted
 search runs only what remains.
 
 A candidate whose architecture a complete trial already measured (a seed found again by the
@@ -69,7 +73,8 @@ class SearchConfig:
     n_trials: int | None = 12
     timeout: float | None = None
     objectives: list[str] = field(default_factory=lambda: ["map", "latency_ms"])
-    max_latency_ms: float | None = None
+    #: a number, or a seed's name ("yolo_nas_s"): that seed's own latency, measured in this study
+    max_latency_ms: float | str | None = None
     max_params: int | None = None
     max_macs: int | None = None
     early_stop: dict[str, Any] = field(default_factory=lambda: {"ratio": 0.5, "min_trials": 3})
@@ -105,6 +110,10 @@ class SearchConfig:
         bad = sorted(set(cfg.remeasure) - {"rounds", "runs"})
         if bad or any(not isinstance(v, int) or v < 0 for v in cfg.remeasure.values()):
             raise ValueError(f"{source}: remeasure takes rounds and runs (integers >= 0), got {cfg.remeasure}")
+        limit = cfg.max_latency_ms
+        if isinstance(limit, str) and limit not in cfg.space.seeds:
+            raise ValueError(f"{source}: max_latency_ms must be a number of ms or one of the seeds "
+                             f"{sorted(cfg.space.seeds)}, got {limit!r}")
         if not Path(cfg.proxy.recipe).is_file():
             raise ValueError(f"{source}: proxy.recipe {cfg.proxy.recipe!r} not found")
         return cfg
@@ -191,10 +200,22 @@ def open_study(cfg: SearchConfig, worker: int = 0, create: bool = True):
     return study
 
 
+#: a search whose candidates keep failing the limits ends after this many rejections per counted trial
+REJECTED_PER_TRIAL = 5
+
+
+def _rejected(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if "rejected" in t.user_attrs)
+
+
 def _counted(study) -> int:
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)))
+    # a candidate rejected by a limit before training costs a latency measurement, not a trial
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+               if "rejected" not in t.user_attrs)
 
 
 class Objective:
@@ -218,6 +239,19 @@ class Objective:
         if stops_early(value, done, ratio, int(rule.get("min_trials", 3)), float(rule.get("min_median", 0.0))):
             trial.set_user_attr("stopped", f"map {value:.4f} at epoch {epoch} < {ratio} x median {statistics.median(done):.4f}")
             raise optuna.TrialPruned(trial.user_attrs["stopped"])
+
+    def _latency_limit(self, study) -> tuple[float | None, str]:
+        """``max_latency_ms`` in ms (a seed's name: that seed's search-time latency, once measured)."""
+        limit = self.cfg.max_latency_ms
+        if not isinstance(limit, str):
+            return limit, f"{limit}"
+        from optuna.trial import TrialState
+
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)):
+            if t.user_attrs.get("seed") == limit and "latency_ms" in t.user_attrs:
+                ms = float(t.user_attrs["latency_ms"])
+                return ms, f"{ms:.2f} ({limit})"
+        return None, f"{limit} (not measured yet)"
 
     @staticmethod
     def _measured(trial):
@@ -262,16 +296,19 @@ class Objective:
             params, macs = count_params(model), count_macs(model, size)
             trial.set_user_attr("params", params)
             trial.set_user_attr("macs", macs)
+            # the seeds are the reference points of the front: limits do not apply to them
             for limit, value, name in ((cfg.max_params, params, "params"), (cfg.max_macs, macs, "macs")):
-                if limit is not None and value > limit:
+                if not seed and limit is not None and value > limit:
                     trial.set_user_attr("rejected", f"{name} {value} > {limit}")
                     raise optuna.TrialPruned(trial.user_attrs["rejected"])
             lat_size = cfg.latency.image_size or size
             latency = measure_latency(model, lat_size, cfg.latency)
             trial.set_user_attr("latency_ms", latency)
             trial.set_user_attr("latency", {**asdict(cfg.latency), "image_size": lat_size})
-            if cfg.max_latency_ms is not None and latency > cfg.max_latency_ms:
-                trial.set_user_attr("rejected", f"latency {latency:.2f} ms > {cfg.max_latency_ms}")
+            limit, text = self._latency_limit(trial.study) if not seed else (None, "")
+            if limit is not None and latency > limit:
+                trial.set_user_attr("rejected", f"latency {latency:.2f} ms > {text}")
+                self.log(f"trial {trial.number}: rejected before training, {trial.user_attrs['rejected']}")
                 raise optuna.TrialPruned(trial.user_attrs["rejected"])
             result = run_proxy(run, lambda e, v: self._early_stop(trial, e, v))
         finally:
@@ -309,6 +346,10 @@ def run_search(cfg: SearchConfig, worker: int = 0, n_trials: int | None = None, 
 
     def stop_at_total(study, trial) -> None:
         if total is not None and _counted(study) >= total:
+            study.stop()
+        elif total is not None and _rejected(study) >= REJECTED_PER_TRIAL * total:
+            log(f"study {cfg.study_name!r}: {_rejected(study)} candidates rejected by the limits; stopping "
+                f"(loosen max_latency_ms / max_params / max_macs or narrow the space)")
             study.stop()
 
     study.optimize(Objective(cfg, log), n_trials=None, timeout=cfg.timeout, callbacks=[stop_at_total],
