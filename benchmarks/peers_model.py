@@ -16,6 +16,10 @@ L2-normalised "text" embeddings (no CLIP: ultralytics takes them as ``txt_feats`
   given ``txt_feats``. ``_compiled``: detectkit under ``torch.compile`` (inductor, frozen weights);
   ``_cl``: detectkit weights in channels_last (``detectkit.models.speed.set_channels_last``);
   compile time is printed on stderr at setup and excluded from the timing.
+  ``_ort``: detectkit's deployment path: the same fused, prompt-baked model exported by
+  ``detectkit.export.deploy.export_detector`` (raw boxes/scores graph, checked against PyTorch)
+  and run by the server's ``OnnxRuntimeBackend`` with the case's thread count; ultralytics eager
+  (its default ``predict`` path). Export time is printed on stderr, not timed.
 
 ultralytics is imported only inside the ``setup_ultralytics`` functions.
 """
@@ -130,6 +134,29 @@ def _detectkit_infer(size: int, compile: bool = False, channels_last: bool = Fal
     return setup
 
 
+def _detectkit_infer_ort(size: int):
+    def setup(threads: int):
+        import tempfile
+
+        from detectkit.export.deploy import ExportConfig, export_detector
+        from detectkit.serve.backends import OnnxRuntimeBackend
+
+        model = _detectkit_model().reparameterize().fuse().eval()
+        path = Path(tempfile.mkdtemp(prefix="peers_ort_")) / f"world_s_{size}.onnx"
+        t0 = time.perf_counter()
+        export_detector(model, path, ExportConfig(image_size=size))
+        print(f"  detectkit ONNX export + check ({size}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        backend = OnnxRuntimeBackend(path, torch.device("cpu"), threads=threads)
+        x = _images(1, size)
+
+        def forward():
+            return backend(x)
+
+        return forward
+
+    return setup
+
+
 # -------------------------------------------------------------------------------- ultralytics
 def _ultralytics_model():
     from ultralytics.cfg import get_cfg
@@ -205,4 +232,7 @@ def cases() -> list[Case]:
                         _detectkit_infer(size, compile=True, channels_last=True), _ultralytics_infer(size),
                         warmup=3, min_runs=10,
                         note=note + "; detectkit channels_last + torch.compile (inductor, frozen), ultralytics eager"))
+        out.append(Case(f"world_infer_{size}_ort", "world_infer_ort", "images", 1, _detectkit_infer_ort(size),
+                        _ultralytics_infer(size), warmup=3, min_runs=10,
+                        note=note + "; detectkit ONNX in onnxruntime (its deploy/serve path), ultralytics eager"))
     return out
