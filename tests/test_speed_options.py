@@ -98,6 +98,29 @@ def test_channels_last_matches_contiguous(name):
     assert set(fast.state_dict()) == set(base.state_dict())
 
 
+def test_channels_last_follows_weights_replaced_between_epochs():
+    """A pruning step swaps a conv's weight for a new (NCHW) tensor in the same module; a replay swaps
+    the whole model. Both are back in channels_last when the next epoch starts, and the layout
+    bookkeeping never enters the checkpoint."""
+    module = DetectionModule("yolo_nas_s", num_classes=2, channels_last=True)
+    module.run_model(torch.rand(1, 3, 64, 64))
+    def a_3x3_conv() -> nn.Conv2d:
+        return next(m for m in module.model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 4
+                    and m.kernel_size == (3, 3))
+
+    conv = a_3x3_conv()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    conv.weight.data = conv.weight.data.contiguous()  # a new NCHW tensor, as a pruning step leaves
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+    module.on_train_epoch_start()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    module.model = copy.deepcopy(module.model).to(memory_format=torch.contiguous_format)  # a replay
+    assert not a_3x3_conv().weight.is_contiguous(memory_format=torch.channels_last)
+    module.run_model(torch.rand(1, 3, 64, 64))
+    assert a_3x3_conv().weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(k.startswith("_layout_of") for k in module.state_dict())
+
+
 class _TinyDetector(Detector):
     """A small real detector (stride-8 conv stem, BN, SiLU, DFL + class head) for the compile test."""
 

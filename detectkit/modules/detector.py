@@ -192,7 +192,8 @@ class DetectionModule(pl.LightningModule):
         self.channels_last = bool(channels_last)
         options = compile_options(compile)
         self._compiled = CompiledForward(options) if options is not None else None
-        self._layout_of: int | None = None
+        # the model channels_last was last applied to, in a list so nn.Module does not register it
+        self._layout_of: list[nn.Module] = []
 
     def setup(self, stage: str) -> None:
         self._prepare_model()
@@ -205,11 +206,16 @@ class DetectionModule(pl.LightningModule):
             self.world.finish_prompt_tuning()
 
     # ------------------------------------------------------------------ steps
-    def _prepare_model(self) -> None:
-        """Apply ``channels_last`` to the current model once (and again if it was replaced)."""
-        if self.channels_last and self._layout_of != id(self.model):
+    def _prepare_model(self, full: bool = False) -> None:
+        """Apply ``channels_last`` to the current model: on every call when the model object was
+        replaced (an architecture replay), and on ``full`` (each epoch start) in any case, since a
+        pruning step swaps the weights of the same modules for new NCHW tensors."""
+        if self.channels_last and (full or not self._layout_of or self._layout_of[0] is not self.model):
             set_channels_last(self.model)
-            self._layout_of = id(self.model)
+            self._layout_of = [self.model]
+
+    def on_train_epoch_start(self) -> None:  # after the callbacks' hook of the same name (pruning)
+        self._prepare_model(full=True)
 
     def run_model(self, images: torch.Tensor, **inputs: Any) -> Any:
         """The detector's forward with this module's speed options (channels_last, compile)."""
