@@ -275,7 +275,8 @@ def main(argv=None) -> int:
                                      latency_strength=args.latency_strength, latency_threads=args.threads[0])
 
         print(f"fine-tuning budget: {budget}", flush=True)
-        dense_ft = finetune(copy.deepcopy(dense), dm, epochs, args.finetune_lr, [], args.train_batches)
+        dense_ft = finetune(copy.deepcopy(dense), dm, epochs, args.finetune_lr, [], args.train_batches,
+                            save=run_dir / "dense_ft.ckpt")  # kept: the teacher, reusable as a checkpoint
         rows.append(model_row("dense_ft", dense_ft, dm, work, args))
         budget["kd_teacher"] = args.teacher
         teacher = dense_ft if args.teacher == "dense_ft" else dense
