@@ -231,6 +231,13 @@ def test_verdict_compares_found_architectures_with_yolo_nas_s():
     assert verdict([row(0, "yolo_nas_m", 0.1, 9.0)])["holds"] is None
     late = {**row(7, "", 0.2, 3.0), "latency_source": "search", "latency_min_ms": None}  # finished after the re-measurement
     assert "trials [7]: search-time latency only" in format_table([*rows, late])
+    # candidates rejected by a limit are one line under the table, not a row each
+    rejected = [{**row(n, "", None, 1.0, state="pruned"), "latency_ms": None, "latency_min_ms": None,
+                 "search_latency_ms": 9.0 + n / 10, "seconds": None,
+                 "rejected": f"latency {9.0 + n / 10:.2f} ms > 8.00 (yolo_nas_s)"} for n in (8, 9, 10, 12)]
+    table = format_table([*rows, *rejected])
+    assert "| 8 |" not in table and "| 12 |" not in table
+    assert "4 candidates rejected by the latency limit before training, their latency 9.80-10.20 ms: trials 8-10, 12" in table
 
 
 def test_median_rule_waits_for_a_signal_above_noise() -> None:

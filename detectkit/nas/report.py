@@ -67,6 +67,7 @@ def trial_rows(study) -> list[dict[str, Any]]:
             "search_latency_ms": a.get("latency_ms"),
             "params": a.get("params"), "macs": a.get("macs"), "images": a.get("images"),
             "epochs": a.get("epochs"), "seconds": a.get("seconds"), "same_as": same, "pareto": False,
+            "rejected": a.get("rejected"),
             "note": a.get("rejected") or a.get("stopped") or (f"same architecture as trial {same}" if same is not None else ""),
         })
     front = pareto_front(rows, objectives)
@@ -100,11 +101,27 @@ def _spread(row: dict[str, Any]) -> str:
     return f" (min {row['latency_min_ms']:.2f})" if row.get("latency_min_ms") is not None else ""
 
 
+def _ranges(numbers: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table (README-ready). Seeds are marked in the seed column, the front with ``*``."""
+    """A Markdown table (README-ready). Seeds are marked in the seed column, the front with ``*``.
+    Candidates rejected by a limit before training are summarised in one line below the table
+    (each is still a row of ``pareto.json``): a tight latency limit can reject a hundred."""
 
     def f(v: Any, fmt: str) -> str:
         return "" if v is None else format(v, fmt)
+
+    rejected = [r for r in rows if r.get("rejected")]
+    rows = [r for r in rows if r not in rejected]
 
     again = next((r["latency_source"] for r in rows if r["latency_source"].startswith("re-measured")), None)
     head = "latency ms (median, re-measured)" if again else "latency ms (search)"
@@ -116,6 +133,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                    f"{f(r['latency_min_ms'], '.2f')} | {f(r['search_latency_ms'], '.2f')} | "
                    f"{f(r['params'] and r['params'] / 1e6, '.2f')} | {f(r['macs'] and r['macs'] / 1e9, '.3f')} | "
                    f"{f(r['seconds'], '.0f')} | {r['state']}{' (' + r['note'] + ')' if r['note'] else ''} |")
+    if rejected:
+        lat = [r["search_latency_ms"] for r in rejected if r["search_latency_ms"] is not None]
+        spread = f", their latency {min(lat):.2f}-{max(lat):.2f} ms" if lat else ""
+        kinds = sorted({r["rejected"].split(" ")[0] for r in rejected})
+        out.append(f"\n{len(rejected)} candidates rejected by the {'/'.join(kinds)} limit before training{spread}: "
+                   f"trials {_ranges([r['trial'] for r in rejected])} (reasons in pareto.json)")
     if again:
         out.append(f"\nlatency: {again}; search ms: the trial's own figure while the search ran (other workers loading the machine)")
         stale = [r["trial"] for r in rows if r["latency_source"] == "search" and r["state"] == "complete"]
