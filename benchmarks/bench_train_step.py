@@ -9,7 +9,9 @@ Every variant trains its own copy of the same weights through ``DetectionModule.
 loss in fp32) are the options. Steps are interleaved (A B C, B C A, ...) so load changes hit
 every variant alike; prints median / min / count seconds per step and the speedup of each variant
 over ``eager`` (median over median), then one JSON line. Compile time (the first step) is
-reported separately. Pin to one core (``taskset -c 1``) and set OMP_WAIT_POLICY=PASSIVE on a
+reported separately. ``--profile N`` then profiles one more step of each variant
+(``torch.profiler``) and prints its N most expensive operators by self time, with their share.
+Pin to one core (``taskset -c 1``) and set OMP_WAIT_POLICY=PASSIVE on a
 shared machine.
 """
 
@@ -95,6 +97,21 @@ def make_step(model_name: str, state: dict, variant: str, size: int, batch: int,
     return step
 
 
+def top_ops(step: Callable[[], object], n: int) -> list[dict]:
+    """The ``n`` operators with the most self time (CPU, or CUDA when present) in one profiled step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:n]
+    return [{"op": e.key, "self_ms": round(getattr(e, attr) / 1000, 2), "share": round(getattr(e, attr) / total, 4),
+             "calls": e.count} for e in ranked]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="yolo_nas_s")
@@ -104,6 +121,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, print the N top operators (self time) of one step of each variant")
     p.add_argument("--variants", default="eager,channels_last,compile",
                    help=f"comma-separated, first is the baseline; from {', '.join(VARIANTS)}")
     args = p.parse_args()
@@ -132,9 +151,14 @@ def main() -> None:
     for r in rows:
         print(f"{r['variant']:<24}{r['median_s']:>10.3f}{r['min_s']:>9.3f}{r['count']:>4}{r['items_per_s']:>10.2f}"
               f"{r['speedup_vs_' + names[0]]:>9.2f}{first[r['variant']]:>10.1f}")
+    profiles = {name: top_ops(work[name], args.profile) for name in names} if args.profile else {}
+    for name, ops in profiles.items():
+        print(f"\ntop {args.profile} operators by self time, one step, {name}:")
+        for op in ops:
+            print(f"  {op['op']:<48}{op['self_ms']:>10.1f} ms{op['share'] * 100:>7.1f} %{op['calls']:>7} calls")
     print(json.dumps({"benchmark": "train_step", "model": args.model, "device": args.device, "size": args.size,
                       "batch": args.batch, "threads": torch.get_num_threads(), "baseline": names[0],
-                      "warmup_s": first, "results": rows}))
+                      "warmup_s": first, "results": rows, "profiles": profiles}))
 
 
 if __name__ == "__main__":
