@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cv2
+import numpy as np
 import torch
 
 __all__ = ["collate"]
@@ -27,9 +28,13 @@ def collate(samples: list[dict]) -> dict:
         hwc = s["image"].permute(1, 2, 0)
         if hwc.is_contiguous():
             # the dataset's CHW view of an HWC array: OpenCV's SIMD channel split is the fastest
-            # HWC -> CHW copy here (2-3x torch's strided copy on one core)
-            for k, plane in enumerate(cv2.split(hwc.numpy())):
-                out[i, k] = plane
+            # HWC -> CHW copy here (2-3x torch's strided copy on one core), written straight into
+            # the batch (half the time of splitting into new planes and copying those)
+            planes = [out[i, k] for k in range(3)]
+            written = cv2.split(hwc.numpy(), planes)
+            for k, plane in enumerate(written):
+                if not np.shares_memory(plane, out[i, k]):  # OpenCV allocated after all: copy
+                    out[i, k] = plane
         else:
             images[i].copy_(s["image"])
     rows = []
