@@ -21,10 +21,7 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,11 +30,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from detectkit.serve.launch import LocalServer, ServerNotReady
 
 
 def _random_checkpoint(folder: Path) -> Path:
@@ -70,42 +63,19 @@ def _test_image(path: str | None) -> tuple[bytes, str]:
     return buf.getvalue(), "image/jpeg"
 
 
-class ServerProcess:
-    def __init__(self, args: argparse.Namespace, checkpoint: Path, max_batch: int, log_dir: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / f"server-b{max_batch}.log", "wb")
-        cmd = [sys.executable, "-m", "detectkit.serve.commands", "--checkpoint", str(checkpoint),
-               "--backend", args.backend, "--device", args.device, "--max-batch", str(max_batch),
-               "--batch-timeout-ms", str(args.batch_timeout_ms), "--port", str(self.port),
-               "--log-level", "warning", "--api-servers", str(args.api_servers)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        if args.cache_dir:
-            cmd += ["--cache-dir", args.cache_dir]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + args.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise SystemExit(f"server not ready after {args.start_timeout} s; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+def start_server(args: argparse.Namespace, checkpoint: Path, max_batch: int, log_dir: Path) -> LocalServer:
+    extra = ["--backend", args.backend, "--device", args.device, "--max-batch", str(max_batch),
+             "--batch-timeout-ms", str(args.batch_timeout_ms), "--log-level", "warning",
+             "--api-servers", str(args.api_servers)]
+    if args.threads:
+        extra += ["--threads", str(args.threads)]
+    if args.cache_dir:
+        extra += ["--cache-dir", args.cache_dir]
+    try:
+        return LocalServer(checkpoint, *extra, log_path=log_dir / f"server-b{max_batch}.log",
+                           start_timeout=args.start_timeout)
+    except ServerNotReady as e:
+        raise SystemExit(str(e)) from None
 
 
 async def _load(url: str, body: bytes, ctype: str, clients: int, requests: int, seconds: float) -> dict:
@@ -169,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     body, ctype = _test_image(args.image)
     results: dict[str, list[dict]] = {}
     for mode, max_batch in (("batch-1", 1), ("dynamic", args.max_batch)):
-        server = ServerProcess(args, checkpoint, max_batch, work)
+        server = start_server(args, checkpoint, max_batch, work)
         try:
             asyncio.run(_load(server.url, body, ctype, 1, args.warmup, args.seconds))
             rows = []

@@ -14,9 +14,6 @@ import io
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +33,7 @@ from detectkit.models.base import InferenceDefaults  # noqa: E402
 from detectkit.models.yolo_world.text import EmbeddingsFileEncoder  # noqa: E402
 from detectkit.ops.nms import PostprocessConfig  # noqa: E402
 from detectkit.serve.api import load_detector  # noqa: E402
+from detectkit.serve.launch import LocalServer, ServerNotReady, free_port  # noqa: E402
 
 START_TIMEOUT = 180  # the shared dev machine can be slow to spawn workers; an idle one takes ~10 s
 WORLD_VOCAB = ["cat", "dog", "person", "car", "tree", "boat", "kite"]
@@ -60,52 +58,30 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(LocalServer):
+    """A server on the test checkpoint, one torch thread; killed (not drained) at the end of a test."""
 
-
-class Server:
     def __init__(self, checkpoint: Path, *extra: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = checkpoint.with_suffix(f".{self.port}.log")
-        self.log = open(self.log_path, "wb")
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "detectkit.serve.commands", "--checkpoint", str(checkpoint),
-             "--port", str(self.port), "--threads", "1", "--cache-dir", str(checkpoint.parent / "cache"), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise AssertionError(f"server not ready after {START_TIMEOUT} s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
+        port = free_port()
+        super().__init__(checkpoint, "--threads", "1", "--cache-dir", str(checkpoint.parent / "cache"), *extra,
+                         port=port, log_path=checkpoint.with_suffix(f".{port}.log"), env={"OMP_NUM_THREADS": "1"},
+                         start_timeout=START_TIMEOUT)
 
     def post(self, **kwargs) -> httpx.Response:
         return httpx.post(self.url + "/predict", timeout=60, **kwargs)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=30)
-        self.log.close()
+    def stop(self, graceful: bool = False, timeout: float = 30.0) -> None:
+        super().stop(graceful, timeout)
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path):
+    """A missing checkpoint: the launcher reports the exit and the server's own error naming the file,
+    instead of waiting out the start timeout."""
+    missing = tmp_path / "nope.ckpt"
+    start = time.monotonic()
+    with pytest.raises(ServerNotReady, match="server exited with") as err:
+        LocalServer(missing, log_path=tmp_path / "server.log", start_timeout=120)
+    assert "nope.ckpt" in str(err.value) and time.monotonic() - start < 60
 
 
 # ---------------------------------------------------------------------------------- YOLO-NAS
