@@ -64,9 +64,7 @@ def unit_latency(
     module path (``/backbone/stage1/...``, see :func:`module_path`), so each node's time is credited
     to the unit whose path prefixes it. Layout reorders and other unnamed nodes belong to no unit and are not counted.
     """
-    import onnxruntime as ort
-
-    from detectkit.export.onnx import export_onnx
+    from detectkit.export.onnx import export_onnx, ort_session
 
     fused = copy.deepcopy(model).cpu().eval()
     if hasattr(fused, "fuse"):
@@ -76,15 +74,8 @@ def unit_latency(
     prefixes = sorted(((u + ".", u) for u in units), key=lambda t: -len(t[0]))
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(fused, Path(tmp) / "model.onnx", [x], ["images"], ["boxes", "scores"], dynamic_batch=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = ort_session(path, threads, profile_prefix=Path(tmp) / "profile")
         feed = {"images": x.numpy()}
-        session.run(None, feed)  # warm-up, not profiled
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         for _ in range(runs + 1):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["export_onnx", "run_onnx_session", "onnx_max_abs_error"]
+__all__ = ["export_onnx", "ort_session", "run_onnx_session", "onnx_max_abs_error"]
 
 
 def export_onnx(
@@ -54,6 +54,28 @@ def export_onnx(
             do_constant_folding=True,
         )
     return path
+
+
+def ort_session(
+    path: str | os.PathLike,
+    threads: int | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    profile_prefix: str | os.PathLike | None = None,
+):
+    """THE onnxruntime session of detectkit's timing, pruning profile and serving: all graph
+    optimisations, ``threads`` intra-op threads (``None``: onnxruntime's default), one inter-op
+    thread, and with ``profile_prefix`` a per-node profile (``session.end_profiling()``)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
 
 
 def run_onnx_session(

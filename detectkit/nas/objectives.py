@@ -88,12 +88,10 @@ def _median_of(run_once: Callable[[], float], cfg: LatencyConfig) -> float:
 def onnxruntime_runner(path: str | os.PathLike, image_size: int, cfg: LatencyConfig) -> Callable[[], float]:
     """A callable that runs the graph at ``path`` once on onnxruntime CPU and returns its wall time (ms)."""
     import numpy as np
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = cfg.threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from detectkit.export.onnx import ort_session
+
+    sess = ort_session(path, cfg.threads)
     feed = {sess.get_inputs()[0].name: np.random.default_rng(0).random((cfg.batch_size, 3, image_size, image_size), dtype=np.float32)}
 
     def run_once() -> float:

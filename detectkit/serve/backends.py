@@ -67,10 +67,9 @@ class OnnxRuntimeBackend:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable("onnxruntime on cuda needs onnxruntime-gpu (CUDAExecutionProvider absent)")
             providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        from detectkit.export.onnx import ort_session
+
+        self.session = ort_session(path, threads, providers)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, images: torch.Tensor, text: torch.Tensor | None = None,
