@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from detectkit.data.images import ImageReadError, check_images, read_image_reduced
+from detectkit.data.images import ImageReadError, check_images, read_image_reduced, reduced_size
 from detectkit.data.mosaic import _resize_longest, mixup, mosaic4
 from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, log_problems
 from detectkit.data.transforms import AugmentConfig, letterbox_sample, random_affine, random_hsv
@@ -115,7 +115,7 @@ class DetectionDataset(Dataset):
                 img, k = read_image_reduced(rec.path, size)
             except ImageReadError:
                 return None  # left to the per-sample path, which raises or counts and logs the skip
-            if (img.shape[1], img.shape[0]) != (-(-rec.width // k), -(-rec.height // k)):
+            if (img.shape[1], img.shape[0]) != reduced_size(rec.width, rec.height, k):
                 return None  # same: the per-sample path names the size mismatch
             if max(img.shape[:2]) <= size:
                 return img, 1.0 / k
@@ -207,7 +207,7 @@ class DetectionDataset(Dataset):
             rec = self.records[i]
             try:
                 img, k = read_image_reduced(rec.path, longest)
-                if (img.shape[1], img.shape[0]) != (-(-rec.width // k), -(-rec.height // k)):
+                if (img.shape[1], img.shape[0]) != reduced_size(rec.width, rec.height, k):
                     w, h = img.shape[1] * k, img.shape[0] * k
                     raise ImageReadError(
                         rec.path, f"annotations say {rec.width}x{rec.height} but the image is {w}x{h}"
@@ -321,7 +321,7 @@ class DetectionDataset(Dataset):
             "augment": applied,  # informational: which mixing transforms made this sample
         }
         return {
-            # a CHW view of the HWC array: collate's stack does the one transposing copy
+            # a CHW view of the HWC array: collate does the one transposing copy
             "image": torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1),
             "boxes": torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)),
             "labels": torch.from_numpy(np.asarray(labels, np.int64).reshape(-1)),

@@ -31,6 +31,7 @@ __all__ = [
     "ImageReadError",
     "read_image",
     "read_image_reduced",
+    "reduced_size",
     "decode_image",
     "to_rgb",
     "image_size",
@@ -205,6 +206,11 @@ def read_image_reduced(path: str | Path, longest: int | None) -> tuple[np.ndarra
         raise ImageReadError(path, f"cannot decode image ({e.__class__.__name__}: {e})") from e
 
 
+def reduced_size(width: int, height: int, k: int) -> tuple[int, int]:
+    """(width, height) of an image decoded at 1/``k`` scale, as libjpeg rounds it (up)."""
+    return -(-width // k), -(-height // k)
+
+
 _REDUCED = {1: 0, 2: 16, 4: 32, 8: 48}  # OpenCV's IMREAD_REDUCED_* bits, without the colour bit
 
 
@@ -224,7 +230,7 @@ def _read_jpeg_rgb(path: Path, size: tuple[int, int], k: int = 1) -> np.ndarray 
     if data.rstrip(b"\0\r\n ")[-2:] != b"\xff\xd9":
         return None
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), rgb | _REDUCED[k] | cv2.IMREAD_IGNORE_ORIENTATION)
-    expected = (-(-size[0] // k), -(-size[1] // k))
+    expected = reduced_size(size[0], size[1], k)
     if arr is None or arr.ndim != 3 or (arr.shape[1], arr.shape[0]) != expected:
         return None
     return arr
