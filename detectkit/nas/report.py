@@ -121,7 +121,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return "" if v is None else format(v, fmt)
 
     rejected = [r for r in rows if r.get("rejected")]
-    rows = [r for r in rows if r not in rejected]
+    rows = [r for r in rows if not r.get("rejected")]
 
     again = next((r["latency_source"] for r in rows if r["latency_source"].startswith("re-measured")), None)
     head = "latency ms (median, re-measured)" if again else "latency ms (search)"

@@ -345,10 +345,12 @@ def run_search(cfg: SearchConfig, worker: int = 0, n_trials: int | None = None, 
         return study
 
     def stop_at_total(study, trial) -> None:
-        if total is not None and _counted(study) >= total:
+        if total is None:
+            return
+        if _counted(study) >= total:
             study.stop()
-        elif total is not None and _rejected(study) >= REJECTED_PER_TRIAL * total:
-            log(f"study {cfg.study_name!r}: {_rejected(study)} candidates rejected by the limits; stopping "
+        elif (rejected := _rejected(study)) >= REJECTED_PER_TRIAL * total:
+            log(f"study {cfg.study_name!r}: {rejected} candidates rejected by the limits; stopping "
                 f"(loosen max_latency_ms / max_params / max_macs or narrow the space)")
             study.stop()
 
