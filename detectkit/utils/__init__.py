@@ -1,0 +1,1 @@
+"""Helpers every layer may import: standard library only, no detectkit imports."""
