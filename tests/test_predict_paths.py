@@ -19,6 +19,7 @@ from detectkit.cli import main
 from detectkit.data.images import read_image
 from detectkit.predict import ImagePrediction, iter_source
 from detectkit.predict.draw import draw_boxes
+from detectkit.predict.step import no_detections_hint, suggest_conf
 from detectkit.predict.writers import category_id, coco_rows
 from detectkit.registry import list_models, register_model
 
@@ -185,3 +186,60 @@ def test_onnx_export_with_default_arguments_gives_the_same_detections(trained, t
                                    atol=1e-2)
         np.testing.assert_allclose(det[order, 4], pred.scores, atol=1e-4)
     assert total > 0
+
+
+# ------------------------------------------------------------------ nothing above the threshold
+HINT = re.compile(r"0 detections above conf ([\d.]+) in (\d+) images \(best score ([\d.e-]+)\): "
+                  r"lower it with (--[\w.]+) ([\d.e-]+)$")
+
+
+def test_suggested_conf_is_a_round_value_below_the_best_score():
+    assert [suggest_conf(s) for s in (0.08, 0.3, 0.012, 0.01, 0.9, 1e-4)] == [0.05, 0.2, 0.01, 0.005, 0.5, 5e-5]
+    assert suggest_conf(0.0) is None and suggest_conf(float("nan")) is None
+    assert "every score was 0" in no_detections_hint(0.25, 0.0, 3)
+
+
+def test_cli_predict_says_why_nothing_was_detected(trained, tmp_path, capsys):
+    ckpt, _, images = trained
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for p in images:
+        (src / p.name).write_bytes(p.read_bytes())
+    args = ["predict", "--source", str(src), "--checkpoint", str(ckpt), "--no-images"]
+    assert main([*args, "--save-dir", str(tmp_path / "a"), "--conf", "0.999"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{len(images)} images, 0 detections" in out
+    (line,) = err.strip().splitlines()[-1:]  # one line on stderr, the summary stays on stdout
+    conf, n, best, option, lower = HINT.match(line).groups()
+    assert (float(conf), int(n), option) == (0.999, len(images), "--conf")
+    everything = detectkit.load(ckpt).predict(src, conf=0.0)
+    assert float(best) == pytest.approx(max(float(p.scores.max()) for p in everything), rel=1e-2)
+    assert float(lower) < float(best)
+    # following the advice finds the boxes; a run with detections says nothing on stderr
+    assert main([*args, "--save-dir", str(tmp_path / "b"), "--conf", lower]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads((tmp_path / "b" / "predictions.json").read_text()) and "0 detections" not in err
+
+
+def test_prediction_writer_rows_and_empty_hint(trained, tmp_path, caplog):
+    """``detectkit predict --config`` writes through DetectionWriter: the rows of ``model.predict``,
+    and the same one-line hint, naming the recipe option, when nothing passes."""
+    from detectkit import DetectionModule
+    from detectkit.predict.writer_callback import DetectionWriter
+
+    ckpt, dm, images = trained
+    model = detectkit.load(ckpt)
+    paths = []
+    for conf, name in ((None, "default"), (0.999, "strict")):
+        writer = DetectionWriter(output_dir=str(tmp_path / name), save_images=False)
+        module = DetectionModule(model, num_classes=3, predict_conf=conf)
+        trainer = tiny_trainer(tmp_path, [writer], 1)
+        with caplog.at_level("WARNING", logger="detectkit.predict.writer_callback"):
+            trainer.predict(module, dm)
+        paths.append(tmp_path / name / "predictions.json")
+    rows = json.loads(paths[0].read_text())
+    want = sorted(float(s) for p in model.predict(images) for s in p.scores)
+    assert rows and sorted(r["score"] for r in rows) == pytest.approx(want, abs=1e-3)
+    assert json.loads(paths[1].read_text()) == []
+    hints = [r.getMessage() for r in caplog.records if "0 detections" in r.getMessage()]
+    assert len(hints) == 1 and HINT.match(hints[0]).group(4) == "--model.predict_conf"

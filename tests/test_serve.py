@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import time
 import zlib
@@ -158,6 +159,23 @@ def test_detections_equal_model_predict(nas):
     _assert_same(responses[2].json(), _expected(model, images[2], max_det=5, iou=0.5), model.category_ids)
     assert len(responses[2].json()["detections"]) <= 5
     assert responses[1].json()["width"] == 90 and responses[1].json()["height"] == 200
+
+
+def test_an_empty_response_says_why_and_what_conf_to_send(nas):
+    server, model = nas
+    img = _image(5, 120, 160)
+    r = server.post(json={"image": base64.b64encode(_png(img)).decode(), "conf": 0.999})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["detections"] == []
+    everything = _expected(model, img, conf=0.0)  # the best box survives NMS: its score is the best seen
+    assert body["best_score"] == pytest.approx(float(everything.scores.max()), abs=1e-3)
+    m = re.fullmatch(r"0 detections above conf 0.999 \(best score [\d.e-]+\): "
+                     r'lower it with "conf": ([\d.e-]+) in the request', body["hint"])
+    assert m and float(m.group(1)) < body["best_score"]
+    again = server.post(json={"image": base64.b64encode(_png(img)).decode(), "conf": float(m.group(1))}).json()
+    assert "hint" not in again
+    _assert_same(again, _expected(model, img, conf=float(m.group(1))), model.category_ids)
 
 
 def test_annotated_image(nas):

@@ -82,7 +82,9 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
     from detectkit.predict import predict
-    from detectkit.predict.writers import coco_rows, write_coco_results
+    from detectkit.predict.pipeline import resolve_settings
+    from detectkit.predict.step import no_detections_hint
+    from detectkit.predict.writers import VideoWriter, coco_rows, write_coco_results
 
     if args.size is not None and args.size % 32:
         raise UserError(f"--size must be a multiple of 32, got {args.size}")
@@ -98,18 +100,23 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     images: list[dict[str, Any]] = []
     counts: Counter[str] = Counter()
     used: set[str] = set()
-    videos: dict[str, Any] = {}
+    videos: dict[str, VideoWriter] = {}
+    best = 0.0
     try:
         for i, pred in enumerate(stream):
             rows.extend(coco_rows(i, pred.boxes, pred.scores, pred.labels, pred.category_ids))
             h, w = pred.image.shape[:2]
             images.append({"id": i, "file_name": pred.name, "source": pred.source, "width": w, "height": h})
             counts.update(pred.names)
+            best = max(best, pred.best_score or 0.0)
             if args.no_images:
                 continue
             drawn = pred.draw(show_confidence=not args.hide_conf)
             if pred.fps is not None:  # a video frame: append to that video's annotated copy
-                _video_writer(videos, pred, save_dir, w, h).write(drawn[:, :, ::-1].copy())
+                video = pred.source.rsplit("#", 1)[0]
+                if video not in videos:
+                    videos[video] = VideoWriter(save_dir / f"{Path(pred.name).stem.rsplit('_', 1)[0]}.mp4", pred.fps)
+                videos[video].write(drawn)
                 continue
             name = pred.name
             if name in used:  # the same file name from two folders or URLs
@@ -118,25 +125,15 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
             Image.fromarray(drawn).save(save_dir / name)
     finally:
         for writer in videos.values():
-            writer.release()
+            writer.close()
     write_coco_results(save_dir / "predictions.json", rows)
     (save_dir / "images.json").write_text(json.dumps(images, indent=1))
     seconds = time.perf_counter() - start
-    return {"images": len(images), "detections": len(rows), "classes": dict(counts.most_common()),
-            "save_dir": str(save_dir), "seconds": round(seconds, 2), "device": device}
-
-
-def _video_writer(videos: dict[str, Any], pred: Any, save_dir: Path, w: int, h: int) -> Any:
-    import cv2
-
-    key = pred.source.rsplit("#", 1)[0]
-    if key not in videos:
-        path = save_dir / f"{Path(pred.name).stem.rsplit('_', 1)[0]}.mp4"
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(pred.fps), (w, h))
-        if not writer.isOpened():
-            raise OSError(f"OpenCV cannot write the video {path}")
-        videos[key] = writer
-    return videos[key]
+    summary = {"images": len(images), "detections": len(rows), "classes": dict(counts.most_common()),
+               "save_dir": str(save_dir), "seconds": round(seconds, 2), "device": device, "best_score": best}
+    if images and not rows:
+        summary["hint"] = no_detections_hint(resolve_settings(model, conf=args.conf).post.conf, best, len(images))
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,4 +144,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{summary['images']} images, {summary['detections']} detections" + (f" ({classes})" if classes else "")
           + f" in {summary['seconds']:.1f} s on {summary['device']} -> {summary['save_dir']} "
           f"(annotated images, predictions.json)")
+    if "hint" in summary:
+        print(summary["hint"], file=sys.stderr)
     return 0

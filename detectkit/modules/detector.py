@@ -18,9 +18,10 @@ from detectkit.models.speed import (
     compile_options,
     set_channels_last,
 )
-from detectkit.modules.metrics import build_map_metric, summarize_map, to_original
+from detectkit.modules.metrics import build_map_metric, letterbox_info, summarize_map
 from detectkit.modules.schedule import warmup_cosine_scheduler
 from detectkit.ops.nms import PostprocessConfig, postprocess
+from detectkit.predict.step import detect_batch, to_input
 
 # The mAP values logged in _log_map are already global (one evaluation of the states gathered from
 # every rank), so Lightning's epoch-level "use sync_dist=True" advice is a false alarm for them;
@@ -345,13 +346,13 @@ class DetectionModule(pl.LightningModule):
         self._log_map(self.test_map, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """Per image: ``meta`` plus ``boxes`` (original pixels), ``scores`` and ``labels``."""
-        dets = self.detect(self._images(batch), self.predict_postprocess)
-        out = []
-        for det, meta in zip(dets, batch["meta"]):
-            det = to_original(det, meta).cpu()
-            out.append({"meta": meta, "boxes": det[:, :4], "scores": det[:, 4], "labels": det[:, 5].long()})
-        return out
+        """Per image: ``meta`` plus ``boxes`` (original pixels), ``scores``, ``labels`` and
+        ``best_score`` (before the threshold), from the one batch step of ``model.predict``."""
+        metas = batch["meta"]
+        dets = detect_batch(self.run_model, to_input(batch["images"]), [letterbox_info(m) for m in metas],
+                            self.predict_postprocess)
+        return [{"meta": meta, "boxes": det.boxes, "scores": det.scores, "labels": det.labels,
+                 "best_score": det.best_score} for det, meta in zip(dets, metas)]
 
     # ----------------------------------------------------------- loss terms
     def add_loss_term(self, name: str, fn: ExtraLoss) -> None:

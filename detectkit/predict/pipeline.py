@@ -19,10 +19,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from detectkit.data.letterbox import letterbox, unletterbox_boxes
-from detectkit.ops.nms import PostprocessConfig, postprocess
+from detectkit.data.letterbox import letterbox
+from detectkit.models.base import InferenceDefaults
+from detectkit.ops.nms import PostprocessConfig
 from detectkit.predict.results import ImagePrediction, Predictions
 from detectkit.predict.sources import IMAGE_EXTENSIONS, Frame, iter_source, load_image
+from detectkit.predict.step import detect_batch, to_input
 
 __all__ = ["predict", "resolve_settings", "PredictSettings", "load_image", "iter_source", "IMAGE_EXTENSIONS"]
 
@@ -53,8 +55,6 @@ def resolve_settings(
     ``size`` given without ``longest`` keeps the model's letterbox shape: "fit inside" stays fit
     inside; super-gradients' 636-in-640 becomes the same ratio of the new size.
     """
-    from detectkit.models.base import InferenceDefaults
-
     inference = getattr(model, "inference", None) or InferenceDefaults()
     base_size = tuple(int(s) for s in inference.image_size)
     if size is None:
@@ -147,34 +147,13 @@ def _predict_stream(model: nn.Module, source: Any, batch_size: int, device: str 
 
 def _run_batch(net: nn.Module, batch: list[Frame], start: int, class_names: list[str], category_ids: Any,
                device: torch.device, dtype: torch.dtype, s: PredictSettings) -> list[ImagePrediction]:
-    inputs, infos = [], []
-    for frame in batch:
-        padded, info = letterbox(frame.image, size=s.size, longest=s.longest, center=s.center, pad_value=s.pad_value)
-        inputs.append(padded)
-        infos.append(info)
-    x = torch.from_numpy(np.stack(inputs)).permute(0, 3, 1, 2).to(device=device, dtype=dtype).div_(255.0)
-    with torch.inference_mode():
-        raw = net(x)
-        if not (isinstance(raw, (tuple, list)) and len(raw) == 2 and all(isinstance(t, torch.Tensor) and t.ndim == 3
-                                                                       for t in raw)
-                and raw[0].shape[-1] == 4 and raw[0].shape[:2] == raw[1].shape[:2]):
-            raise TypeError(f"{type(net).__name__} in eval mode must return (boxes [B,A,4], scores [B,A,C]) "
-                            f"like detectkit.models.base.Detector; got {type(raw).__name__}")
-        boxes, scores = raw
-        dets = postprocess(boxes.float(), scores.float(), **s.post.to_dict())
-    out = []
-    for i, (frame, info, det) in enumerate(zip(batch, infos, dets)):
-        det = det.float().cpu()
-        out.append(ImagePrediction(
-            image=frame.image,
-            boxes=unletterbox_boxes(det[:, :4], info).numpy(),
-            scores=det[:, 4].numpy(),
-            labels=det[:, 5].round().long().numpy(),
-            class_names=class_names,
-            source=frame.source,
-            letterbox=info,
-            fps=frame.fps,
-            index=start + i,
-            category_ids=None if category_ids is None else [int(c) for c in category_ids],
-        ))
-    return out
+    """Letterbox the frames, then the one batch step (:func:`detectkit.predict.step.detect_batch`)."""
+    padded = [letterbox(frame.image, size=s.size, longest=s.longest, center=s.center, pad_value=s.pad_value)
+              for frame in batch]
+    infos = [info for _, info in padded]
+    dets = detect_batch(net, to_input([image for image, _ in padded], device, dtype), infos, s.post)
+    ids = None if category_ids is None else [int(c) for c in category_ids]
+    return [ImagePrediction(image=frame.image, boxes=det.boxes.numpy(), scores=det.scores.numpy(),
+                            labels=det.labels.numpy(), class_names=class_names, source=frame.source, letterbox=info,
+                            fps=frame.fps, index=start + i, category_ids=ids, best_score=det.best_score)
+            for i, (frame, info, det) in enumerate(zip(batch, infos, dets))]

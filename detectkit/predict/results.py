@@ -9,20 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from detectkit.data.letterbox import LetterboxInfo
 from detectkit.predict.draw import draw_boxes
 from detectkit.predict.sources import VIDEO_EXTENSIONS, is_url
-from detectkit.predict.writers import coco_rows
+from detectkit.predict.writers import VideoWriter, coco_rows
 
 __all__ = ["ImagePrediction", "Predictions"]
-
-# FourCC per container for writing; mp4v/MJPG ship with opencv-python-headless's FFmpeg build.
-_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
-
 
 @dataclass
 class ImagePrediction:
@@ -41,6 +36,8 @@ class ImagePrediction:
     index: int = 0
     #: label -> dataset category id (the model's, from its checkpoint); None = ``label + 1``
     category_ids: list[int] | None = None
+    #: the highest class score of any anchor before the conf threshold (why an image came back empty)
+    best_score: float | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -140,17 +137,9 @@ class Predictions(Sequence[ImagePrediction]):
         sizes = {p.image.shape[:2] for p in self}
         if len(sizes) != 1:
             raise ValueError(f"cannot write {path}: frames have different sizes {sorted(sizes)}")
-        (h, w), = sizes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fourcc = cv2.VideoWriter_fourcc(*_FOURCC.get(path.suffix.lower(), "mp4v"))
-        writer = cv2.VideoWriter(str(path), fourcc, float(fps), (w, h))
-        if not writer.isOpened():
-            raise RuntimeError(f"OpenCV cannot open a video writer for {path}; try a .mp4 or .avi path")
-        try:
+        with VideoWriter(path, fps) as writer:
             for pred in self:
-                writer.write(cv2.cvtColor(pred.draw(show_confidence), cv2.COLOR_RGB2BGR))
-        finally:
-            writer.release()
+                writer.write(pred.draw(show_confidence))
         return path
 
 

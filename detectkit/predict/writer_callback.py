@@ -7,6 +7,7 @@ It writes through the same parts as ``detectkit predict``: :func:`detectkit.pred
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from detectkit.data.images import ImageReadError, read_image
 from detectkit.predict.draw import draw_boxes
+from detectkit.predict.step import no_detections_hint
 from detectkit.predict.writers import category_ids_of, coco_rows, write_coco_results
 
 __all__ = ["DetectionWriter"]
+
+log = logging.getLogger(__name__)
 
 
 class DetectionWriter(BasePredictionWriter):
@@ -36,6 +40,8 @@ class DetectionWriter(BasePredictionWriter):
         self.max_images = max_images
         self._results: list[dict[str, Any]] = []
         self._n_images = 0
+        self._seen = 0  # images predicted this epoch
+        self._best = 0.0  # their best score before the threshold
         self._dir: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -50,7 +56,7 @@ class DetectionWriter(BasePredictionWriter):
         return self._dir
 
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._results, self._n_images = [], 0
+        self._results, self._n_images, self._seen, self._best = [], 0, 0, 0.0
         assert self._dir is not None
         self._dir.mkdir(parents=True, exist_ok=True)
 
@@ -68,6 +74,8 @@ class DetectionWriter(BasePredictionWriter):
         names = list(getattr(pl_module, "class_names", []))
         for item in prediction:
             meta, boxes = item["meta"], item["boxes"].numpy()
+            self._seen += 1
+            self._best = max(self._best, float(item.get("best_score", 0.0)))
             scores, labels = item["scores"].numpy(), item["labels"].numpy()
             self._results.extend(coco_rows(int(meta["image_id"]), boxes, scores, labels, cat_ids, decimals=2))
             if self.save_images and (self.max_images is None or self._n_images < self.max_images):
@@ -93,3 +101,6 @@ class DetectionWriter(BasePredictionWriter):
         assert self._dir is not None
         name = "predictions.json" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.json"
         write_coco_results(self._dir / name, self._results)
+        conf = getattr(getattr(pl_module, "predict_postprocess", None), "conf", None)
+        if self._seen and not self._results and conf is not None:  # say why the folder is empty
+            log.warning(no_detections_hint(conf, self._best, self._seen, option="--model.predict_conf {}"))

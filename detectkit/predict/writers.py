@@ -1,10 +1,15 @@
-"""THE COCO results writer: ``[{image_id, category_id, bbox [x, y, w, h], score}]`` rows.
+"""THE COCO results writer (``[{image_id, category_id, bbox [x, y, w, h], score}]`` rows) and THE
+video writer (annotated frames -> a video file).
 
 One category-id rule for every writer (``detectkit predict``, the Lightning prediction writer,
 ``ImagePrediction.to_coco``, the server): ``category_ids[label]`` when the model (or the dataset
 it was trained on) maps labels to dataset ids, else ``label + 1``, the ids of detectkit's own COCO
 files (synthetic data, ``data convert``) and of Roboflow COCO exports (id 0 is their unused
 super-category). COCO 2017's non-contiguous ids need the mapping.
+
+``Predictions.save("out.mp4")`` and ``detectkit predict`` on a video both write through
+:class:`VideoWriter`: one FourCC per container, one size check, one error when OpenCV cannot
+encode.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["category_id", "category_ids_of", "coco_rows", "write_coco_results"]
+from detectkit.utils.files import atomic_write
+
+__all__ = ["category_id", "category_ids_of", "coco_rows", "write_coco_results", "VideoWriter"]
+
+# FourCC per container; mp4v/MJPG ship with opencv-python-headless's FFmpeg build.
+_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
 
 
 def category_id(label: int, category_ids: Sequence[int] | None) -> int:
@@ -70,10 +80,47 @@ def coco_rows(
 
 
 def write_coco_results(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
-    """Write the rows as JSON (through a temporary file, so a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rows))
-    os.replace(tmp, path)
-    return path
+    """Write the rows as JSON, atomically (a reader never sees half a file)."""
+    return atomic_write(path, json.dumps(rows))
+
+
+class VideoWriter:
+    """Annotated RGB frames -> ``path`` at ``fps``; the first frame's size is the video's.
+
+    The container follows the suffix (``.mp4``/``.mov``/``.m4v`` as mp4v, ``.avi``/``.mkv`` as
+    MJPG). Opened at the first frame, so a stream of unknown size can be written as it comes;
+    use as a context manager (or call :meth:`close`) so the file is finalised.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float) -> None:
+        self.path = Path(path)
+        self.fps = float(fps)
+        self._writer: Any = None
+        self._size: tuple[int, int] | None = None
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one HWC RGB uint8 frame."""
+        import cv2
+
+        h, w = frame.shape[:2]
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fourcc = cv2.VideoWriter_fourcc(*_FOURCC.get(self.path.suffix.lower(), "mp4v"))
+            self._writer = cv2.VideoWriter(str(self.path), fourcc, self.fps, (w, h))
+            self._size = (h, w)
+            if not self._writer.isOpened():
+                raise OSError(f"OpenCV cannot open a video writer for {self.path}; try a .mp4 or .avi path")
+        elif (h, w) != self._size:
+            raise ValueError(f"cannot write {self.path}: a {h}x{w} frame in a {self._size[0]}x{self._size[1]} video")
+        self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

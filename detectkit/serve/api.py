@@ -7,14 +7,12 @@ annotate?, image? (original bytes, for drawing), received}``. Per request, in th
 * ``decode_request`` unpacks that. Whatever can still fail per request (a vocabulary this
   model cannot take) becomes a :class:`Rejected` item instead of an exception, because LitServe
   fails every request of a batch when ``decode_request`` raises.
-* ``predict`` uses the parts of ``detectkit.predict``: each request's settings are
-  ``resolve_settings(model, conf=, iou=, max_det=)`` (``model.inference`` with the request's
-  overrides; the gate letterboxed with the same function's letterbox), the whole batch goes
-  through one backend call, and
-  each image through ``detectkit.ops.postprocess`` with its own :class:`PostprocessConfig` and
-  the letterbox inverse: the steps of ``model.predict``, so the server returns the same
-  detections. (``predict``'s own batch loop is not reused because it applies one setting and one
-  vocabulary to a whole batch.)
+* ``predict`` runs the one batch step of ``model.predict``
+  (:func:`detectkit.predict.step.detect_batch`), so the server returns the same detections: each
+  request's settings are ``resolve_settings(model, conf=, iou=, max_det=)`` (``model.inference``
+  with the request's overrides; the gate letterboxed with the same function's letterbox), the
+  whole batch goes through one backend call, and each image through the one post-processing with
+  its own :class:`PostprocessConfig` and vocabulary, and the letterbox inverse.
 * YOLO-World: a request may bring its own ``classes``. Their text embeddings come from an LRU
   cache over the text encoder; a batch mixing vocabularies runs once through the masked path
   ``model(x, text=[B,K,512], text_mask=[B,K])`` (requests without classes use the model's own
@@ -22,13 +20,16 @@ annotate?, image? (original bytes, for drawing), received}``. Per request, in th
 * ``encode_response`` builds COCO-style JSON through the one writer's ``coco_rows`` (``bbox`` =
   [x, y, w, h] in original pixels, ``category_id`` by the one rule: ``model.category_ids[label]``
   when set, else ``label + 1``; a request's own vocabulary has no dataset ids: ``label + 1``)
-  and, if asked, the annotated image from the one drawer as base64 JPEG. Rejected items become a
+  and, if asked, the annotated image from the one drawer as base64 JPEG. An empty response
+  carries ``best_score`` and a one-line ``hint`` (the threshold, the best score the model gave,
+  the ``conf`` to send instead). Rejected items become a
   4xx ``JSONResponse`` for that request only.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import logging
 import multiprocessing
@@ -43,9 +44,9 @@ import numpy as np
 import torch
 from starlette.responses import JSONResponse
 
-from detectkit.data.letterbox import LetterboxInfo, unletterbox_boxes
-from detectkit.ops.nms import postprocess
+from detectkit.data.letterbox import LetterboxInfo
 from detectkit.predict.pipeline import PredictSettings, resolve_settings
+from detectkit.predict.step import detect_batch, no_detections_hint, to_input
 from detectkit.predict.writers import coco_rows
 from detectkit.serve.backends import (
     OnnxRuntimeBackend,
@@ -84,6 +85,7 @@ class Result:
     labels: np.ndarray
     class_names: list[str]
     category_ids: list[int] | None
+    best_score: float = 0.0  # before the threshold: the hint of an empty response
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -245,29 +247,20 @@ class DetectionAPI(ls.LitAPI):
 
     def _run(self, out: list[Any], idx: list[int], text: torch.Tensor | None, mask: torch.Tensor | None,
              names: list[list[str]]) -> None:
-        inputs = [out[i].pixels for i in idx]
-        infos = [out[i].info for i in idx]
-        x = torch.from_numpy(np.stack(inputs)).permute(0, 3, 1, 2).float().div_(255.0)
+        """The one batch step (:func:`detectkit.predict.step.detect_batch`) with each request's own
+        post-processing and vocabulary, over this worker's backend."""
+        items: list[Item] = [out[i] for i in idx]
         if text is not None and text.ndim == 2:
             text = text.unsqueeze(0).expand(len(idx), -1, -1)
             mask = None
-        boxes, scores = self.runner(x, text, mask)
-        for b, (i, info, vocab) in enumerate(zip(idx, infos, names)):
-            item: Item = out[i]
-            det = postprocess(boxes[b : b + 1].float(), scores[b : b + 1, :, : len(vocab)].float(),
-                              **item.settings.post.to_dict())[0]
-            out[i] = self._result(item, det.float().cpu(), info, vocab)
-
-    def _result(self, item: Item, det: torch.Tensor, info: LetterboxInfo, vocab: list[str]) -> Result:
-        custom = item.classes is not None
-        return Result(
-            item=item,
-            boxes=unletterbox_boxes(det[:, :4], info).numpy(),
-            scores=det[:, 4].numpy(),
-            labels=det[:, 5].round().long().numpy(),
-            class_names=list(vocab),
-            category_ids=None if custom else self.category_ids,
-        )
+        dets = detect_batch(functools.partial(self.runner, text=text, text_mask=mask),
+                            to_input([it.pixels for it in items]), [it.info for it in items],
+                            [it.settings.post for it in items], [len(vocab) for vocab in names])
+        for i, item, det, vocab in zip(idx, items, dets, names):
+            custom = item.classes is not None
+            out[i] = Result(item=item, boxes=det.boxes.numpy(), scores=det.scores.numpy(), labels=det.labels.numpy(),
+                            class_names=list(vocab), category_ids=None if custom else self.category_ids,
+                            best_score=det.best_score)
 
     # ------------------------------------------------------------------ encode
     def encode_response(self, output: Result | Rejected) -> Any:
@@ -282,6 +275,10 @@ class DetectionAPI(ls.LitAPI):
             name = output.class_names[label] if 0 <= label < len(output.class_names) else str(label)
             detections.append({**row, "label": label, "class_name": name})
         response: dict[str, Any] = {"width": int(w), "height": int(h), "detections": detections}
+        if not detections:  # say why, and what to send instead
+            response["best_score"] = round(output.best_score, 4)
+            response["hint"] = no_detections_hint(output.item.settings.post.conf, output.best_score, 0,
+                                                  option='"conf": {} in the request')
         if output.item.annotate:
             response["annotated_image"] = self._annotated_jpeg(output)
         return response
