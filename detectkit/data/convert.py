@@ -6,13 +6,13 @@ images are copied, so the output is self-contained and re-reads to the same boxe
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
+from detectkit.data.formats.coco import write_coco
 from detectkit.data.formats.detect import canonical_split, open_dataset
 from detectkit.data.images import check_images
 from detectkit.data.records import DatasetError, DetectionSplit, log_problems
@@ -41,41 +41,15 @@ def _copy(src: Path, dst: Path, copy_images: bool) -> None:
 def write_coco_split(
     split: DetectionSplit, out_dir: Path, copy_images: bool = True, progress: bool = True
 ) -> Path:
-    """``out_dir/annotations.json`` + images; category ids are 1..C in class order."""
+    """``out_dir/annotations.json`` (the one COCO writer: category ids 1..C in class order) + images."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
     names = _unique_names(split)
     for rec, name in tqdm(
         list(zip(split.records, names)), desc=f"coco {split.split}", unit="img", disable=not progress
     ):
         _copy(rec.path, out_dir / name, copy_images)
-        images.append(
-            {"id": int(rec.image_id), "file_name": name, "width": int(rec.width), "height": int(rec.height)}
-        )
-        for box, label, crowd in zip(rec.boxes.tolist(), rec.labels.tolist(), rec.iscrowd.tolist()):
-            w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": int(rec.image_id),
-                    "category_id": int(label) + 1,
-                    "bbox": [box[0], box[1], w, h],
-                    "area": w * h,
-                    "iscrowd": int(crowd),
-                }
-            )
-    coco = {
-        "info": {"description": f"converted by detectkit from {split.format} ({split.source})"},
-        "licenses": [],
-        "categories": [
-            {"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(split.class_names)
-        ],
-        "images": images,
-        "annotations": annotations,
-    }
-    path = out_dir / "annotations.json"
-    path.write_text(json.dumps(coco))
-    return path
+    info = {"description": f"converted by detectkit from {split.format} ({split.source})"}
+    return write_coco(out_dir / "annotations.json", split.records, split.class_names, info, file_names=names)
 
 
 def write_yolo_split(

@@ -22,6 +22,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from detectkit.data.formats.coco import write_coco
+from detectkit.data.records import ImageRecord
+
 __all__ = [
     "SyntheticConfig",
     "SHAPES",
@@ -229,40 +232,16 @@ def render_image(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[np.nda
 def _write_split(cfg: SyntheticConfig, out: Path, split: str, split_id: int, count: int) -> None:
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    records = []
     for i in tqdm(range(count), desc=f"synthetic {split}", unit="img", leave=False, disable=count < 50):
         rng = np.random.default_rng([cfg.seed, split_id, i])
         img, boxes, labels = render_image(cfg, rng)
-        name = f"{split}_{i:06d}.jpg"
-        Image.fromarray(img).save(folder / name, quality=cfg.jpeg_quality)
-        images.append({"id": i, "file_name": name, "width": cfg.size, "height": cfg.size})
-        for b, lab in zip(boxes.tolist(), labels.tolist()):
-            w, h = b[2] - b[0], b[3] - b[1]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i,
-                    "category_id": lab + 1,  # COCO style 1-based ids; readers map them back
-                    "bbox": [round(b[0], 2), round(b[1], 2), round(w, 2), round(h, 2)],
-                    "area": round(w * h, 2),
-                    "iscrowd": 0,
-                }
-            )
-    coco = {
-        "info": {
-            "description": "detectkit synthetic shapes",
-            "config": asdict(cfg),
-            "generator_version": GENERATOR_VERSION,
-        },
-        "licenses": [],
-        "categories": [
-            {"id": k + 1, "name": name, "supercategory": "shape"}
-            for k, name in enumerate(synthetic_class_names(cfg.num_classes))
-        ],
-        "images": images,
-        "annotations": annotations,
-    }
-    (folder / "annotations.json").write_text(json.dumps(coco))
+        path = folder / f"{split}_{i:06d}.jpg"
+        Image.fromarray(img).save(path, quality=cfg.jpeg_quality)
+        records.append(ImageRecord(path, i, cfg.size, cfg.size, boxes, labels))
+    info = {"description": "detectkit synthetic shapes", "config": asdict(cfg), "generator_version": GENERATOR_VERSION}
+    write_coco(folder / "annotations.json", records, synthetic_class_names(cfg.num_classes), info,
+               supercategory="shape", decimals=2)
 
 
 def generate_synthetic(out: str | Path, cfg: SyntheticConfig | None = None) -> Path:

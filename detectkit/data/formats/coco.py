@@ -4,6 +4,10 @@ Category ids can be anything; they map to contiguous indices in id order. A cate
 other categories name as their ``supercategory`` and that no annotation uses is a grouping
 node (Roboflow writes the dataset name as id 0), not a class.
 
+:func:`write_coco` is the other direction, the one COCO annotation writer (``data convert``, the
+synthetic datasets): category ids 1..C in class order, the ids these readers (and Roboflow
+exports, where id 0 is the unused super-category) map back to 0..C-1.
+
 Image ids may be strings (some exporters write file stems): they are mapped to 1..N in file
 order and the original is kept as ``ImageRecord.source_id``. Two image entries naming the same
 file are fatal: the boxes of one picture would be split over two samples, each teaching the
@@ -15,8 +19,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +35,9 @@ from detectkit.data.records import (
     clean_boxes,
     log_problems,
 )
+from detectkit.utils.files import atomic_write
 
-__all__ = ["load_coco_json", "coco_categories", "load_coco"]
+__all__ = ["load_coco_json", "coco_categories", "load_coco", "write_coco"]
 
 
 def load_coco_json(path: str | Path) -> dict:
@@ -284,3 +292,38 @@ def load_coco(
     records.sort(key=lambda r: r.image_id)
     log_problems(problems, f"{json_path} ({split})")
     return DetectionSplit(format_name, split, names, records, problems, str(json_path))
+
+
+def write_coco(
+    path: str | os.PathLike,
+    records: Sequence[ImageRecord],
+    class_names: Sequence[str],
+    info: dict[str, Any],
+    file_names: Sequence[str] | None = None,
+    supercategory: str = "none",
+    decimals: int | None = None,
+) -> Path:
+    """Write ``records`` (boxes xyxy in original pixels) as a COCO annotation file, atomically.
+
+    ``file_names``: each image's ``file_name`` (default: its path's name); ``decimals`` rounds
+    ``bbox`` and ``area`` (generated data keeps its files small and stable).
+    """
+    names = [r.path.name for r in records] if file_names is None else list(file_names)
+    images, annotations = [], []
+    for rec, name in zip(records, names, strict=True):
+        images.append({"id": int(rec.image_id), "file_name": name, "width": int(rec.width), "height": int(rec.height)})
+        for box, label, crowd in zip(rec.boxes.tolist(), rec.labels.tolist(), rec.iscrowd.tolist()):
+            w, h = box[2] - box[0], box[3] - box[1]
+            bbox, area = [box[0], box[1], w, h], w * h
+            if decimals is not None:
+                bbox, area = [round(v, decimals) for v in bbox], round(area, decimals)
+            annotations.append({"id": len(annotations) + 1, "image_id": int(rec.image_id), "category_id": int(label) + 1,
+                                "bbox": bbox, "area": area, "iscrowd": int(crowd)})
+    coco = {
+        "info": info,
+        "licenses": [],
+        "categories": [{"id": i + 1, "name": n, "supercategory": supercategory} for i, n in enumerate(class_names)],
+        "images": images,
+        "annotations": annotations,
+    }
+    return atomic_write(path, json.dumps(coco))
