@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from detectkit.utils.files import atomic_write
+
 log = logging.getLogger("detectkit.serve")
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -160,9 +162,9 @@ def prepare_onnx(model: nn.Module, checkpoint: str | os.PathLike, cache_dir: str
     if hasattr(net, "reparameterize"):
         net = net.reparameterize()
     net = net.fuse() if hasattr(net, "fuse") else net
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.onnx")
-    export_detector(net, tmp, ExportConfig(image_size=size, dynamic_batch=True, nms=None))
-    os.replace(tmp, path)  # atomic: a concurrent server never reads a half-written file
+    # atomic: a concurrent server never reads a half-written file
+    atomic_write(path, lambda partial: export_detector(net, partial, ExportConfig(image_size=size, dynamic_batch=True,
+                                                                                  nms=None)))
     log.info("exported graph", extra={"fields": {"event": "onnx_exported", "path": str(path)}})
     return path
 
