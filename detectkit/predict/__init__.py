@@ -2,8 +2,10 @@
 
 ``model.predict``, the LightningModule, ``detectkit predict``, export verification and the server
 share these parts: :mod:`.sources` (inputs, through the one image decoder), :mod:`.pipeline`
-(``predict``; defaults from ``model.inference``), :mod:`.draw` (the one box drawer) and
-:mod:`.writers` (the one COCO results writer).
+(``predict``; defaults from ``model.inference``), :mod:`.step` (the one batch step: letterboxed
+pixels -> model -> post-processing -> original pixels, also run by ``predict_step`` and the
+server), :mod:`.draw` (the one box drawer) and :mod:`.writers` (the one COCO results writer and
+the one video writer).
 """
 
 from detectkit.predict.pipeline import IMAGE_EXTENSIONS, iter_source, load_image, predict
