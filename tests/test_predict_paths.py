@@ -243,3 +243,27 @@ def test_prediction_writer_rows_and_empty_hint(trained, tmp_path, caplog):
     assert json.loads(paths[1].read_text()) == []
     hints = [r.getMessage() for r in caplog.records if "0 detections" in r.getMessage()]
     assert len(hints) == 1 and HINT.match(hints[0]).group(4) == "--model.predict_conf"
+
+
+def test_one_video_writer_for_the_cli_and_predictions_save(trained, tmp_path):
+    import cv2
+
+    from detectkit.predict.writers import VideoWriter
+
+    ckpt, _, images = trained
+    frames = [read_image(p) for p in images]
+    with VideoWriter(tmp_path / "clip.avi", fps=4) as writer:
+        for frame in frames:
+            writer.write(frame)
+        with pytest.raises(ValueError, match=r"a 10x10 frame in a 80x80 video"):
+            writer.write(np.zeros((10, 10, 3), np.uint8))
+    out = tmp_path / "out"
+    assert main(["predict", "--source", str(tmp_path / "clip.avi"), "--checkpoint", str(ckpt),
+                 "--save-dir", str(out)]) == 0
+    saved = detectkit.load(ckpt).predict(tmp_path / "clip.avi").save(tmp_path / "saved.mp4")
+    for path in (out / "clip.mp4", saved):  # the CLI's annotated copy and Predictions.save
+        cap = cv2.VideoCapture(str(path))
+        count, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS)
+        ok, first = cap.read()
+        cap.release()
+        assert ok and count == len(frames) and fps == pytest.approx(4) and first.shape == (IMAGE, IMAGE, 3)
