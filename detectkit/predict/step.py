@@ -96,7 +96,8 @@ def _detector_outputs(raw: Any, forward: Any) -> tuple[torch.Tensor, torch.Tenso
     if not (isinstance(raw, (tuple, list)) and len(raw) == 2
             and all(isinstance(t, torch.Tensor) and t.ndim == 3 for t in raw)
             and raw[0].shape[-1] == 4 and raw[0].shape[:2] == raw[1].shape[:2]):
-        name = type(getattr(forward, "__self__", forward)).__name__
+        target = getattr(forward, "func", forward)  # a functools.partial over a server backend
+        name = type(getattr(target, "__self__", target)).__name__
         raise TypeError(f"{name} in eval mode must return (boxes [B,A,4], scores [B,A,C]) "
                         f"like detectkit.models.base.Detector; got {type(raw).__name__}")
     return raw[0], raw[1]
