@@ -197,6 +197,8 @@ def test_suggested_conf_is_a_round_value_below_the_best_score():
     assert [suggest_conf(s) for s in (0.08, 0.3, 0.012, 0.01, 0.9, 1e-4)] == [0.05, 0.2, 0.01, 0.005, 0.5, 5e-5]
     assert suggest_conf(0.0) is None and suggest_conf(float("nan")) is None
     assert "every score was 0" in no_detections_hint(0.25, 0.0, 3)
+    # the advice is below the best score as printed: never "best score 0.01: lower it with --conf 0.01"
+    assert no_detections_hint(0.25, 0.010042, 2).endswith("(best score 0.01): lower it with --conf 0.005")
 
 
 def test_cli_predict_says_why_nothing_was_detected(trained, tmp_path, capsys):

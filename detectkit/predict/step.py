@@ -124,7 +124,7 @@ def no_detections_hint(conf: float, best_score: float, images: int, option: str 
     e.g. ``0 detections above conf 0.25 in 12 images (best score 0.08): lower it with --conf 0.05``.
     """
     where = f" in {images} image{'s' if images != 1 else ''}" if images else ""
-    lower = suggest_conf(best_score)
+    lower = suggest_conf(float(f"{best_score:.3g}"))  # below the score as printed, not just below 0.01004
     if lower is None:
         return (f"0 detections above conf {conf:g}{where} (every score was 0): the model detects nothing yet; "
                 "check the checkpoint and that the images look like its training data")
