@@ -85,6 +85,7 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
     from detectkit.predict.pipeline import resolve_settings
     from detectkit.predict.step import no_detections_hint
     from detectkit.predict.writers import VideoWriter, coco_rows, write_coco_results
+    from detectkit.utils.files import atomic_write
 
     if args.size is not None and args.size % 32:
         raise UserError(f"--size must be a multiple of 32, got {args.size}")
@@ -127,7 +128,7 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
         for writer in videos.values():
             writer.close()
     write_coco_results(save_dir / "predictions.json", rows)
-    (save_dir / "images.json").write_text(json.dumps(images, indent=1))
+    atomic_write(save_dir / "images.json", json.dumps(images, indent=1))
     seconds = time.perf_counter() - start
     summary = {"images": len(images), "detections": len(rows), "classes": dict(counts.most_common()),
                "save_dir": str(save_dir), "seconds": round(seconds, 2), "device": device, "best_score": best}
