@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     from detectkit.callbacks import KnowledgeDistillation, StructuredPruning
 
     import detectkit
-    from detectkit.compress.quantize import quantization_sensitivity, quantize_model, select_skip_layers
+    from detectkit.compress.quantize import quantize_model
+    from detectkit.compress.sensitivity import quantization_sensitivity, select_skip_layers
 
     ckpt = args.checkpoint
     if ckpt is None:

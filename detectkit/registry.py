@@ -32,27 +32,18 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def create_model(name: str, num_classes: int = 80, checkpoint: str | Mapping | None = None, **kwargs: Any) -> nn.Module:
-    """Build a registered model; ``checkpoint`` (a path, or a state dict) is loaded strictly.
+    """Build a registered model; ``checkpoint`` (a foreign file or a state dict) goes to the builder.
 
-    A detectkit ``.ckpt`` or weights file goes through :func:`detectkit.checkpoint.load_state`
-    (its recorded architecture, classes and inference defaults); any other file (super-gradients
-    ``.pth``, ultralytics ``.pt``, a state dict) through the family's weight loader, which may
-    re-initialise the class predictors for another ``num_classes``.
+    The family's weight loader reads it (super-gradients ``.pth``, ultralytics ``.pt``, a state
+    dict) and may re-initialise the class predictors for another ``num_classes``. A detectkit
+    ``.ckpt`` or weights file is rebuilt from its record by :func:`detectkit.create_model`
+    (:func:`detectkit.checkpoint.create_model`), which calls this function.
     """
     _import_families()
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
-    if checkpoint is not None and not isinstance(checkpoint, Mapping):  # a state dict goes to the family loader
-        from detectkit.checkpoint import is_detectkit_checkpoint, load_state, read_checkpoint
-
-        obj = read_checkpoint(checkpoint)
-        if is_detectkit_checkpoint(obj):
-            model = load_state(obj, checkpoint, model=name, num_classes=num_classes, model_kwargs=kwargs)
-            model.train()
-            return model
-        del obj
     model = _MODELS[name](num_classes=num_classes, checkpoint=checkpoint, **kwargs)
-    # what a checkpoint record needs to rebuild this model (see detectkit.checkpoint.build_record)
+    # what a checkpoint record needs to rebuild this model (declared by detectkit.models.base.Detector)
     model.registry_name = name
     # A builder may set its own canonical form (yolo_nas_custom stores the architecture dict, not
     # the YAML path it was given, so the record never depends on a file that may vanish).

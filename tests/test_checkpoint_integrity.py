@@ -16,7 +16,7 @@ from test_checkpoint_load import tiny_data
 
 import detectkit
 from detectkit.checkpoint import CheckpointError, DiskFullError, read_checkpoint
-from detectkit.checkpoint_io import AtomicCheckpointIO
+from detectkit.checkpoint.lightning_io import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 

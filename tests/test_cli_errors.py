@@ -80,7 +80,7 @@ def test_trainer_defaults_added_unless_configured(tmp_path):
     """Every CLI trainer gets TRAINER_DEFAULTS (what is importable), except a kind the config already has."""
     from lightning.pytorch.plugins import TorchCheckpointIO
 
-    from detectkit.checkpoint_io import AtomicCheckpointIO
+    from detectkit.checkpoint.lightning_io import AtomicCheckpointIO
     from detectkit.cli.lightning import TRAINER_DEFAULTS, DetectkitCLI
 
     assert [d.class_path.rsplit(".", 1)[1] for d in TRAINER_DEFAULTS] == [

@@ -7,8 +7,7 @@ import torch
 from compress_helpers import TinyDetector
 
 from detectkit.compress.latency import latency_weights, module_path, unit_latency
-from detectkit.compress.prune import layerwise_prune
-from detectkit.compress.sensitivity import budget_weights
+from detectkit.compress.sensitivity import budget_weights, layerwise_prune
 
 pytest.importorskip("onnxruntime")
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 from compress_helpers import TinyDetector
 
-from detectkit.compress.prune import count_macs_params, layerwise_prune, prune_to_macs
-from detectkit.compress.sensitivity import budget_weights, pruning_sensitivity, recalibrate_batchnorm
+from detectkit.compress.prune import count_macs_params, prune_to_macs
+from detectkit.compress.sensitivity import (
+    budget_weights,
+    layerwise_prune,
+    pruning_sensitivity,
+    recalibrate_batchnorm,
+)
 
 UNITS = ["stem.2", "rep", "down1", "down2"]
 

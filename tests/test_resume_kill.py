@@ -28,7 +28,7 @@ def train(out: Path, cache: str, kill_at: int | None = None, resume: str | None 
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from test_distributed import PlainDetector
 
-    from detectkit.checkpoint_io import AtomicCheckpointIO
+    from detectkit.checkpoint.lightning_io import AtomicCheckpointIO
     from detectkit.data import DetectionDataModule
     from detectkit.data.synthetic import SyntheticConfig
     from detectkit.modules.detector import DetectionModule
@@ -100,7 +100,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> 
 
 
 def _save_big(path: str, fill: float) -> None:
-    from detectkit.checkpoint_io import AtomicCheckpointIO
+    from detectkit.checkpoint.lightning_io import AtomicCheckpointIO
 
     AtomicCheckpointIO().save_checkpoint({"fill": fill, "w": torch.full((32 * 2**20,), fill)}, path)  # 128 MB
 

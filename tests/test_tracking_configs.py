@@ -31,4 +31,4 @@ def test_overlay_parses_on_quickstart(overlay: str) -> None:
         assert {"detectkit.callbacks.TrackRun", "detectkit.callbacks.LogValidationPredictions"} <= set(callbacks)
     if overlay == "quickstart_ddp.yaml":
         assert cfg["trainer"]["strategy"] == "ddp"
-        assert cfg["trainer"]["plugins"][0]["class_path"] == "detectkit.checkpoint_io.AtomicCheckpointIO"
+        assert cfg["trainer"]["plugins"][0]["class_path"] == "detectkit.checkpoint.lightning_io.AtomicCheckpointIO"

@@ -44,7 +44,7 @@ class TrainerDefault:
 
 #: THE list of what every fit/validate/test/predict trainer gets by default
 TRAINER_DEFAULTS: tuple[TrainerDefault, ...] = (
-    TrainerDefault("detectkit.checkpoint_io.AtomicCheckpointIO", "lightning.fabric.plugins.io.CheckpointIO", plugin=True),
+    TrainerDefault("detectkit.checkpoint.lightning_io.AtomicCheckpointIO", "lightning.fabric.plugins.io.CheckpointIO", plugin=True),
     TrainerDefault("detectkit.callbacks.NanGuard", "detectkit.callbacks.NanGuard"),
     TrainerDefault("detectkit.callbacks.RunReport", "detectkit.callbacks.RunReport"),
     TrainerDefault("detectkit.callbacks.PlainProgressBar", "lightning.pytorch.callbacks.ProgressBar",

@@ -13,3 +13,27 @@
 The Lightning callbacks in ``detectkit.callbacks`` schedule them; ``detectkit.checkpoint``
 replays the architecture ops they record. Nothing here imports the callbacks.
 """
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn as nn
+
+from detectkit.checkpoint import register_architecture_op
+
+
+def _replay_prune(model: nn.Module, op: Mapping[str, Any]) -> nn.Module:
+    from detectkit.compress.prune import apply_pruned_shapes  # torch-pruning: only when a record has the op
+
+    return apply_pruned_shapes(model, op["shapes"], fused=op.get("fused", True))
+
+
+def _replay_quantize(model: nn.Module, op: Mapping[str, Any]) -> nn.Module:
+    from detectkit.compress.quantize import restore_quantized  # modelopt: only when a record has the op
+
+    return restore_quantized(model, dict(op))
+
+
+# the architecture ops the pruning and QAT callbacks record, replayed by detectkit.checkpoint on load
+register_architecture_op("prune", _replay_prune)
+register_architecture_op("quantize", _replay_quantize)

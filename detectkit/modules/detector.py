@@ -152,7 +152,7 @@ class DetectionModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         if isinstance(model, str):
-            from detectkit.registry import create_model
+            from detectkit.checkpoint import create_model  # also a detectkit .ckpt to fine-tune from
 
             kw = dict(model_kwargs or {})
             if num_classes is not None:
