@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 quickstart: setup
-	$(BIN)/python -m detectkit.quickstart
+	$(BIN)/python -m detectkit.cli.quickstart
 
 bench: setup
 	for f in benchmarks/bench_*.py; do [ $$f = benchmarks/bench_peers.py ] || $(BIN)/python $$f || exit 1; done

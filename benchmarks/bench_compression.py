@@ -2,7 +2,7 @@
 
     python benchmarks/bench_compression.py --checkpoint runs/quickstart/logs/version_0/checkpoints/last.ckpt
 
-Without ``--checkpoint`` the quickstart model is trained first (``detectkit.quickstart``).
+Without ``--checkpoint`` the quickstart model is trained first (``detectkit.cli.quickstart``).
 Every model is measured the same way: exported to ONNX (FP32 fused, or Q/DQ INT8), its
 validation mAP computed from onnxruntime's outputs with the validation post-processing (at the
 training size), and its onnxruntime latency at ``--deploy-size`` (batch 1, ``--threads``
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
 
     ckpt = args.checkpoint
     if ckpt is None:
-        from detectkit.quickstart import run as quickstart
+        from detectkit.cli.quickstart import run as quickstart
 
         print(f"training the quickstart model ({args.train_epochs} epochs)...", flush=True)
         summary = quickstart(output_dir=run_dir / "quickstart", overrides=["--trainer.max_epochs", str(args.train_epochs)])

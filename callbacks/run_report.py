@@ -52,8 +52,8 @@ from detectkit.callbacks.prediction_images import (
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
+from detectkit.integrations.tracking import run_dir
 from detectkit.modules.curves import validation_curves
-from detectkit.tracking import run_dir
 
 __all__ = ["RunReport", "run_folder", "metrics_table"]
 
@@ -64,7 +64,7 @@ _VAL_ORDER = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
 
 
 def run_folder(trainer: pl.Trainer) -> Path:
-    """The folder of this run (the one rule, :func:`detectkit.tracking.run_dir`), the same on every
+    """The folder of this run (the one rule, :func:`detectkit.integrations.tracking.run_dir`), the same on every
     rank (broadcast from rank 0: every rank must call it)."""
     return Path(trainer.strategy.broadcast(str(run_dir(trainer))))
 

@@ -1,4 +1,4 @@
-"""``python -m detectkit.quickstart`` end to end on tiny settings: one JSON line with metrics and paths.
+"""``python -m detectkit.cli.quickstart`` end to end on tiny settings: one JSON line with metrics and paths.
 
 The full quickstart (map_50 >= 0.5 in minutes) is run by ``make quickstart``; here the same code
 path runs two training steps.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from detectkit.quickstart import DEFAULT_CONFIG, main
+from detectkit.cli.quickstart import DEFAULT_CONFIG, main
 
 
 def test_quickstart_prints_one_json_line(tmp_path, capsys):

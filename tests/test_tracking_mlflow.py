@@ -26,7 +26,7 @@ def _all_artifacts(client, run_id: str, path: str | None = None) -> list[str]:
 
 
 def _mlflow_logger(url: str, save_dir: Path) -> dict:
-    return {"class_path": "detectkit.tracking.MLFlowLogger",
+    return {"class_path": "detectkit.integrations.tracking.MLFlowLogger",
             "init_args": {"experiment_name": "tiny", "tracking_uri": url, "save_dir": str(save_dir)}}
 
 
@@ -38,7 +38,7 @@ def test_fit_logs_everything_to_mlflow_server(tmp_path: Path, monkeypatch: pytes
 
     import detectkit
     from detectkit.cli import DetectkitCLI
-    from detectkit.tracking import flatten_config
+    from detectkit.integrations.tracking import flatten_config
 
     shared = tmp_path / "runs"  # both runs log to one save_dir, as a team's recipe does
     with mlflow_server(tmp_path / "server") as url:
@@ -126,7 +126,7 @@ def test_default_mlflow_store_is_local_sqlite(tmp_path: Path, monkeypatch: pytes
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from mlflow.tracking import MlflowClient
 
-    from detectkit.tracking import MLFlowLogger
+    from detectkit.integrations.tracking import MLFlowLogger
 
     logger = MLFlowLogger(experiment_name="local", save_dir=str(tmp_path / "runs"))
     logger.log_metrics({"x": 1.5}, step=0)
@@ -144,7 +144,7 @@ def test_pyfunc_inputs_and_clear_errors(tmp_path: Path) -> None:
     import pandas as pd
     from PIL import Image
 
-    from detectkit.mlflow_pyfunc import OUTPUT_COLUMNS, DetectkitPythonModel
+    from detectkit.integrations.mlflow_pyfunc import OUTPUT_COLUMNS, DetectkitPythonModel
 
     pyfunc = DetectkitPythonModel()
     pyfunc.model = TinyDetector(num_classes=3, cls_prior=0.3).eval()  # what load_context sets from the weights
@@ -182,8 +182,8 @@ def test_plain_trainer_full_checkpoint_artifact(tmp_path: Path, monkeypatch: pyt
     from lightning.pytorch.callbacks import ModelCheckpoint
     from mlflow.tracking import MlflowClient
 
+    from detectkit.integrations.tracking import MLFlowLogger
     from detectkit.modules.detector import DetectionModule
-    from detectkit.tracking import MLFlowLogger
 
     logger = MLFlowLogger(experiment_name="plain", save_dir=str(tmp_path / "runs"))
     track = TrackRun(artifact="checkpoint")
@@ -206,3 +206,13 @@ def test_plain_trainer_full_checkpoint_artifact(tmp_path: Path, monkeypatch: pyt
     image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     out = pyfunc.predict([image])
     assert 0 < len(out) <= 5 and set(out.class_name) <= set(module.class_names)
+
+
+def test_models_saved_before_the_move_still_load():
+    """An MLflow model saved earlier carries a copy of the old "model from code" file, which imports
+    ``detectkit.mlflow_pyfunc``: that path must keep naming the same model class."""
+    pytest.importorskip("mlflow")
+    import detectkit.integrations.mlflow_pyfunc as current
+    import detectkit.mlflow_pyfunc as saved_path
+
+    assert saved_path.DetectkitPythonModel is current.DetectkitPythonModel
