@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | No
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a glob pattern, sorted."""
-    _import_families()
+    discover()
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
@@ -39,7 +40,7 @@ def create_model(name: str, num_classes: int = 80, checkpoint: str | Mapping | N
     ``.ckpt`` or weights file is rebuilt from its record by :func:`detectkit.create_model`
     (:func:`detectkit.checkpoint.create_model`), which calls this function.
     """
-    _import_families()
+    discover()
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
     model = _MODELS[name](num_classes=num_classes, checkpoint=checkpoint, **kwargs)
@@ -60,6 +61,13 @@ def name_of(model: nn.Module) -> str | None:
     return next((n for n, f in _MODELS.items() if f is type(model)), None)
 
 
-def _import_families() -> None:
-    # Importing the family packages runs their @register_model decorators.
-    import detectkit.models  # noqa: F401
+#: packages whose import registers models (``@register_model``), checkpoint readers and architecture
+#: ops (``detectkit.checkpoint.hooks``). Plugin discovery by name: they sit above the registry and
+#: the checkpoint package in the layers, which must not import them.
+PLUGINS: tuple[str, ...] = ("detectkit.models", "detectkit.compress")
+
+
+def discover() -> None:
+    """Import every package in :data:`PLUGINS` (once; later calls find them in ``sys.modules``)."""
+    for name in PLUGINS:
+        importlib.import_module(name)

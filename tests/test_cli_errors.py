@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_is_lazy():
     """`import detectkit.cli` (what `detectkit --help` costs) imports neither torch nor lightning."""
-    code = ("import detectkit.cli, detectkit.cli.predict, detectkit.export.commands, sys; "
+    code = ("import detectkit.cli, detectkit.cli.predict, detectkit.cli.export, sys; "
             "heavy = [m for m in ('torch', 'lightning', 'torchvision', 'cv2') if m in sys.modules]; "
             "assert not heavy, heavy; detectkit.cli.main(['--help'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)

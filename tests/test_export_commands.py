@@ -13,9 +13,9 @@ from detectkit.callbacks import StructuredPruning
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from detectkit.cli import main as cli_main
+from detectkit.cli.export import load_for_export
 from detectkit.data import DetectionDataModule
 from detectkit.data.synthetic import SyntheticConfig
-from detectkit.export.commands import load_for_export
 from detectkit.export.deploy import run_onnx
 from detectkit.modules.detector import DetectionModule
 from detectkit.registry import _MODELS, register_model

@@ -2,14 +2,13 @@
 family: super-gradients, ultralytics) and architecture ops replayed from a record (compress:
 pruned widths, quantizers). ``checkpoint`` imports none of them; it looks registrations up here.
 
-Registration happens when the owning package is imported. :data:`PROVIDERS` names those
-packages: a lookup imports them first (plugin discovery, as ``registry`` imports the families
-to run their ``@register_model``), so every entry point sees every reader and op.
+Registration happens when the owning package is imported: a lookup first runs
+:func:`detectkit.registry.discover` (the packages named in ``registry.PLUGINS``), so every entry
+point (``detectkit.load``, ``DetectionModule``, the CLI, serve) sees every reader and op.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +16,9 @@ from typing import Any
 import torch.nn as nn
 
 from detectkit.checkpoint.errors import CheckpointError
+from detectkit.registry import discover
 
-__all__ = ["ForeignReader", "register_reader", "readers", "register_architecture_op", "replay_architecture", "PROVIDERS"]
-
-#: packages whose import registers readers / architecture ops (discovered on first lookup)
-PROVIDERS: tuple[str, ...] = ("detectkit.models", "detectkit.compress")
+__all__ = ["ForeignReader", "register_reader", "readers", "register_architecture_op", "replay_architecture"]
 
 #: ``read(obj, path, num_classes, name) -> model`` (a built detector, weights loaded, train mode)
 ReadFn = Callable[[Any, Any, "int | None", "str | None"], nn.Module]
@@ -43,15 +40,6 @@ class ForeignReader:
 
 _READERS: dict[str, ForeignReader] = {}
 _OPS: dict[str, ReplayFn] = {}
-_discovered = False
-
-
-def _discover() -> None:
-    global _discovered
-    if not _discovered:
-        _discovered = True
-        for name in PROVIDERS:
-            importlib.import_module(name)
 
 
 def register_reader(reader: ForeignReader) -> ForeignReader:
@@ -62,7 +50,7 @@ def register_reader(reader: ForeignReader) -> ForeignReader:
 
 def readers() -> list[ForeignReader]:
     """The registered foreign readers, in registration order."""
-    _discover()
+    discover()
     return list(_READERS.values())
 
 
@@ -78,7 +66,7 @@ def replay_architecture(model: nn.Module, ops: Iterable[Mapping[str, Any]]) -> n
     for op in ops:
         kind = op.get("op")
         if kind not in _OPS:
-            _discover()
+            discover()
         if kind not in _OPS:
             raise CheckpointError(f"unknown architecture op {kind!r} in the checkpoint record")
         model = _OPS[kind](model, op)

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("score a checkpoint on the validation split (--config, --ckpt_path)", "detectkit.cli.lightning"),
     "test": ("score a checkpoint on the test split (--config, --ckpt_path)", "detectkit.cli.lightning"),
     "predict": ("detect objects: --source <file|dir|glob|video|url> --checkpoint X", "detectkit.cli.predict"),
-    "export": ("export a checkpoint to ONNX (NMS, uint8, INT8) or TensorRT, checked", "detectkit.export.commands"),
+    "export": ("export a checkpoint to ONNX (NMS, uint8, INT8) or TensorRT, checked", "detectkit.cli.export"),
     "data": ("inspect, convert or generate datasets", "detectkit.data.commands"),
     "serve": ("serve a checkpoint over HTTP (LitServe, dynamic batching)", "detectkit.serve.commands"),
     "nas": ("search an architecture: nas search --config X.yaml, nas show STUDY, nas export STUDY --trial N", "detectkit.nas.commands"),
