@@ -47,8 +47,10 @@ $(PEERS): $(PEERS_STAMP)
 bench-peers: $(PEERS_STAMP)
 	YOLO_OFFLINE=1 $(PEERS_BIN)/python benchmarks/bench_peers.py $(PEERS_ARGS)
 
+# ruff, then the layer contracts of docs/architecture.md ([tool.importlinter] in pyproject.toml)
 lint: setup
 	$(BIN)/ruff check detectkit callbacks tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(PEERS) runs .pytest_cache
