@@ -49,6 +49,16 @@ class LossTermRegistry(Protocol):
     def remove_loss_term(self, name: str) -> None: ...
 
 
+@runtime_checkable
+class DistillationHost(Protocol):
+    """What trains distillation feature adapters with the student (``DetectionModule``): a declared
+    submodule slot, so that the adapters are saved, restored on resume, moved and optimised."""
+
+    distill_adapters: nn.ModuleList | None
+
+    def set_distill_adapters(self, adapters: nn.ModuleList | None) -> None: ...
+
+
 class _LossTerms(dict):
     """name -> ExtraLoss. Deep copies share the terms: an EMA copy of the module
     (``AveragedModel`` deep-copies it) never trains, and copying a term would clone its teacher."""
@@ -187,6 +197,9 @@ class DetectionModule(pl.LightningModule):
         self._restore_listeners: list[Callable[[Mapping[str, Any]], None]] = []
         #: extra loss terms by name, added to the detection loss in ``training_step`` in order
         self.loss_terms: dict[str, ExtraLoss] = _LossTerms()
+        #: 1x1 feature adapters a distillation callback trains with the student (None: no feature
+        #: KD); declared here so they are saved, restored, moved and optimised with the module
+        self.distill_adapters: nn.ModuleList | None = None
         #: speed options (see :mod:`detectkit.models.speed`); the model is converted lazily, so a
         #: model swapped by an architecture replay is converted too
         self.channels_last = bool(channels_last)
@@ -367,6 +380,10 @@ class DetectionModule(pl.LightningModule):
     def record_architecture(self, op: dict[str, Any]) -> None:
         """Append an architecture change (``{"op": "prune" | "quantize", ...}``) made to ``self.model``."""
         self.architecture.append(dict(op))
+
+    def set_distill_adapters(self, adapters: nn.ModuleList | None) -> None:
+        """Install the distillation adapters, or replace them (the student's widths changed)."""
+        self.distill_adapters = adapters
 
     def add_restore_listener(self, fn: Callable[[Mapping[str, Any]], None]) -> None:
         """``fn(checkpoint)`` runs after a checkpoint's architecture was replayed, before the weights
