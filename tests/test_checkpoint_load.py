@@ -171,6 +171,23 @@ def test_super_gradients_pth(shared_dir):
     assert all(torch.equal(own[k], v) for k, v in net.items() if k in own)
 
 
+def test_a_fresh_process_finds_every_family_and_architecture_op(shared_dir):
+    """``checkpoint`` imports no model family and no compress module: the registrations (foreign
+    readers, architecture ops) are discovered on the first lookup, whatever was imported before."""
+    path = shared_dir / "fixtures" / "yolo_nas_s_parity" / "yolo_nas_s_random.pth"
+    code = (
+        "import sys\n"
+        "from detectkit.checkpoint import load\n"
+        "assert 'detectkit.models' not in sys.modules and 'detectkit.compress' not in sys.modules\n"
+        f"model = load({str(path)!r})\n"
+        "from detectkit.checkpoint.hooks import _OPS\n"
+        "print(model.registry_name, sorted(_OPS))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "yolo_nas_s ['prune', 'quantize']"
+
+
 def test_ultralytics_pt(shared_dir, tmp_path):
     from test_yolo_world_weights import _module_tree, _save_pt
 
