@@ -27,6 +27,7 @@ from detectkit.checkpoint.record import (
     RECORD_KEY,
     WEIGHT_KWARGS,
     ArchitectureRecorder,
+    RecordedModel,
     architecture_from_callback_states,
     build_record,
     is_detectkit_checkpoint,
@@ -68,13 +69,13 @@ def _same_model(path: Any, asked: str | None, recorded: str | None) -> None:
         raise CheckpointError(f"{path}: holds a {recorded} model, not {asked}")
 
 
-
 def _apply_record(model: nn.Module, record: Mapping[str, Any] | None) -> None:
-    if hasattr(model, "apply_record"):  # a detectkit Detector (RecordedModel)
+    if isinstance(model, RecordedModel):  # a detectkit Detector: classes, inference defaults, ids
         model.apply_record(record)
-    else:  # a user's plain module: remember where it came from
+    else:  # a user's module that is no Detector: classes and where it came from
+        if record and record.get("class_names"):
+            model.class_names = list(record["class_names"])
         model.record = dict(record) if record is not None else None
-
 
 def _from_record(obj: Mapping[str, Any], path: Any, num_classes: int | None, name: str | None) -> nn.Module:
     record = dict(obj[RECORD_KEY])
@@ -95,7 +96,6 @@ def _from_record(obj: Mapping[str, Any], path: Any, num_classes: int | None, nam
     _apply_record(model, record)
     return model
 
-
 def _from_old_lightning(obj: Mapping[str, Any], path: Any, num_classes: int | None, name: str | None) -> nn.Module:
     """A detectkit .ckpt written before the record: hyper-parameters + the callbacks' saved states."""
     hp = obj.get("hyper_parameters") or {}
@@ -111,7 +111,6 @@ def _from_old_lightning(obj: Mapping[str, Any], path: Any, num_classes: int | No
     _apply_record(model, {"class_names": list(hp["class_names"])} if hp.get("class_names") else None)
     model.record = None
     return model
-
 
 def match_variant(family: str, state: Mapping[str, torch.Tensor], num_classes: int, path: Any) -> str:
     """The registered ``family*`` variant whose weights have ``state``'s keys and shapes (built on
@@ -129,7 +128,6 @@ def match_variant(family: str, state: Mapping[str, torch.Tensor], num_classes: i
         if shapes(model.state_dict()) == want:
             return name
     raise CheckpointError(f"{path}: the weights match none of {', '.join(names)}; pass model=")
-
 
 def load_state(obj: Any, path: str | os.PathLike = "<checkpoint>", *, model: str | None = None,
                num_classes: int | None = None, model_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
@@ -170,7 +168,6 @@ def load_state(obj: Any, path: str | os.PathLike = "<checkpoint>", *, model: str
         "super-gradients .pth, an ultralytics .pt or a state dict with model=)"
     )
 
-
 def load(path: str | os.PathLike, device: str | torch.device | None = None, num_classes: int | None = None,
          model: str | None = None) -> nn.Module:
     """A ready detector from any checkpoint detectkit reads, in eval mode.
@@ -189,9 +186,6 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, num_
         net.to(device)
     return net
 
-
-
-
 def create_model(name: str, num_classes: int = 80, checkpoint: str | os.PathLike | Mapping | None = None,
                  **kwargs: Any) -> nn.Module:
     """:func:`detectkit.registry.create_model`, where ``checkpoint`` may also be a detectkit ``.ckpt``
@@ -207,7 +201,6 @@ def create_model(name: str, num_classes: int = 80, checkpoint: str | os.PathLike
             model.train()
             return model
     return registry.create_model(name, num_classes=num_classes, checkpoint=checkpoint, **kwargs)
-
 
 def save_weights(model_or_ckpt: nn.Module | Mapping[str, Any] | str | os.PathLike, path: str | os.PathLike,
                  half: bool = False) -> Path:
