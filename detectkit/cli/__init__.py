@@ -19,18 +19,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from detectkit.errors import UserError, suggest
+from detectkit.extras import missing_extra_message
+from detectkit.recipes import resolve_config_args
 
 __all__ = ["main", "COMMANDS", "EXTRA_COMMANDS", "DetectkitCLI", "UserError", "suggest"]
 
 #: first word -> (one line of help, module whose ``main(argv)`` runs it)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fit": ("train a model from a recipe (LightningCLI: --config experiments/X.yaml)", "detectkit.cli.lightning"),
+    "fit": ("train a model from a recipe (LightningCLI: --config quickstart, or --config my.yaml)", "detectkit.cli.lightning"),
     "validate": ("score a checkpoint on the validation split (--config, --ckpt_path)", "detectkit.cli.lightning"),
     "test": ("score a checkpoint on the test split (--config, --ckpt_path)", "detectkit.cli.lightning"),
     "predict": ("detect objects: --source <file|dir|glob|video|url> --checkpoint X", "detectkit.cli.predict"),
     "export": ("export a checkpoint to ONNX (NMS, uint8, INT8) or TensorRT, checked", "detectkit.export.commands"),
     "data": ("inspect, convert or generate datasets", "detectkit.data.commands"),
     "serve": ("serve a checkpoint over HTTP (LitServe, dynamic batching)", "detectkit.serve.commands"),
+    "recipes": ("list the shipped recipes (detectkit recipes NAME prints one)", "detectkit.recipes"),
     "nas": ("search an architecture: nas search --config X.yaml, nas show STUDY, nas export STUDY --trial N", "detectkit.nas.commands"),
 }
 #: the commands that are not LightningCLI subcommands (kept for callers of the old module)
@@ -90,9 +93,7 @@ def _run(word: str, argv: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):  # the command's own module is absent
             raise UserError(f"`detectkit {word}` is not available in this installation ({module_name} is missing)") from e
-        extra = {"serve": "serve", "export": "export"}.get(word)
-        hint = f"; install it with pip install 'detectkit[{extra}]'" if extra else ""
-        raise UserError(f"`detectkit {word}` needs the package {e.name!r}{hint}") from e
+        raise  # a missing extra: main() names it
     if module_name == "detectkit.cli.lightning":
         return int(module.main([word, *argv]) or 0)
     return int(module.main(list(argv)) or 0)
@@ -119,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         word_module = None
     try:
+        if word_module is not None or COMMANDS[word][1] == "detectkit.cli.lightning":
+            argv = resolve_config_args(argv)  # an unknown recipe name fails here, before Lightning loads
         if word_module is not None:
             return int(importlib.import_module(word_module).main(argv) or 0)
         return _run(word, argv[1:])
@@ -135,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        extra = missing_extra_message(e, f"detectkit {word}")
+        if extra is not None:  # e.g. `detectkit serve` in a base install
+            print(f"detectkit {word}: error: {extra}", file=sys.stderr)
+            return 1
         hint = "" if _is_user_error(e) else " (an internal error: rerun with --debug for the traceback)"
         print(f"detectkit {word}: error: {_message(e)}{hint}", file=sys.stderr)
         return 1

@@ -85,6 +85,10 @@ class DetectkitCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse without LightningCLI's warning about ``args`` (detectkit always passes them) and
         turn parse errors into one line with a "did you mean" for a mistyped option."""
+        if not isinstance(args, dict):
+            from detectkit.recipes import resolve_config_args
+
+            args = resolve_config_args(list(args))  # `--config quickstart`: a shipped recipe by name
         try:
             self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
         except Exception as e:
@@ -244,10 +248,11 @@ def short_help(sub: str) -> str:
     from detectkit.data import DetectionDataModule
     from detectkit.modules.detector import DetectionModule
 
-    out = [f"usage: detectkit {sub} --config RECIPE.yaml [--section.option VALUE ...]", "",
-           "Run a LightningCLI recipe (experiments/*.yaml); any option below overrides the recipe.",
+    out = [f"usage: detectkit {sub} --config RECIPE [--section.option VALUE ...]", "",
+           "Run a LightningCLI recipe (a YAML file, or a shipped recipe by name: detectkit recipes lists them);",
+           "any option below overrides the recipe.",
            "", "general:",
-           "  --config FILE        a recipe (repeatable; later files override earlier ones)",
+           "  --config RECIPE      a YAML file or a recipe name (repeatable; later ones override earlier ones)",
            "  --print_config       print the resolved config and exit",
            "  --help-full          every option (jsonargparse's full help)",
            "  --debug              show tracebacks on errors"]
