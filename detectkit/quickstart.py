@@ -15,10 +15,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from detectkit.recipes import recipe_path
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-#: the recipe shipped with the repository (experiments/ sits next to the package)
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+#: the shipped recipe (package data in a wheel, experiments/ in a checkout)
+DEFAULT_CONFIG = recipe_path("quickstart")
 
 
 def run(config: str | Path = DEFAULT_CONFIG, output_dir: str | Path = "runs/quickstart", overrides: Sequence[str] = ()) -> dict:
