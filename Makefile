@@ -16,11 +16,11 @@ PEERS_BIN := $(PEERS)/bin
 PEERS_STAMP := $(PEERS)/.installed
 PEERS_ARGS ?=
 
-.PHONY: setup test quickstart bench bench-peers lint clean
+.PHONY: setup test wheel wheel-check quickstart bench bench-peers lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade setuptools wheel -c constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[all]"
@@ -29,13 +29,21 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
+# sdist + wheel into dist/ (the wheel is built from the sdist)
+wheel: setup
+	$(BIN)/python -m build --outdir dist .
+
+# the wheel as a pip user gets it: a fresh venv without extras, used from outside the checkout
+wheel-check: setup
+	BUILD_PY=$(BIN)/python .ci/wheel-check $(PY)
+
 quickstart: setup
 	$(BIN)/python -m detectkit.quickstart
 
 bench: setup
 	for f in benchmarks/bench_*.py; do [ $$f = benchmarks/bench_peers.py ] || $(BIN)/python $$f || exit 1; done
 
-$(PEERS_STAMP): pyproject.toml constraints.txt
+$(PEERS_STAMP): pyproject.toml setup.py constraints.txt
 	$(PY) -m venv $(PEERS)
 	$(PEERS_BIN)/pip install -q --upgrade setuptools wheel -c constraints.txt
 	$(PEERS_BIN)/pip install -q -c constraints.txt -e ".[all]" ultralytics
@@ -51,4 +59,4 @@ lint: setup
 	$(BIN)/ruff check detectkit callbacks tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(PEERS) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs .pytest_cache build dist *.egg-info

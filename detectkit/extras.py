@@ -35,16 +35,20 @@ _REQUIREMENT = re.compile(r"(?:No module named|Requirement) '([A-Za-z0-9_.\-]+)"
 
 
 def missing_module(error: BaseException) -> str | None:
-    """The top-level module an ImportError is about (``onnx`` for ``No module named 'onnx.helper'``)."""
-    if not isinstance(error, ImportError):
-        return None
-    name = error.name
-    if not name:
-        match = _REQUIREMENT.search(str(error))
-        name = match.group(1) if match else None
-    if not name:
-        return None
-    return re.split(r"[.<>=!~\[ ]", name, maxsplit=1)[0].replace("-", "_")
+    """The top-level module an error is about (``onnx`` for ``No module named 'onnx.helper'``): the
+    error itself, what caused it (jsonargparse wraps a failed class_path import), or its message."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        name = current.name if isinstance(current, ImportError) else None
+        if not name:
+            match = _REQUIREMENT.search(str(current))
+            name = match.group(1) if match else None
+        if name:
+            return re.split(r"[.<>=!~\[ ]", name, maxsplit=1)[0].replace("-", "_")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def missing_extra_message(error: BaseException, feature: str) -> str | None:

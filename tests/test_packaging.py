@@ -246,6 +246,13 @@ def test_every_optional_package_names_its_extra(wheel):
     lightning_style = ModuleNotFoundError("Requirement 'mlflow>=1.0.0' not met. HINT: Try running `pip install -U 'mlflow>=1.0.0'`")
     assert "pip install 'detectkit[tracking]'" in missing_extra_message(lightning_style, "detectkit fit")
     assert missing_extra_message(ModuleNotFoundError("No module named 'torch'", name="torch"), "x") is None
+    try:  # torch.onnx's own error, raised from the ImportError
+        try:
+            raise ModuleNotFoundError("No module named 'onnx'", name="onnx")
+        except ImportError as e:
+            raise RuntimeError("Module onnx is not installed!") from e
+    except RuntimeError as wrapped:
+        assert "pip install 'detectkit[export]'" in missing_extra_message(wrapped, "detectkit export")
 
 
 def _module_file(name: str) -> Path | None:

@@ -126,9 +126,10 @@ class SearchConfig:
     def from_yaml(cls, path: str | os.PathLike) -> SearchConfig:
         import yaml
 
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"{p}: search config not found")
+        try:  # a file, or a shipped recipe's name (nas_quickstart)
+            p = resolve_recipe(path)
+        except UserError as e:
+            raise ValueError(f"search config {e}") from None
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
