@@ -100,7 +100,7 @@ def test_flipped_bytes_through_the_cli(flipped, tmp_path, command, capsys):
     from detectkit.cli import main
 
     args = ["--config", str(ROOT / "experiments" / "quickstart.yaml"), "--model.model=tiny_ckpt_detector",
-            "--data.image_size=64", "--data.num_workers=0", f"--data.cache_dir={tmp_path / 'data'}",
+            "--data.image_size=64", "--data.loader.num_workers=0", f"--data.cache_dir={tmp_path / 'data'}",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.enable_progress_bar=false"]
     # the CLI prints a user error as one line on stderr and exits non-zero (a traceback only with --debug)

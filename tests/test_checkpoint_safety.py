@@ -112,7 +112,7 @@ def test_lightning_cli_ckpt_path(payloads, tmp_path, command):
     from detectkit.cli import main
 
     args = ["--config", str(ROOT / "experiments" / "quickstart.yaml"), "--model.model=tiny_ckpt_detector",
-            "--data.image_size=64", "--data.num_workers=0", f"--data.cache_dir={tmp_path / 'data'}",
+            "--data.image_size=64", "--data.loader.num_workers=0", f"--data.cache_dir={tmp_path / 'data'}",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.enable_progress_bar=false"]
     _check(payloads, lambda p: main([command, "--debug", *args, f"--ckpt_path={p}"]))

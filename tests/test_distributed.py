@@ -171,7 +171,7 @@ def test_two_nodes_match_one_process_and_resume_on_one(tmp_path: Path) -> None:
 
     assert main(["fit", "--config", str(write_config(tmp_path, "single"))]) == 0
     # same global batch: 2 ranks x 2
-    torchrun_two_nodes(tmp_path, ["--config", str(write_config(tmp_path, "ddp")), "--data.batch_size", "2"])
+    torchrun_two_nodes(tmp_path, ["--config", str(write_config(tmp_path, "ddp")), "--data.loader.batch_size", "2"])
     single, w1 = _load(tmp_path, "single")
     ddp, w2 = _load(tmp_path, "ddp")
 

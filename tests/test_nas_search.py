@@ -37,8 +37,8 @@ def write_config(tmp: Path, name: str, n_trials: int = 2) -> Path:
         "proxy": {
             "recipe": str(ROOT / "experiments" / "quickstart.yaml"), "epochs": 2, "train_batches": 2, "val_batches": 1,
             "overrides": ["--data.image_size=64", "--data.synthetic.size=64", "--data.synthetic.train_images=8",
-                          "--data.synthetic.val_images=4", "--data.batch_size=4", "--data.num_workers=0",
-                          f"--data.cache_dir={tmp}/data", "--model.warmup_steps=1"],
+                          "--data.synthetic.val_images=4", "--data.loader.batch_size=4", "--data.loader.num_workers=0",
+                          f"--data.cache_dir={tmp}/data", "--model.optim.warmup_steps=1"],
         },
         "latency": {"runs": 3, "warmup": 1},
         "remeasure": {"rounds": 2, "runs": 2},

@@ -5,11 +5,13 @@ errors with "did you mean" for mistyped options.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import logging
 import re
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +98,7 @@ class DetectkitCLI(LightningCLI):
         """Take only the architecture from ``--ckpt_path``'s hyperparameters.
 
         LightningCLI re-applies ALL the checkpoint's ``hyper_parameters`` over the command line,
-        which silently ignores e.g. ``--model.predict_conf 0.5`` or ``--model.val_iou 0.6`` on
+        which silently ignores e.g. ``--model.predict_postprocess.conf 0.5`` or ``--model.val_postprocess.iou 0.6`` on
         validate/predict. What defines the weights' shapes must come from the checkpoint; the
         thresholds and optimisation settings are the user's to choose.
         """
@@ -171,8 +173,26 @@ def _known_options(parser: Any, sub: str | None) -> list[str]:
     from detectkit.modules.detector import DetectionModule
 
     for prefix, cls in (("data", DetectionDataModule), ("model", DetectionModule)):
-        names |= {f"--{prefix}.{p}" for p in inspect.signature(cls.__init__).parameters if p != "self"}
+        hints = typing.get_type_hints(cls.__init__)
+        for p in inspect.signature(cls.__init__).parameters:
+            if p in ("self", "legacy"):
+                continue
+            names.add(f"--{prefix}.{p}")
+            group = next((t for t in typing.get_args(hints.get(p)) or (hints.get(p),) if dataclasses.is_dataclass(t)), None)
+            names |= {f"--{prefix}.{p}.{f.name}" for f in dataclasses.fields(group)} if group else set()
     return sorted(names)
+
+
+def _moved(name: str) -> str | None:
+    """``--data.loader.batch_size`` -> "--data.loader.batch_size moved to --data.loader.batch_size ..." (grouped configs)."""
+    from detectkit.configs import moved_key
+
+    section, _, key = name.lstrip("-").partition(".")
+    new = moved_key(section, key.removeprefix("init_args."))
+    if new is None:
+        return None
+    *blocks, leaf = new.split(".")
+    return f"{name} moved to --{new} (in a recipe: {leaf} under {': '.join(blocks)}:)"
 
 
 def _explain_parse_error(message: str, parser: Any, args: Any) -> str:
@@ -181,6 +201,12 @@ def _explain_parse_error(message: str, parser: Any, args: Any) -> str:
     text = " ".join(message.split())
     section = re.search(r'Parser key "([\w.]+)"', text)
     option = re.search(r"Option '([\w.]+)' is not accepted", text)
+    group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", text)  # a recipe's key
+    for name in ([f"--{group.group(1)}.{group.group(2)}"] if group else []) + \
+            ([f"--{section.group(1)}.{option.group(1)}"] if section and option else []) + \
+            [b.split("=")[0] for b in re.findall(r"(--[A-Za-z0-9_.\-]+)", text)]:
+        if _moved(name):  # an old flat key of the grouped configs
+            return _moved(name)
     if section and option:  # a subclass-mode section (data:) rejecting an init argument
         name = f"--{section.group(1)}.{option.group(1)}"
         tip = suggest(name, _known_options(parser, sub))
@@ -226,11 +252,41 @@ def _arg_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _group_type(cls: type, name: str) -> type | None:
+    """The dataclass a grouped argument takes (``loader: LoaderConfig | None``), else ``None``."""
+    hint = typing.get_type_hints(cls.__init__).get(name)
+    return next((t for t in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(t)), None)
+
+
+def _short(text: str) -> str:
+    return (text[:90] + "...") if len(text) > 93 else text
+
+
+def _group_fields(group: type, default: Any) -> list[str]:
+    """The fields of a grouped argument, with the argument's default values when it has some."""
+    docs = _arg_docs(group)
+    base = default if dataclasses.is_dataclass(default) else None
+    lines = []
+    for f in dataclasses.fields(group):
+        value = getattr(base, f.name) if base is not None else (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+        text = _short(docs.get(f.name, ""))
+        lines.append(f"      .{f.name} (default {value!r})" + (f": {text}" if text else ""))
+    return lines
+
+
 def _options(cls: type, prefix: str, only: Sequence[str] | None = None) -> list[str]:
+    """One entry per argument; a grouped argument lists its fields (``--data.loader.batch_size``)."""
     docs = _arg_docs(cls)
     lines = []
     for name, p in inspect.signature(cls.__init__).parameters.items():
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (only and name not in only):
+            continue
+        group = _group_type(cls, name) if cls is not Trainer else None
+        if group is not None:
+            text = _short(docs.get(name, ""))
+            lines.append(f"  --{prefix}.{name}.FIELD" + (f"\n      {text}" if text else ""))
+            lines += _group_fields(group, p.default)
             continue
         default = "" if p.default is inspect.Parameter.empty else f" (default {p.default!r})"
         text = docs.get(name, "")

@@ -59,9 +59,14 @@ class AugmentConfig:
     #: its last ``batch * 8`` loaded images for the same reason. Batches under ``MIN_BATCH_POOL``
     #: images, and single ``dataset[i]`` reads, use the whole split.
     mix_pool: str = "batch"
+    #: mosaic and mixup off for the last N epochs of the run (the Trainer's ``max_epochs``), so the
+    #: model finishes on images like the ones it will see (ultralytics' ``close_mosaic``)
+    close_mosaic: int = 0
 
     def __post_init__(self) -> None:
         self.scale = (float(self.scale[0]), float(self.scale[1]))
+        if self.close_mosaic < 0:
+            raise ValueError(f"close_mosaic must be >= 0, got {self.close_mosaic}")
         for name in ("mosaic_prob", "mixup_prob", "hsv_prob", "flip_prob", "min_visibility"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:

@@ -19,7 +19,8 @@ from detectkit.models.speed import (
     set_channels_last,
 )
 from detectkit.modules.metrics import build_map_metric, summarize_map, to_original
-from detectkit.modules.schedule import warmup_cosine_scheduler
+from detectkit.configs import as_group, group_dict, register_moves, regroup
+from detectkit.modules.schedule import OptimConfig
 from detectkit.ops.nms import PostprocessConfig, postprocess
 
 # The mAP values logged in _log_map are already global (one evaluation of the states gathered from
@@ -28,7 +29,18 @@ from detectkit.ops.nms import PostprocessConfig, postprocess
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/",
                         category=PossibleUserWarning)
 
-__all__ = ["DetectionModule", "ExtraLoss", "LossTermRegistry", "param_groups"]
+__all__ = ["DetectionModule", "ExtraLoss", "LossTermRegistry", "OptimConfig", "param_groups"]
+
+#: validation post-processing of SG's COCO recipe (``PPYoloEPostPredictionCallback``)
+VAL_POSTPROCESS = PostprocessConfig(conf=0.01, iou=0.7, top_k=1000, max_det=300)
+
+#: where the flat arguments of before the grouping went (old recipes, old checkpoints' hparams)
+MOVED_HPARAMS = register_moves("model", {
+    **{k: f"optim.{k}" for k in ("lr", "weight_decay", "betas", "warmup_steps", "warmup_initial_lr",
+                                 "final_lr_ratio", "warmup_epochs")},
+    **{f"val_{k}": f"val_postprocess.{k}" for k in ("conf", "iou", "top_k", "max_det")},
+    **{f"predict_{k}": f"predict_postprocess.{k}" for k in ("conf", "iou", "max_det")},
+})
 
 @runtime_checkable
 class ExtraLoss(Protocol):
@@ -95,19 +107,15 @@ class DetectionModule(pl.LightningModule):
         model_kwargs: extra builder arguments for a registry name.
         checkpoint: weights for the registry builder (e.g. super-gradients COCO weights).
         loss: ``detectkit.losses`` name; default the model family's ``default_loss``.
-        lr, weight_decay, betas: AdamW (no decay on biases / norm params).
-        warmup_steps, warmup_initial_lr, final_lr_ratio: per-step linear warmup then cosine
-            (SG ``LinearBatchLRWarmup`` + ``CosineLRScheduler``).
-        warmup_epochs: SG's per-epoch warmup (``LinearEpochLRWarmup``, fine-tuning recipes);
-            replaces ``warmup_steps`` when > 0.
-        val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe: NMS
-            keeps up to 300 boxes an image); together :attr:`val_postprocess`. The mAP then scores
-            each image's top 100 by score, COCO's ``maxDets=(1, 10, 100)`` and its
-            100-detections-an-image result rule (see :mod:`detectkit.modules.metrics`), so boxes
-            101-300 never change ``val/map``.
-        predict_conf, predict_iou, predict_max_det: post-processing for ``predict``; ``None``
-            keeps the model's own (``model.inference.postprocess``, from its checkpoint), so
-            ``predict_step`` and ``model.predict`` agree; together :attr:`predict_postprocess`.
+        optim: AdamW and the warm-up + cosine schedule (:class:`OptimConfig`; recipe block
+            ``model.optim``; SG ``LinearBatchLRWarmup``/``LinearEpochLRWarmup`` + ``CosineLRScheduler``).
+        val_postprocess: post-processing for mAP (SG's COCO recipe: conf 0.01, NMS keeps up to 300
+            boxes an image). The mAP then scores each image's top 100 by score, COCO's
+            ``maxDets=(1, 10, 100)`` and its 100-detections-an-image result rule (see
+            :mod:`detectkit.modules.metrics`), so boxes 101-300 never change ``val/map``.
+        predict_postprocess: post-processing for ``predict``; ``None`` keeps the model's own
+            (``model.inference.postprocess``, from its checkpoint), so ``predict_step`` and
+            ``model.predict`` agree.
         text_encoder, prompt_tuning: YOLO-World only (see :mod:`detectkit.modules.world`): the
             encoder that turns ``class_names`` into prompts at setup (CLIP folder/hub id in the
             local cache, ``.pt`` embeddings file; default ``$DETECTKIT_CLIP`` / HF cache), and
@@ -130,26 +138,29 @@ class DetectionModule(pl.LightningModule):
         checkpoint: str | None = None,
         loss: str | None = None,
         loss_kwargs: dict[str, Any] | None = None,
-        lr: float = 2e-4,
-        weight_decay: float = 1e-5,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 1000,
-        warmup_initial_lr: float = 1e-6,
-        final_lr_ratio: float = 0.1,
-        warmup_epochs: int = 0,
-        val_conf: float = 0.01,
-        val_iou: float = 0.7,
-        val_top_k: int = 1000,
-        val_max_det: int = 300,
-        predict_conf: float | None = None,
-        predict_iou: float | None = None,
-        predict_max_det: int | None = None,
+        optim: OptimConfig | None = None,
+        val_postprocess: PostprocessConfig = VAL_POSTPROCESS,
+        predict_postprocess: PostprocessConfig | None = None,
         text_encoder: str | None = None,
         prompt_tuning: bool = False,
         channels_last: bool = False,
         compile: CompileOption = False,
+        **legacy: Any,
     ) -> None:
         super().__init__()
+        groups = regroup("DetectionModule", legacy, MOVED_HPARAMS, {
+            "optim": as_group(optim, OptimConfig, "model.optim"),
+            "val_postprocess": as_group(val_postprocess, PostprocessConfig, "model.val_postprocess"),
+            "predict_postprocess": (None if predict_postprocess is None else
+                                    as_group(predict_postprocess, PostprocessConfig, "model.predict_postprocess"),
+                                    PostprocessConfig),
+        })
+        self.optim: OptimConfig = groups["optim"]
+        self._val_post: PostprocessConfig = groups["val_postprocess"]
+        self._predict_post: PostprocessConfig | None = groups["predict_postprocess"]
+        # hyper-parameters as plain data: checkpoints stay readable by the safe loader
+        optim, val_postprocess = group_dict(self.optim), group_dict(self._val_post)
+        predict_postprocess = group_dict(self._predict_post)
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         if isinstance(model, str):
             from detectkit.registry import create_model
@@ -298,17 +309,15 @@ class DetectionModule(pl.LightningModule):
 
     @property
     def val_postprocess(self) -> PostprocessConfig:
-        """Post-processing for validation/test mAP (from the ``val_*`` arguments)."""
-        hp, d = self.hparams, PostprocessConfig()
-        return PostprocessConfig(conf=hp.get("val_conf", 0.01), iou=hp.get("val_iou", d.iou),
-                                 top_k=hp.get("val_top_k", d.top_k), max_det=hp.get("val_max_det", d.max_det))
+        """Post-processing for validation/test mAP (the ``val_postprocess`` argument)."""
+        return self._val_post
 
     @property
     def predict_postprocess(self) -> PostprocessConfig:
-        """Post-processing for ``predict_step``: the model's defaults with the ``predict_*`` overrides."""
-        hp = self.hparams
-        base = getattr(getattr(self.model, "inference", None), "postprocess", None) or PostprocessConfig()
-        return base.replace(conf=hp.get("predict_conf"), iou=hp.get("predict_iou"), max_det=hp.get("predict_max_det"))
+        """Post-processing for ``predict_step``: the ``predict_postprocess`` argument, else the model's own."""
+        if self._predict_post is not None:
+            return self._predict_post
+        return getattr(getattr(self.model, "inference", None), "postprocess", None) or PostprocessConfig()
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor, config: PostprocessConfig | None = None) -> list[torch.Tensor]:
@@ -451,12 +460,9 @@ class DetectionModule(pl.LightningModule):
 
     # ------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        opt = self.optim
+        optimizer = torch.optim.AdamW(param_groups(self.model, opt.weight_decay), lr=opt.lr, betas=opt.betas)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler = warmup_cosine_scheduler(
-            optimizer, total, hp.warmup_steps, hp.warmup_initial_lr, hp.final_lr_ratio,
-            warmup_epochs=hp.warmup_epochs, steps_per_epoch=max(1, total // epochs),
-        )
+        scheduler = opt.scheduler(optimizer, total, steps_per_epoch=max(1, total // epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
