@@ -17,6 +17,7 @@ from test_checkpoint_load import tiny_data
 import detectkit
 from detectkit.checkpoint import CheckpointError, DiskFullError, read_checkpoint
 from detectkit.checkpoint_io import AtomicCheckpointIO
+from detectkit.modules import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _module():
     from detectkit.modules.detector import DetectionModule
 
-    return DetectionModule("tiny_ckpt_detector", num_classes=3, warmup_steps=1)
+    return DetectionModule("tiny_ckpt_detector", num_classes=3, optim=OptimConfig(warmup_steps=1))
 
 
 @pytest.fixture(scope="module")

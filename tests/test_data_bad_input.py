@@ -16,7 +16,7 @@ import yaml
 from data_helpers import bomb_png, write_coco, write_image
 from PIL import Image
 
-from detectkit.data import DatasetError, DetectionDataModule, convert_dataset, open_dataset
+from detectkit.data import DatasetError, DetectionDataModule, LoaderConfig, convert_dataset, open_dataset
 from detectkit.data.commands import main
 from detectkit.data.formats.voc import voc_class_list
 from detectkit.data.images import ImageReadError, image_size, read_image
@@ -36,7 +36,8 @@ def problems(report: dict, kind: str) -> list[dict]:
 
 
 def setup_fit(root: Path, **kw) -> DetectionDataModule:
-    dm = DetectionDataModule(data_dir=str(root), image_size=64, batch_size=2, num_workers=0, **kw)
+    dm = DetectionDataModule(data_dir=str(root), image_size=64,
+                             loader=LoaderConfig(batch_size=2, num_workers=0), **kw)
     dm.setup("fit")
     return dm
 
@@ -446,4 +447,4 @@ def test_dataset_errors_are_value_errors_with_the_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {bad}: missing the 'images' list of a COCO file"]
     with pytest.raises(DatasetError, match="bad.json: missing the 'images' list"):
-        DetectionDataModule(train=str(bad), val=str(bad), image_size=64, num_workers=0).setup("fit")
+        DetectionDataModule(train=str(bad), val=str(bad), image_size=64, loader=LoaderConfig(num_workers=0)).setup("fit")

@@ -13,10 +13,11 @@ from detectkit.callbacks import StructuredPruning
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from detectkit.cli import main as cli_main
-from detectkit.data import DetectionDataModule
+from detectkit.data import AugmentConfig, DetectionDataModule, LoaderConfig
 from detectkit.data.synthetic import SyntheticConfig
 from detectkit.export.commands import load_for_export
 from detectkit.export.deploy import run_onnx
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 from detectkit.registry import _MODELS, register_model
 
@@ -29,9 +30,9 @@ if "tiny_compress_test" not in _MODELS:
 
 def test_export_command_pruned_checkpoint(tmp_path, capsys):
     syn = SyntheticConfig(train_images=8, val_images=4, size=64, num_classes=3)
-    dm = DetectionDataModule(image_size=64, batch_size=4, num_workers=0, synthetic=syn,
-                             cache_dir=str(tmp_path / "data"), mixup_prob=0.0)
-    module = DetectionModule("tiny_compress_test", num_classes=3, lr=1e-3, warmup_steps=1)
+    dm = DetectionDataModule(image_size=64, loader=LoaderConfig(batch_size=4, num_workers=0), synthetic=syn,
+                             cache_dir=str(tmp_path / "data"), augment=AugmentConfig(mixup_prob=0.0))
+    module = DetectionModule("tiny_compress_test", num_classes=3, optim=OptimConfig(lr=1e-3, warmup_steps=1))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
                          accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -11,6 +11,7 @@ from module_helpers import tiny_data, trainer
 import detectkit
 from detectkit.checkpoint import RECORD_KEY, read_checkpoint
 from detectkit.models.yolo_nas.configs import CONFIGS, StageCfg, YoloNASConfig
+from detectkit.modules import OptimConfig
 from detectkit.nas.space import SearchSpace
 from detectkit.registry import create_model
 
@@ -89,7 +90,8 @@ def test_custom_checkpoint_loads_after_the_yaml_is_gone(tmp_path):
     path = tmp_path / "arch.yaml"
     TINY.to_yaml(path)
     dm = tiny_data(tmp_path)
-    module = DetectionModule("yolo_nas_custom", num_classes=2, model_kwargs={"arch": str(path)}, warmup_steps=1)
+    module = DetectionModule("yolo_nas_custom", num_classes=2, model_kwargs={"arch": str(path)},
+                             optim=OptimConfig(warmup_steps=1))
     t = trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], enable_checkpointing=True,
                 max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     t.fit(module, dm)

@@ -16,7 +16,10 @@ from PIL import Image
 
 import detectkit
 from detectkit.cli import main
+from detectkit.data import AugmentConfig, LoaderConfig
 from detectkit.data.images import read_image
+from detectkit.modules import OptimConfig
+from detectkit.ops import PostprocessConfig
 from detectkit.predict import ImagePrediction, iter_source
 from detectkit.predict.draw import draw_boxes
 from detectkit.predict.writers import category_id, coco_rows
@@ -45,10 +48,11 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict_fit")
     torch.manual_seed(0)
     syn = SyntheticConfig(train_images=4, val_images=3, size=IMAGE, num_classes=3)
-    dm = DetectionDataModule(image_size=SIZE, batch_size=4, num_workers=0, synthetic=syn,
-                             cache_dir=str(root / "data"), mixup_prob=0.0)
-    module = DetectionModule("tiny_predict_detector", num_classes=3, class_names=dm.class_names, warmup_steps=1,
-                             lr=1e-2, predict_conf=0.02, predict_max_det=20)
+    dm = DetectionDataModule(image_size=SIZE, loader=LoaderConfig(batch_size=4, num_workers=0), synthetic=syn,
+                             cache_dir=str(root / "data"), augment=AugmentConfig(mixup_prob=0.0))
+    module = DetectionModule("tiny_predict_detector", num_classes=3, class_names=dm.class_names,
+                             optim=OptimConfig(warmup_steps=1, lr=1e-2),
+                             predict_postprocess=PostprocessConfig(conf=0.02, max_det=20))
     trainer = tiny_trainer(root, [ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], 1, train_batches=1)
     trainer.fit(module, dm)
     images = sorted((root / "data").rglob("val/**/*.jpg")) or sorted((root / "data").rglob("*.jpg"))[-3:]
@@ -61,7 +65,7 @@ def test_predict_uses_the_trained_size_and_equals_predict_step(trained):
     assert model.inference.image_size == (SIZE, SIZE) and model.inference.longest is None
     from detectkit import DetectionModule
 
-    module = DetectionModule(model, num_classes=3, predict_conf=None).eval()
+    module = DetectionModule(model, num_classes=3, predict_postprocess=PostprocessConfig(conf=None)).eval()
     assert module.predict_postprocess == model.inference.postprocess  # None = the model's own
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))

@@ -13,6 +13,7 @@ from detectkit.callbacks import PlainProgressBar
 from detectkit.callbacks.progress import format_duration
 from module_helpers import tiny_data
 
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 
 NUM = r"[-+0-9.e]+"
@@ -20,7 +21,8 @@ NUM = r"[-+0-9.e]+"
 
 def test_tiny_fit_prints_plain_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
-    module = DetectionModule(TinyDetector(num_classes=2), class_names=["a", "b"], lr=1e-3, warmup_steps=2)
+    module = DetectionModule(TinyDetector(num_classes=2), class_names=["a", "b"],
+                             optim=OptimConfig(lr=1e-3, warmup_steps=2))
     t = pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_epochs=2, logger=False,
                    enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                    limit_val_batches=1, callbacks=[PlainProgressBar(every_seconds=0, every_steps=1)])

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from detectkit.data import LoaderConfig
+from detectkit.modules import OptimConfig
+
 HERE = Path(__file__).resolve().parent
 TRAIN_IMAGES, BATCH, EPOCHS = 8, 2, 2
 STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
@@ -49,9 +52,9 @@ def train(out: Path, cache: str, kill_at: int | None = None, resume: str | None 
             self.batches.append([int(m["image_id"]) for m in batch["meta"]])
 
     pl.seed_everything(0, workers=True)
-    module = DetectionModule(PlainDetector(), lr=2e-3, warmup_steps=2, weight_decay=1e-4)
+    module = DetectionModule(PlainDetector(), optim=OptimConfig(lr=2e-3, warmup_steps=2, weight_decay=1e-4))
     dm = DetectionDataModule(  # augmentation on: its per-(seed, epoch, index) randomness must resume too
-        image_size=64, batch_size=BATCH, num_workers=0, cache_dir=cache,
+        image_size=64, loader=LoaderConfig(batch_size=BATCH, num_workers=0), cache_dir=cache,
         synthetic=SyntheticConfig(train_images=TRAIN_IMAGES, val_images=2, size=64, num_classes=3))
     order = Order()
     trainer = pl.Trainer(

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from module_helpers import tiny_data
 from PIL import Image
 
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 
 NAMES = ["circle_thing", "square_thing"]
@@ -23,7 +24,8 @@ NAMES = ["circle_thing", "square_thing"]
 
 def _fit(tmp_path: Path, epochs: int, logger=None, plots: bool = True, **trainer_kw) -> tuple[pl.Trainer, RunReport]:  # noqa: ANN001
     torch.manual_seed(0)
-    module = DetectionModule(TinyDetector(num_classes=2), class_names=NAMES, lr=1e-3, warmup_steps=2)
+    module = DetectionModule(TinyDetector(num_classes=2), class_names=NAMES,
+                             optim=OptimConfig(lr=1e-3, warmup_steps=2))
     report = RunReport(num_images=3, plots=plots)
     t = pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_epochs=epochs,
                    logger=logger if logger is not None else False, enable_checkpointing=False,

@@ -17,7 +17,7 @@ import torch.nn as nn
 from detectkit.models.base import Detector
 from detectkit.models.outputs import HeadOutput
 from detectkit.models.speed import CompiledForward, compile_options
-from detectkit.modules import DetectionModule
+from detectkit.modules import DetectionModule, OptimConfig
 from detectkit.ops.boxes import make_anchors
 
 
@@ -145,9 +145,9 @@ class _TinyDetector(Detector):
 @pytest.mark.slow
 def test_compile_matches_eager_and_keeps_the_module_plain():
     torch.manual_seed(0)
-    base = DetectionModule(_TinyDetector(), warmup_steps=0)
-    fast = DetectionModule(copy.deepcopy(base.model), warmup_steps=0, compile={"dynamic": False},
-                           channels_last=True)
+    base = DetectionModule(_TinyDetector(), optim=OptimConfig(warmup_steps=0))
+    fast = DetectionModule(copy.deepcopy(base.model), optim=OptimConfig(warmup_steps=0),
+                           compile={"dynamic": False}, channels_last=True)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     targets = _targets(64)
 

@@ -15,6 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from compress_helpers import TinyDetector, tiny_datamodule  # noqa: E402
 from tracking_helpers import mlflow_server, tiny_config  # noqa: E402
 
+from detectkit.modules import OptimConfig
+from detectkit.ops import PostprocessConfig
+
 pytest.importorskip("mlflow")
 
 
@@ -47,10 +50,10 @@ def test_fit_logs_everything_to_mlflow_server(tmp_path: Path, monkeypatch: pytes
         first = tiny_config(
             tmp_path / "a", logger=_mlflow_logger(url, shared),
             callbacks=[track, {"class_path": "detectkit.callbacks.LogValidationPredictions", "init_args": {"num_images": 2}}],
-            model_args={"predict_conf": 0.01, "predict_max_det": 10},  # the pyfunc uses the checkpoint's defaults
+            model_args={"predict_postprocess": {"conf": 0.01, "max_det": 10}},  # the pyfunc uses the checkpoint's defaults
         )
         cli = DetectkitCLI(args=["fit", "--config", str(first)])
-        second = tiny_config(tmp_path / "b", logger=_mlflow_logger(url, shared), callbacks=[track], model_args={"lr": 2e-3})
+        second = tiny_config(tmp_path / "b", logger=_mlflow_logger(url, shared), callbacks=[track], model_args={"optim": {"lr": 2e-3, "warmup_steps": 1}})
         DetectkitCLI(args=["fit", "--config", str(second)])
 
         client = MlflowClient(tracking_uri=url)
@@ -64,7 +67,7 @@ def test_fit_logs_everything_to_mlflow_server(tmp_path: Path, monkeypatch: pytes
         for r, lr in zip(runs, ("0.001", "0.002")):
             local = Path(client.download_artifacts(r.info.run_id, "config/config.yaml", str(dl / r.info.run_id)))
             config = yaml.safe_load(local.read_text())
-            assert config["model"]["lr"] == float(lr) and "tracking_tiny" in local.read_text()
+            assert config["model"]["optim"]["lr"] == float(lr) and "tracking_tiny" in local.read_text()
             own = shared / exp.experiment_id / r.info.run_id / "config.yaml"
             assert own.read_text() == local.read_text()
             # parameters: the flattened resolved config, each once; no second copy of the
@@ -72,8 +75,8 @@ def test_fit_logs_everything_to_mlflow_server(tmp_path: Path, monkeypatch: pytes
             expected = {k for k, v in flatten_config(config).items() if v is not None}
             params = r.data.params
             assert set(params) == expected and len(params) == len(expected), sorted(set(params) ^ expected)
-            assert params["model.lr"] == lr and params["data.image_size"] == "64" and params["trainer.max_epochs"] == "1"
-            assert not {"lr", "image_size", "warmup_steps", "config/model.lr"} & set(params)
+            assert params["model.optim.lr"] == lr and params["data.image_size"] == "64" and params["trainer.max_epochs"] == "1"
+            assert not {"optim/lr", "image_size", "optim", "config/model.optim.lr"} & set(params)
 
         # metrics: losses, learning rate per param group, mAP and per-class AP
         metrics = run.data.metrics
@@ -187,7 +190,8 @@ def test_plain_trainer_full_checkpoint_artifact(tmp_path: Path, monkeypatch: pyt
 
     logger = MLFlowLogger(experiment_name="plain", save_dir=str(tmp_path / "runs"))
     track = TrackRun(artifact="checkpoint")
-    module = DetectionModule("tracking_tiny", num_classes=3, lr=1e-3, warmup_steps=1, predict_conf=0.01, predict_max_det=5)
+    module = DetectionModule("tracking_tiny", num_classes=3, optim=OptimConfig(lr=1e-3, warmup_steps=1),
+                             predict_postprocess=PostprocessConfig(conf=0.01, max_det=5))
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
                          accelerator="cpu", logger=logger, callbacks=[ModelCheckpoint(save_last=True), track],
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from dataclasses import dataclass, fields
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 
+from detectkit.configs import as_group, group_dict, register_moves, regroup
 from detectkit.models.outputs import HeadOutput
 from detectkit.models.speed import (
     CompiledForward,
@@ -19,7 +20,6 @@ from detectkit.models.speed import (
     set_channels_last,
 )
 from detectkit.modules.metrics import build_map_metric, summarize_map, to_original
-from detectkit.configs import as_group, group_dict, register_moves, regroup
 from detectkit.modules.schedule import OptimConfig
 from detectkit.ops.nms import PostprocessConfig, postprocess
 
