@@ -65,7 +65,7 @@ def test_predict_uses_the_trained_size_and_equals_predict_step(trained):
     assert model.inference.image_size == (SIZE, SIZE) and model.inference.longest is None
     from detectkit import DetectionModule
 
-    module = DetectionModule(model, num_classes=3, predict_postprocess=PostprocessConfig(conf=None)).eval()
+    module = DetectionModule(model, num_classes=3, predict_postprocess=None).eval()
     assert module.predict_postprocess == model.inference.postprocess  # None = the model's own
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
