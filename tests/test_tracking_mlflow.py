@@ -200,7 +200,7 @@ def test_plain_trainer_full_checkpoint_artifact(tmp_path: Path, monkeypatch: pyt
     client = MlflowClient(logger._tracking_uri)
     run = client.get_run(logger.run_id)
     params = run.data.params
-    assert params["lr"] == "0.001" and params["model"] == "tracking_tiny"  # Lightning's hparams, bare names
+    assert params["optim/lr"] == "0.001" and params["model"] == "tracking_tiny"  # Lightning's hparams, bare names
     assert not [k for k in params if k.startswith(("model.", "trainer.", "config"))], sorted(params)
     files = _all_artifacts(client, logger.run_id)
     assert [f for f in files if f.endswith(".ckpt")] == [f"model/artifacts/{Path(track._checkpoint(trainer)).name}"], files
