@@ -230,3 +230,17 @@ def test_collate_rejects_mixed_sizes():
         collate([s(32), s(64)])
     empty = collate([s(32), s(32)])
     assert empty["targets"].shape == (0, 6)
+
+
+def test_flat_arguments_land_in_their_groups_with_one_warning(tmp_path):
+    """Python code written before the grouped configs (``batch_size=``, ``mixup_prob=``) keeps
+    working: the values go to ``loader`` / ``augment`` and one FutureWarning names where."""
+    cfg = SyntheticConfig(train_images=4, val_images=2, size=64)
+    with pytest.warns(FutureWarning, match=r"batch_size -> loader\.batch_size.*mixup_prob -> augment\.mixup_prob"):
+        dm = DetectionDataModule(image_size=64, synthetic=cfg, cache_dir=str(tmp_path), batch_size=3, num_workers=0,
+                                 mixup_prob=0.25, scale=[0.8, 1.2])
+    assert (dm.loader.batch_size, dm.loader.num_workers) == (3, 0)
+    assert (dm.augment.mixup_prob, dm.augment.scale) == (0.25, (0.8, 1.2))
+    assert dm.hparams["loader"]["batch_size"] == 3 and "batch_size" not in dm.hparams
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch_sise'"):
+        DetectionDataModule(synthetic=cfg, batch_sise=3)
