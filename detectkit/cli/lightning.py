@@ -10,6 +10,7 @@ import inspect
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,12 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from detectkit.errors import UserError, suggest
 
-__all__ = ["DetectkitCLI", "main", "TRAINER_DEFAULTS", "ARCHITECTURE_HPARAMS", "short_help"]
+__all__ = ["DetectkitCLI", "main", "TRAINER_DEFAULTS", "ARCHITECTURE_HPARAMS", "short_help", "resolve_ckpt_path",
+           "checkpoint_settings", "apply_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class DetectkitCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse without LightningCLI's warning about ``args`` (detectkit always passes them) and
         turn parse errors into one line with a "did you mean" for a mistyped option."""
+        self._argv = [a for a in args if isinstance(a, str)] if isinstance(args, (list, tuple)) else []
         try:
             self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
         except Exception as e:
@@ -93,25 +96,40 @@ class DetectkitCLI(LightningCLI):
             raise UserError(_explain_parse_error(str(e), parser, args)) from e
 
     def _parse_ckpt_path(self) -> None:
-        """Take only the architecture from ``--ckpt_path``'s hyperparameters.
+        """Take from ``--ckpt_path`` what the checkpoint recorded, not what the recipe says.
 
         LightningCLI re-applies ALL the checkpoint's ``hyper_parameters`` over the command line,
-        which silently ignores e.g. ``--model.predict_conf 0.5`` or ``--model.val_iou 0.6`` on
-        validate/predict. What defines the weights' shapes must come from the checkpoint; the
-        thresholds and optimisation settings are the user's to choose.
+        which silently ignores e.g. ``--model.predict_conf 0.5`` on validate/predict. Here the
+        architecture always comes from the checkpoint; on validate/test/predict so do the image
+        size, letterbox, classes and post-processing (:func:`checkpoint_settings`) unless the
+        command line gives them, and a recipe value that differs is reported in one line.
+        ``last``/``best`` (or a run folder) name a checkpoint of the newest run.
         """
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if not ckpt_path:
             return
-        if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file")
+        cfg = self.config[sub]
+        ckpt_path = resolve_ckpt_path(str(ckpt_path), _run_roots(cfg))
+        cfg["ckpt_path"] = ckpt_path
         from detectkit.checkpoint import read_checkpoint
 
-        hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
+        ckpt = read_checkpoint(ckpt_path)
+        hparams = ckpt.get("hyper_parameters", {})
         keep = {k: v for k, v in hparams.items() if k in ARCHITECTURE_HPARAMS}
         if keep:
             self.config = self.parser.parse_object({sub: {"model": keep}}, self.config)
+            cfg = self.config[sub]
+        if sub not in EVAL_COMMANDS:
+            return
+        given = _given_options(getattr(self, "_argv", []))
+        changed = apply_settings(cfg, checkpoint_settings(ckpt), given)
+        if changed:
+            rank_zero_info(f"detectkit {sub}: from the checkpoint, not the recipe: " + ", ".join(changed)
+                           + " (give the option on the command line to override)")
+        _drop_unset_paths(cfg, sub)
+        if sub in ("validate", "test") and not any(g.split(".")[:2] == ["trainer", "logger"] for g in given):
+            _log_into_run(cfg, sub, Path(ckpt_path))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add :data:`TRAINER_DEFAULTS` the config does not already provide."""
@@ -156,6 +174,166 @@ class DetectkitCLI(LightningCLI):
             from detectkit.predict.writer_callback import DetectionWriter
 
             self.trainer.callbacks.append(DetectionWriter())
+
+
+# --------------------------------------------------------------------------- checkpoint settings
+#: the commands that evaluate or apply a trained checkpoint (they take its recorded settings)
+EVAL_COMMANDS = ("validate", "test", "predict")
+#: post-processing arguments of DetectionModule taken from the checkpoint's hyper-parameters
+_POSTPROCESS_HPARAMS = ("val_conf", "val_iou", "val_top_k", "val_max_det", "predict_conf", "predict_iou",
+                        "predict_max_det")
+_UNSET = "???"  # a recipe's placeholder for a path the user must give
+
+
+def resolve_ckpt_path(value: str, roots: Sequence[Path]) -> str:
+    """``--ckpt_path`` as a file: ``last``/``best`` are the newest run's (under ``roots``:
+    ``default_root_dir`` and the logger's ``save_dir``); a run folder means its ``last.ckpt``."""
+    path = Path(value).expanduser()
+    if value in ("last", "best") and not path.exists():
+        found = [p for root in roots if root.is_dir() for p in root.rglob(f"checkpoints/{value}.ckpt")]
+        if not found and value == "best":  # an older recipe's monitored file: named by last.ckpt
+            found = [b for root in roots if root.is_dir() for p in root.rglob("checkpoints/last.ckpt")
+                     if (b := _recorded_best(p)) is not None]
+        if not found:
+            where = ", ".join(str(r) for r in roots) or "."
+            raise UserError(f"--ckpt_path {value}: no checkpoints/{value}.ckpt under {where} (the run folders of "
+                            "this recipe's default_root_dir / logger save_dir); give the file's path")
+        return str(max(found, key=lambda p: p.stat().st_mtime))
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return str(candidate)
+        raise UserError(f"--ckpt_path {value}: a folder without checkpoints/last.ckpt")
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {value}: no such file (or 'last' / 'best' for the newest run's)")
+    return str(path)
+
+
+def _recorded_best(last: Path) -> Path | None:
+    """The monitored best checkpoint that ``ModelCheckpoint`` recorded in ``last``'s callback state."""
+    from detectkit.checkpoint import read_checkpoint
+
+    try:
+        states = read_checkpoint(last).get("callbacks") or {}
+    except Exception:  # an unreadable last.ckpt just offers no candidate
+        return None
+    for key, state in states.items():
+        best = state.get("best_model_path") if "ModelCheckpoint" in str(key) and isinstance(state, dict) else None
+        if best and "'monitor': None" not in str(key) and Path(best).is_file():
+            return Path(best)
+    return None
+
+
+def _run_roots(cfg: Any) -> list[Path]:
+    trainer = cfg.get("trainer") or {}
+    roots = [Path(trainer.get("default_root_dir") or ".")]
+    logger = trainer.get("logger")
+    init = logger.get("init_args") if hasattr(logger, "get") else None
+    if init is not None and init.get("save_dir"):
+        roots.append(Path(init.get("save_dir")))
+    return list(dict.fromkeys(roots))
+
+
+def checkpoint_settings(ckpt: Any) -> dict[str, Any]:
+    """``{"data.image_size": 128, "model.val_conf": 0.01, ...}``: what a checkpoint recorded about
+    how its model sees images (validation size and letterbox), its classes and post-processing."""
+    from detectkit.checkpoint import RECORD_KEY
+
+    out: dict[str, Any] = {}
+    record = ckpt.get(RECORD_KEY) if hasattr(ckpt, "get") else None
+    if isinstance(record, dict):
+        inference = record.get("inference") or {}
+        size = inference.get("image_size")
+        if size is not None:
+            out["data.image_size"] = int(max(size)) if isinstance(size, (list, tuple)) else int(size)
+        if inference.get("center") is not None:
+            out["data.val_center"] = bool(inference["center"])
+        if record.get("class_names"):
+            out["data.classes"] = [str(n) for n in record["class_names"]]
+    hparams = ckpt.get("hyper_parameters") or {}
+    out.update({f"model.{k}": hparams[k] for k in _POSTPROCESS_HPARAMS if k in hparams})
+    return out
+
+
+def _given_options(argv: Sequence[str]) -> set[str]:
+    """``{"data.image_size", ...}``: options named on the command line (``init_args`` elided)."""
+    names = set()
+    for a in argv:
+        if a.startswith("--"):
+            name = a[2:].split("=", 1)[0].replace(".init_args.", ".")
+            names.add(name)
+            names.add(name.split(".", 1)[0] + "." + name.rsplit(".", 1)[-1] if "." in name else name)
+    return names
+
+
+def _section(cfg: Any, name: str) -> Any:
+    """The namespace holding a section's arguments (``init_args`` in subclass mode)."""
+    sec = cfg.get(name)
+    if sec is not None and hasattr(sec, "get") and sec.get("init_args") is not None:
+        return sec.get("init_args")
+    return sec
+
+
+def _owner(ns: Any, key: str) -> Any | None:
+    """The namespace that has ``key``: the section itself or one group below it (grouped configs)."""
+    from jsonargparse import Namespace
+
+    if not isinstance(ns, Namespace):
+        return None
+    if key in vars(ns):
+        return ns
+    return next((sub for sub in vars(ns).values() if isinstance(sub, Namespace) and key in vars(sub)), None)
+
+
+def apply_settings(cfg: Any, settings: dict[str, Any], given: set[str]) -> list[str]:
+    """Write ``settings`` into the parsed config except the options ``given`` on the command line
+    (or that the section's class does not take); returns ``"name VALUE (recipe OLD)"`` for each
+    value that differed."""
+    changed = []
+    for dotted, value in settings.items():
+        if dotted in given:
+            continue
+        section, key = dotted.split(".", 1)
+        owner = _owner(_section(cfg, section), key)
+        if owner is None:
+            continue
+        old = owner.get(key)
+        if old != value and not (isinstance(old, (list, tuple)) and list(old) == value):
+            if old is not None and key != "classes":
+                changed.append(f"{dotted} {value} (recipe {old})")
+            owner[key] = value
+    return changed
+
+
+def _drop_unset_paths(cfg: Any, sub: str) -> None:
+    """An evaluation reads one split: a recipe's ``???`` placeholders for the others are not needed."""
+    data = _owner(_section(cfg, "data"), "data_dir")
+    if data is None:
+        return
+    needed = {"validate": "val", "test": "test", "predict": "val"}[sub]
+    for key in ("data_dir", "train", "val", "test"):
+        if vars(data).get(key) == _UNSET:
+            data[key] = None
+    if not (vars(data).get(needed) or data.get("data_dir")) and any(vars(data).get(k) for k in ("train", "val", "test")):
+        raise UserError(f"detectkit {sub} reads the {needed} split: give --data.{needed} (or --data.data_dir)")
+
+
+def _log_into_run(cfg: Any, sub: str, ckpt: Path) -> None:
+    """Evaluating ``<run>/checkpoints/X.ckpt`` writes into ``<run>/<sub>/`` (metrics.csv, PR curve,
+    confusion matrix, images): no new ``version_N`` folder of the recipe's logger."""
+    if ckpt.parent.name != "checkpoints":
+        return
+    trainer = cfg.get("trainer")
+    logger = trainer.get("logger") if trainer is not None else None
+    kind = str(logger.get("class_path", "")) if hasattr(logger, "get") else ""
+    if logger is False or (kind and not kind.endswith(("CSVLogger", "TensorBoardLogger"))):
+        return  # no logger asked for, or a tracker (MLflow, W&B) that keeps its own runs
+    from jsonargparse import Namespace
+
+    trainer["logger"] = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                  init_args=Namespace(save_dir=str(ckpt.parent.parent), name=sub, version=""))
+    # the folder is this command's own: its previous metrics.csv is replaced on purpose
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 # --------------------------------------------------------------------------- errors
