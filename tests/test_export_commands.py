@@ -77,3 +77,39 @@ def test_export_command_pruned_checkpoint(tmp_path, capsys):
     assert summary["backend"] == "onnxruntime" and summary["op_counts"]["QuantizeLinear"] > 5
     boxes, scores = run_onnx(tmp_path / "cpu.onnx", np.random.rand(1, 3, 64, 64).astype(np.float32))
     assert boxes.shape == (1, 84, 4) and scores.shape == (1, 84, 3)
+
+
+def _logged_error(text: str) -> float:
+    """The max_abs_error figure of the export's log line."""
+    (line,) = [ln for ln in text.splitlines() if "max_abs_error" in ln]
+    return float(line.split("max_abs_error ")[1].split()[0])
+
+
+def test_export_default_puts_nms_in_the_graph_and_logs_the_reported_error(tmp_path, capsys, caplog):
+    from detectkit.checkpoint import save_weights
+    from detectkit.registry import create_model
+
+    torch.manual_seed(0)
+    weights = save_weights(create_model("tiny_compress_test", num_classes=3), tmp_path / "tiny.pt")
+    out = tmp_path / "default.onnx"
+    with caplog.at_level("INFO", "detectkit.export.deploy"):
+        rc = cli_main(["export", "--checkpoint", str(weights), "--size", "64", "--conf", "0.01",
+                       "--output", str(out)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the README's promise: NMS inside the graph without asking for it
+    assert summary["output_names"] == ["num_predictions", "pred_boxes", "pred_scores", "pred_classes"]
+    assert [o.name for o in onnx.load(out).graph.output][0] == "num_predictions"
+    assert summary["detections_match"] is True and summary["num_detections"] > 0
+    # one figure: the log line prints exactly the number the JSON report holds
+    assert summary["max_abs_error"] == _logged_error(caplog.text) and summary["max_abs_error"] < 1e-3
+
+    caplog.clear()
+    raw = tmp_path / "raw.onnx"
+    with caplog.at_level("INFO", "detectkit.export.deploy"):
+        rc = cli_main(["export", "--checkpoint", str(weights), "--size", "64", "--nms", "none",
+                       "--output", str(raw)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["output_names"] == ["boxes", "scores"]
+    assert summary["max_abs_error"] == _logged_error(caplog.text)

@@ -44,8 +44,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                    help="modelopt: TensorRT's Q/DQ scheme (QAT/PTQ); onnxruntime: static QDQ for CPU onnxruntime")
     p.add_argument("--calib", help="folder of calibration images for PTQ with --int8")
     p.add_argument("--calib-batches", type=int, default=16)
-    p.add_argument("--nms", choices=("batch", "flat", "none"), default="none",
-                   help="embed NMS with super-gradients' output format (onnx); tensorrt always uses EfficientNMS_TRT")
+    p.add_argument("--nms", choices=("batch", "flat", "none"), default=None,
+                   help="NMS inside the ONNX graph in super-gradients' output format (default: batch; "
+                        "none: raw boxes and scores); tensorrt always uses EfficientNMS_TRT")
     p.add_argument("--output", help="output file (default: <model>.onnx)")
     p.add_argument("--size", type=int, default=None,
                    help="input side, a multiple of 32 (default: the size the checkpoint was validated at)")
@@ -107,6 +108,8 @@ def run_export(args: argparse.Namespace) -> int:
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
     model = load_for_export(args.model, args.checkpoint, args.num_classes)
     _fill_defaults_from_model(args, model)
+    if args.nms is None:  # NMS inside the graph, as the README promises; CPU INT8 quantizes the raw graph
+        args.nms = "none" if args.int8 and args.int8_backend == "onnxruntime" else "batch"
     quantized = is_quantized(model)
     if args.int8 and args.int8_backend == "onnxruntime":
         return _export_onnxruntime_int8(model, args, quantized)
