@@ -232,7 +232,7 @@ def test_pretrained_argument(ckpt_path, sg_state, tmp_path, monkeypatch):
     _assert_state_equal(model, _without_placeholders(sg_state))
     monkeypatch.setenv("DETECTKIT_WEIGHTS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="yolo_nas_s_coco.pth"):  # tag not cached, no download
-        create_model("yolo_nas_s", pretrained="coco")
+        create_model("yolo_nas_s", pretrained="coco", download=False)
     with pytest.raises(ValueError, match="not both"):
         create_model("yolo_nas_s", checkpoint=ckpt_path, pretrained="coco")
     with pytest.raises(ValueError, match="2 class_names for num_classes=80"):

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export a checkpoint to ONNX (NMS, uint8, INT8) or TensorRT, checked", "detectkit.export.commands"),
     "data": ("inspect, convert or generate datasets", "detectkit.data.commands"),
     "serve": ("serve a checkpoint over HTTP (LitServe, dynamic batching)", "detectkit.serve.commands"),
+    "weights": ("list published pretrained weights, or fetch one: weights list | weights download NAME", "detectkit.models.commands"),
     "nas": ("search an architecture: nas search --config X.yaml, nas show STUDY, nas export STUDY --trial N", "detectkit.nas.commands"),
 }
 #: the commands that are not LightningCLI subcommands (kept for callers of the old module)

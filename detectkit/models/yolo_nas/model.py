@@ -105,12 +105,13 @@ def build_yolo_nas(
     pretrained: str | bool | None = None,
     class_names: Sequence[str] | None = None,
     in_channels: int = 3,
-    download: bool = False,
+    download: bool = True,
 ) -> YoloNAS:
     """Build ``yolo_nas_{s,m,l}``; ``checkpoint`` is a super-gradients or detectkit state dict file.
 
     ``pretrained`` (a tag such as ``"coco"``, ``True``, a path or a URL) is resolved by
-    ``detectkit.models.pretrained`` (``download=True`` fetches a tag missing from the cache); the
+    ``detectkit.models.pretrained``: a tag missing from the cache is fetched and sha256-checked
+    (``download=False``: an error naming the file to put there instead); the
     published weights' class names are used when ``class_names`` is not given and counts agree.
     """
     if class_names is not None and len(class_names) != num_classes:
