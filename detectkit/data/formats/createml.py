@@ -4,10 +4,12 @@ coordinates: {x, y, width, height}}]}`` with box CENTRES in pixels."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from detectkit.data.classnames import likely_typos
 from detectkit.data.images import ImageReadError, image_size
 from detectkit.data.records import (
     DatasetError,
@@ -18,7 +20,7 @@ from detectkit.data.records import (
     log_problems,
 )
 
-__all__ = ["read_createml", "createml_labels", "load_createml"]
+__all__ = ["read_createml", "createml_labels", "createml_label_counts", "createml_typos", "load_createml"]
 
 
 def read_createml(path: str | Path) -> list:
@@ -33,15 +35,36 @@ def read_createml(path: str | Path) -> list:
     return data
 
 
-def createml_labels(paths: list[Path]) -> list[str]:
-    """The class list: CreateML stores names only, so classes are the sorted union over files."""
-    names = set()
+def createml_label_counts(paths: list[Path]) -> tuple[Counter, dict[str, Path]]:
+    """Objects per label over all files, and the first file naming each label."""
+    counts: Counter = Counter()
+    first: dict[str, Path] = {}
     for p in paths:
         for entry in read_createml(p):
             for a in (entry or {}).get("annotations", []) or []:
                 if isinstance(a, dict) and "label" in a:
-                    names.add(str(a["label"]))
-    return sorted(names)
+                    counts[str(a["label"])] += 1
+                    first.setdefault(str(a["label"]), p)
+    return counts, first
+
+
+def createml_labels(paths: list[Path]) -> list[str]:
+    """The class list: CreateML stores names only, so classes are the sorted union over files."""
+    return sorted(createml_label_counts(paths)[0])
+
+
+def createml_typos(paths: list[Path]) -> list[Problem]:
+    """Likely typos among the labels (see :func:`detectkit.data.classnames.likely_typos`)."""
+    counts, first = createml_label_counts(paths)
+    return [
+        Problem(
+            "possible_typo",
+            str(first[name]),
+            f"label {name!r} names {counts[name]} object(s) and looks like a typo of {meant!r} "
+            f"({counts[meant]} objects; {why}); fix the label or pass the class list",
+        )
+        for name, meant, why in likely_typos(counts)
+    ]
 
 
 def load_createml(path: str | Path, split: str, class_names: list[str], start_id: int = 0) -> DetectionSplit:

@@ -7,7 +7,8 @@ naming the file and line.
 
 Also reported, never silent: ``nc`` disagreeing with ``names`` (the names win); a split folder
 beside data.yaml without its key (old Roboflow exports have ``test/`` but no ``test:``; it is
-read); images without a label file (trained as background, as ultralytics does); label files
+read); images without a label file and empty label files (both trained as background, as
+ultralytics does); label files
 without an image (unused); folders reached twice through symlinks (a loop: read once). Image
 folders are walked following symlinks; an image that is a broken or looping symlink is kept so
 the image check reports it. Label files may start with a UTF-8 BOM.
@@ -256,6 +257,8 @@ def parse_label_file(
     except (OSError, UnicodeDecodeError) as e:
         problems.append(Problem("bad_label_file", str(label), f"cannot read ({e})", "error"))
         return np.zeros((0, 4), np.float32), np.zeros(0, np.int64), []
+    if not text.strip():
+        problems.append(Problem("empty_label", str(label), "no boxes: trained as a background (negative) image"))
     for lineno, line in enumerate(text.splitlines(), 1):
         tokens = line.split()
         if not tokens:
