@@ -1,11 +1,17 @@
 """detectkit: Lightning-native YOLO-NAS and YOLO-World."""
 
-from detectkit.registry import create_model, list_models, register_model
+from detectkit.registry import list_models, register_model
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "list_models", "register_model", "load", "DetectionModule", "ModelEMA", "__version__"]
 
-_LAZY = {"DetectionModule": "detectkit.modules.detector", "ModelEMA": "detectkit.modules.ema", "load": "detectkit.checkpoint"}
+# ``create_model`` and ``load`` are the checkpoint package's: they also read detectkit checkpoint files
+_LAZY = {
+    "DetectionModule": "detectkit.modules.detector",
+    "ModelEMA": "detectkit.modules.ema",
+    "load": "detectkit.checkpoint",
+    "create_model": "detectkit.checkpoint",
+}
 
 
 def __getattr__(name: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,32 +28,23 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | No
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a glob pattern, sorted."""
-    _import_families()
+    discover()
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
 def create_model(name: str, num_classes: int = 80, checkpoint: str | Mapping | None = None, **kwargs: Any) -> nn.Module:
-    """Build a registered model; ``checkpoint`` (a path, or a state dict) is loaded strictly.
+    """Build a registered model; ``checkpoint`` (a foreign file or a state dict) goes to the builder.
 
-    A detectkit ``.ckpt`` or weights file goes through :func:`detectkit.checkpoint.load_state`
-    (its recorded architecture, classes and inference defaults); any other file (super-gradients
-    ``.pth``, ultralytics ``.pt``, a state dict) through the family's weight loader, which may
-    re-initialise the class predictors for another ``num_classes``.
+    The family's weight loader reads it (super-gradients ``.pth``, ultralytics ``.pt``, a state
+    dict) and may re-initialise the class predictors for another ``num_classes``. A detectkit
+    ``.ckpt`` or weights file is rebuilt from its record by :func:`detectkit.create_model`
+    (:func:`detectkit.checkpoint.create_model`), which calls this function.
     """
-    _import_families()
+    discover()
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
-    if checkpoint is not None and not isinstance(checkpoint, Mapping):  # a state dict goes to the family loader
-        from detectkit.checkpoint import is_detectkit_checkpoint, load_state, read_checkpoint
-
-        obj = read_checkpoint(checkpoint)
-        if is_detectkit_checkpoint(obj):
-            model = load_state(obj, checkpoint, model=name, num_classes=num_classes, model_kwargs=kwargs)
-            model.train()
-            return model
-        del obj
     model = _MODELS[name](num_classes=num_classes, checkpoint=checkpoint, **kwargs)
-    # what a checkpoint record needs to rebuild this model (see detectkit.checkpoint.build_record)
+    # what a checkpoint record needs to rebuild this model (declared by detectkit.models.base.Detector)
     model.registry_name = name
     # A builder may set its own canonical form (yolo_nas_custom stores the architecture dict, not
     # the YAML path it was given, so the record never depends on a file that may vanish).
@@ -69,6 +61,13 @@ def name_of(model: nn.Module) -> str | None:
     return next((n for n, f in _MODELS.items() if f is type(model)), None)
 
 
-def _import_families() -> None:
-    # Importing the family packages runs their @register_model decorators.
-    import detectkit.models  # noqa: F401
+#: packages whose import registers models (``@register_model``), checkpoint readers and architecture
+#: ops (``detectkit.checkpoint.hooks``). Plugin discovery by name: they sit above the registry and
+#: the checkpoint package in the layers, which must not import them.
+PLUGINS: tuple[str, ...] = ("detectkit.models", "detectkit.compress")
+
+
+def discover() -> None:
+    """Import every package in :data:`PLUGINS` (once; later calls find them in ``sys.modules``)."""
+    for name in PLUGINS:
+        importlib.import_module(name)

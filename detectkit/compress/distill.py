@@ -51,7 +51,7 @@ def load_teacher(teacher: str | nn.Module, num_classes: int, checkpoint: str | N
     if isinstance(teacher, nn.Module):
         model = teacher
     else:
-        from detectkit.registry import create_model
+        from detectkit.checkpoint import create_model  # a teacher may be a detectkit .ckpt
 
         model = create_model(teacher, num_classes=num_classes, checkpoint=checkpoint, **kwargs)
     model.eval().requires_grad_(False)

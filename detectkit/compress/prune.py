@@ -21,7 +21,7 @@ from detectkit.compress.quantize import partial_fuse
 
 __all__ = [
     "IMPORTANCE", "DEFAULT_KEEP", "DEFAULT_EXCLUDE", "count_macs_params", "importance_for", "prune_model",
-    "prune_to_macs", "record_shapes", "split_c2f", "SplitC2f", "apply_pruned_shapes", "prune_op", "layerwise_prune",
+    "prune_to_macs", "record_shapes", "split_c2f", "SplitC2f", "apply_pruned_shapes", "prune_op",
 ]
 
 log = logging.getLogger(__name__)
@@ -265,48 +265,3 @@ def apply_pruned_shapes(model: nn.Module, shapes: dict[str, dict[str, Any]], fus
 def prune_op(model: nn.Module) -> dict[str, Any]:
     """The architecture op that :func:`detectkit.checkpoint.replay_architecture` replays."""
     return {"op": "prune", "shapes": record_shapes(model), "fused": True}
-
-
-def layerwise_prune(
-    model: nn.Module,
-    batches: Any,
-    macs_ratio: float = 0.5,
-    sensitivity_ratio: float = 0.3,
-    strength: float = 1.0,
-    num_batches: int = 4,
-    recalibrate: bool = True,
-    latency_size: int | None = None,
-    latency_strength: float = 1.0,
-    latency_threads: int = 1,
-    **prune_kwargs: Any,
-) -> dict[str, Any]:
-    """One-shot layer-wise pruning to ``macs_ratio`` of the MACs, budgets from a sensitivity ranking.
-
-    Ranks the units (:func:`~detectkit.compress.sensitivity.pruning_sensitivity`), turns the
-    ranking into per-unit ratio multipliers, prunes to the MACs target, recalibrates BatchNorm on
-    the same batches. With ``latency_size``, units that cost more onnxruntime time per MAC at that
-    size (:mod:`detectkit.compress.latency`) give a larger share. Returns what it did
-    (``sensitivity``, ``weights``, ``latency`` profile, MACs before/after).
-    """
-    from detectkit.compress.sensitivity import (
-        budget_weights,
-        pruning_sensitivity,
-        recalibrate_batchnorm,
-        take_images,
-    )
-
-    image_size = prune_kwargs.get("image_size", 64)
-    base, _ = count_macs_params(model, image_size)
-    sens = pruning_sensitivity(model, batches, ratio=sensitivity_ratio, num_batches=num_batches, **prune_kwargs)
-    profile, lat = None, None
-    if latency_size:
-        from detectkit.compress.latency import latency_weights, unit_latency
-
-        profile = unit_latency(model, [n for n, _ in sens], latency_size, latency_threads)
-        lat = latency_weights(profile, latency_strength)
-    weights = budget_weights(sens, strength, latency=lat)
-    macs, params = prune_to_macs(model, base * macs_ratio, unit_weights=weights, **prune_kwargs)
-    if recalibrate:
-        recalibrate_batchnorm(model, take_images(batches, num_batches, next(model.parameters()).device))
-    return {"sensitivity": sens, "weights": weights, "latency": profile, "base_macs": base, "macs": macs,
-            "params": params}

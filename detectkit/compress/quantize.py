@@ -1,5 +1,5 @@
 """INT8 quantization on nvidia-modelopt (TensorRT's scheme), without Lightning: PTQ, restoring a
-quantized architecture, per-layer sensitivity. :class:`detectkit.callbacks.QuantizationAwareTraining`
+quantized architecture (per-layer sensitivity: :mod:`detectkit.compress.sensitivity`). :class:`detectkit.callbacks.QuantizationAwareTraining`
 schedules QAT with these; ``detectkit.checkpoint`` replays ``{"op": "quantize", ...}``
 (:func:`quantize_op`) with :func:`restore_quantized`.
 """
@@ -7,7 +7,6 @@ schedules QAT with these; ``detectkit.checkpoint`` replays ``{"op": "quantize", 
 from __future__ import annotations
 
 import copy
-import fnmatch
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +17,7 @@ import torch.nn as nn
 
 __all__ = [
     "quantization_config", "quantize_model", "partial_fuse", "restore_quantized", "is_quantized",
-    "quantization_sensitivity", "select_skip_layers", "calibration_loop", "quantize_op",
+    "calibration_loop", "quantize_op", "batch_images", "quantizers_by_layer",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,8 @@ def partial_fuse(model: nn.Module) -> nn.Module:
     return model
 
 
-def _images(batch: Any) -> torch.Tensor:
+def batch_images(batch: Any) -> torch.Tensor:
+    """The float (0..1) images of a loader batch (a dict, a tuple/list or a tensor)."""
     images = batch["images"] if isinstance(batch, dict) else batch[0] if isinstance(batch, list | tuple) else batch
     return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
@@ -79,7 +79,7 @@ def calibration_loop(batches: Iterable[Any], num_batches: int, device: torch.dev
             for i, batch in enumerate(batches):
                 if i >= num_batches:
                     break
-                model(_images(batch).to(device))
+                model(batch_images(batch).to(device))
         model.train(was_training)
 
     return forward_loop
@@ -109,65 +109,12 @@ def restore_quantized(model: nn.Module, state: dict[str, Any]) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- sensitivity
-def _quantizers_by_layer(model: nn.Module) -> dict[str, list[nn.Module]]:
+def quantizers_by_layer(model: nn.Module) -> dict[str, list[nn.Module]]:
     layers: dict[str, list[nn.Module]] = {}
     for name, m in model.named_modules():
         if type(m).__name__ == "TensorQuantizer" and m.is_enabled:
             layers.setdefault(name.rsplit(".", 1)[0], []).append(m)
     return layers
-
-
-def quantization_sensitivity(
-    model: nn.Module,
-    batches: Iterable[Any],
-    num_batches: int = 4,
-    metric_fn: Callable[[nn.Module], float] | None = None,
-    layers: Sequence[str] | None = None,
-) -> list[tuple[str, float]]:
-    """Rank layers by the damage INT8 does to each one alone (super-gradients' unreleased "adaptive" QAT).
-
-    The model is copied, partially fused and calibrated once; then, for each layer, only that
-    layer's quantizers are enabled and the model is scored: ``metric_fn(model)`` (higher is
-    better, e.g. mAP on a validation subset; the score is the drop from the float model) or,
-    by default, the output error against the float model on the calibration batches. Returns
-    ``(layer name, score)`` sorted from most to least sensitive; the head of the list is what
-    :func:`select_skip_layers` keeps in float.
-    """
-    from detectkit.compress.sensitivity import output_error
-
-    float_model = partial_fuse(copy.deepcopy(model)).eval()
-    device = next(float_model.parameters()).device
-    inputs = []
-    for i, batch in enumerate(batches):
-        if i >= num_batches:
-            break
-        inputs.append(_images(batch).to(device))
-    with torch.no_grad():
-        refs = [float_model(x) for x in inputs]
-    base = metric_fn(float_model) if metric_fn is not None else 0.0
-    qmodel = quantize_model(copy.deepcopy(float_model), inputs, len(inputs), fuse=False).eval()
-    by_layer = _quantizers_by_layer(qmodel)
-    names = [n for n in by_layer if layers is None or any(fnmatch.fnmatch(n, p) for p in layers)]
-    for qs in by_layer.values():
-        for q in qs:
-            q.disable()
-    scores = []
-    for name in names:
-        for q in by_layer[name]:
-            q.enable()
-        if metric_fn is not None:
-            score = base - metric_fn(qmodel)
-        else:
-            score = output_error(qmodel, inputs, refs)
-        for q in by_layer[name]:
-            q.disable()
-        scores.append((name, float(score)))
-    return sorted(scores, key=lambda t: t[1], reverse=True)
-
-
-def select_skip_layers(sensitivity: Sequence[tuple[str, float]], top_k: int) -> list[str]:
-    """The ``top_k`` most sensitive layer names, ready for ``skip_layers``."""
-    return [name for name, _ in list(sensitivity)[: max(0, top_k)]]
 
 
 def quantize_op(model: nn.Module, skip_layers: Sequence[str] = ()) -> dict[str, Any]:

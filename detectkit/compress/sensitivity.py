@@ -23,14 +23,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["prunable_units", "pruning_sensitivity", "budget_weights", "recalibrate_batchnorm", "output_error"]
+from detectkit.compress.prune import (
+    DEFAULT_EXCLUDE,
+    DEFAULT_KEEP,
+    count_macs_params,
+    prune_model,
+    prune_to_macs,
+)
+from detectkit.compress.quantize import batch_images, partial_fuse, quantize_model, quantizers_by_layer
+
+__all__ = ["prunable_units", "pruning_sensitivity", "budget_weights", "recalibrate_batchnorm", "output_error",
+           "layerwise_prune", "quantization_sensitivity", "select_skip_layers"]
 
 log = logging.getLogger(__name__)
-
-
-def _images(batch: Any) -> torch.Tensor:
-    images = batch["images"] if isinstance(batch, dict) else batch[0] if isinstance(batch, list | tuple) else batch
-    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
 
 def take_images(batches: Iterable[Any], num_batches: int, device: torch.device) -> list[torch.Tensor]:
@@ -39,7 +44,7 @@ def take_images(batches: Iterable[Any], num_batches: int, device: torch.device) 
     for i, batch in enumerate(batches):
         if i >= num_batches:
             break
-        out.append(_images(batch).to(device))
+        out.append(batch_images(batch).to(device))
     if not out:
         raise ValueError("no batches to measure on")
     return out
@@ -120,8 +125,6 @@ def pruning_sensitivity(
     ``keep_layers``, ``exclude_modules``, ``importance``, ``round_to``). A unit torch-pruning
     leaves unchanged (everything in it kept) scores 0.
     """
-    from detectkit.compress.prune import DEFAULT_EXCLUDE, DEFAULT_KEEP, prune_model
-    from detectkit.compress.quantize import partial_fuse
 
     dense = partial_fuse(copy.deepcopy(model)).eval()
     device = next(dense.parameters()).device
@@ -168,3 +171,92 @@ def budget_weights(
         raw = raw * torch.tensor([float(latency.get(name, 1.0)) for name, _ in sensitivity], dtype=torch.float64)
     w = (raw / raw.mean()).clamp(floor, cap)
     return {name: float(x) for (name, _), x in zip(sensitivity, w)}
+
+
+def layerwise_prune(
+    model: nn.Module,
+    batches: Any,
+    macs_ratio: float = 0.5,
+    sensitivity_ratio: float = 0.3,
+    strength: float = 1.0,
+    num_batches: int = 4,
+    recalibrate: bool = True,
+    latency_size: int | None = None,
+    latency_strength: float = 1.0,
+    latency_threads: int = 1,
+    **prune_kwargs: Any,
+) -> dict[str, Any]:
+    """One-shot layer-wise pruning to ``macs_ratio`` of the MACs, budgets from a sensitivity ranking.
+
+    Ranks the units (:func:`~detectkit.compress.sensitivity.pruning_sensitivity`), turns the
+    ranking into per-unit ratio multipliers, prunes to the MACs target, recalibrates BatchNorm on
+    the same batches. With ``latency_size``, units that cost more onnxruntime time per MAC at that
+    size (:mod:`detectkit.compress.latency`) give a larger share. Returns what it did
+    (``sensitivity``, ``weights``, ``latency`` profile, MACs before/after).
+    """
+    image_size = prune_kwargs.get("image_size", 64)
+    base, _ = count_macs_params(model, image_size)
+    sens = pruning_sensitivity(model, batches, ratio=sensitivity_ratio, num_batches=num_batches, **prune_kwargs)
+    profile, lat = None, None
+    if latency_size:
+        from detectkit.compress.latency import latency_weights, unit_latency
+
+        profile = unit_latency(model, [n for n, _ in sens], latency_size, latency_threads)
+        lat = latency_weights(profile, latency_strength)
+    weights = budget_weights(sens, strength, latency=lat)
+    macs, params = prune_to_macs(model, base * macs_ratio, unit_weights=weights, **prune_kwargs)
+    if recalibrate:
+        recalibrate_batchnorm(model, take_images(batches, num_batches, next(model.parameters()).device))
+    return {"sensitivity": sens, "weights": weights, "latency": profile, "base_macs": base, "macs": macs,
+            "params": params}
+
+
+def quantization_sensitivity(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int = 4,
+    metric_fn: Callable[[nn.Module], float] | None = None,
+    layers: Sequence[str] | None = None,
+) -> list[tuple[str, float]]:
+    """Rank layers by the damage INT8 does to each one alone (super-gradients' unreleased "adaptive" QAT).
+
+    The model is copied, partially fused and calibrated once; then, for each layer, only that
+    layer's quantizers are enabled and the model is scored: ``metric_fn(model)`` (higher is
+    better, e.g. mAP on a validation subset; the score is the drop from the float model) or,
+    by default, the output error against the float model on the calibration batches. Returns
+    ``(layer name, score)`` sorted from most to least sensitive; the head of the list is what
+    :func:`select_skip_layers` keeps in float.
+    """
+    float_model = partial_fuse(copy.deepcopy(model)).eval()
+    device = next(float_model.parameters()).device
+    inputs = []
+    for i, batch in enumerate(batches):
+        if i >= num_batches:
+            break
+        inputs.append(batch_images(batch).to(device))
+    with torch.no_grad():
+        refs = [float_model(x) for x in inputs]
+    base = metric_fn(float_model) if metric_fn is not None else 0.0
+    qmodel = quantize_model(copy.deepcopy(float_model), inputs, len(inputs), fuse=False).eval()
+    by_layer = quantizers_by_layer(qmodel)
+    names = [n for n in by_layer if layers is None or any(fnmatch.fnmatch(n, p) for p in layers)]
+    for qs in by_layer.values():
+        for q in qs:
+            q.disable()
+    scores = []
+    for name in names:
+        for q in by_layer[name]:
+            q.enable()
+        if metric_fn is not None:
+            score = base - metric_fn(qmodel)
+        else:
+            score = output_error(qmodel, inputs, refs)
+        for q in by_layer[name]:
+            q.disable()
+        scores.append((name, float(score)))
+    return sorted(scores, key=lambda t: t[1], reverse=True)
+
+
+def select_skip_layers(sensitivity: Sequence[tuple[str, float]], top_k: int) -> list[str]:
+    """The ``top_k`` most sensitive layer names, ready for ``skip_layers``."""
+    return [name for name, _ in list(sensitivity)[: max(0, top_k)]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +52,12 @@ class Detector(nn.Module):
 
     num_classes: int
     class_names: list[str]
+    #: the registry name and builder arguments it was built with (set by ``registry.create_model``);
+    #: a checkpoint record stores them so that ``detectkit.load`` rebuilds the same architecture
+    registry_name: str | None = None
+    registry_kwargs: dict[str, Any] = {}  # replaced per instance, never mutated
+    #: the ``checkpoint["detectkit"]`` record this detector was loaded from (None: built, or foreign)
+    record: dict[str, Any] | None = None
     strides: tuple[int, ...] = (8, 16, 32)
     #: name of the training loss in detectkit.losses that matches the reference recipe
     default_loss: str = "ppyoloe"
@@ -64,6 +71,16 @@ class Detector(nn.Module):
         self.inference = InferenceDefaults()
         #: label -> the training dataset's category id (COCO writers); None = ``label + 1``
         self.category_ids: list[int] | None = None
+
+    def apply_record(self, record: Mapping[str, Any] | None) -> None:
+        """The record hook of :class:`detectkit.checkpoint.RecordedModel`: after the weights of a
+        checkpoint loaded, take its classes, inference defaults and dataset category ids."""
+        record = dict(record or {})
+        if record.get("class_names"):
+            self.class_names = list(record["class_names"])
+        self.inference = InferenceDefaults.from_dict(record.get("inference"))
+        self.category_ids = list(record["category_ids"]) if record.get("category_ids") is not None else None
+        self.record = record or None
 
     def decode(self, head: HeadOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """The one box decoder: DFL expectation -> xyxy pixels, sigmoid scores."""

@@ -17,15 +17,28 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["CompileOption", "CompiledForward", "compile_options", "set_channels_last"]
+__all__ = ["CompileOption", "CompiledForward", "SpeedConfig", "compile_options", "set_channels_last"]
 
 #: ``False``/``None`` (eager), ``True`` (inductor defaults) or ``torch.compile`` keyword arguments
 CompileOption = bool | Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """The speed options travel together (``model.speed`` in a recipe): they change time, not results.
+
+    ``channels_last``: NHWC parameters and activations. ``compile``: ``True`` or a dict of
+    ``torch.compile`` arguments (``{mode: max-autotune, dynamic: true}``).
+    """
+
+    channels_last: bool = False
+    compile: bool | dict[str, Any] = False
 
 _COMPILE_KEYS = frozenset(inspect.signature(torch.compile).parameters) - {"model"}
 

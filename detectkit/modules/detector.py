@@ -11,15 +11,17 @@ import torch
 import torch.nn as nn
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 
+from detectkit.configs import as_group, group_dict, register_moves, regroup
 from detectkit.models.outputs import HeadOutput
 from detectkit.models.speed import (
     CompiledForward,
-    CompileOption,
+    SpeedConfig,
     compile_options,
     set_channels_last,
 )
+from detectkit.modules.freeze import NORM_TYPES, freeze_parameters, frozen_norms, lr_multiplier
 from detectkit.modules.metrics import build_map_metric, letterbox_info, summarize_map
-from detectkit.modules.schedule import warmup_cosine_scheduler
+from detectkit.modules.schedule import OptimConfig
 from detectkit.ops.nms import PostprocessConfig, postprocess
 from detectkit.predict.step import detect_batch, to_input
 
@@ -29,7 +31,19 @@ from detectkit.predict.step import detect_batch, to_input
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/",
                         category=PossibleUserWarning)
 
-__all__ = ["DetectionModule", "ExtraLoss", "LossTermRegistry", "param_groups"]
+__all__ = ["DetectionModule", "ExtraLoss", "LossTermRegistry", "OptimConfig", "param_groups"]
+
+#: validation post-processing of SG's COCO recipe (``PPYoloEPostPredictionCallback``)
+VAL_POSTPROCESS = PostprocessConfig(conf=0.01, iou=0.7, top_k=1000, max_det=300)
+
+#: where the flat arguments of before the grouping went (old recipes, old checkpoints' hparams)
+MOVED_HPARAMS = register_moves("model", {
+    **{k: f"optim.{k}" for k in ("lr", "weight_decay", "betas", "warmup_steps", "warmup_initial_lr",
+                                 "final_lr_ratio", "warmup_epochs")},
+    **{f"val_{k}": f"val_postprocess.{k}" for k in ("conf", "iou", "top_k", "max_det")},
+    **{f"predict_{k}": f"predict_postprocess.{k}" for k in ("conf", "iou", "max_det")},
+    "channels_last": "speed.channels_last", "compile": "speed.compile",
+})
 
 @runtime_checkable
 class ExtraLoss(Protocol):
@@ -50,6 +64,16 @@ class LossTermRegistry(Protocol):
     def remove_loss_term(self, name: str) -> None: ...
 
 
+@runtime_checkable
+class DistillationHost(Protocol):
+    """What trains distillation feature adapters with the student (``DetectionModule``): a declared
+    submodule slot, so that the adapters are saved, restored on resume, moved and optimised."""
+
+    distill_adapters: nn.ModuleList | None
+
+    def set_distill_adapters(self, adapters: nn.ModuleList | None) -> None: ...
+
+
 class _LossTerms(dict):
     """name -> ExtraLoss. Deep copies share the terms: an EMA copy of the module
     (``AveragedModel`` deep-copies it) never trains, and copying a term would clone its teacher."""
@@ -58,31 +82,38 @@ class _LossTerms(dict):
         return _LossTerms(self)
 
 
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: ``decay`` (conv/linear weights) and ``no_decay`` (biases, norm params).
+def param_groups(
+    module: nn.Module, weight_decay: float, lr: float | None = None, lr_mult: Mapping[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """AdamW groups: ``decay`` (conv/linear weights) and ``no_decay`` (biases, norm params), each
+    split once more per ``lr_mult`` pattern (``backbone/decay`` at ``lr * lr_mult["backbone"]``).
 
     SG's ``zero_weight_decay_on_bias_and_bn`` (``_get_no_decay_param_ids``): every parameter of a
     norm layer and every module's ``bias`` get no weight decay; everything else (including
-    1-element scales such as YOLO-NAS's bottleneck ``alpha``) does.
+    1-element scales such as YOLO-NAS's bottleneck ``alpha``) does. Frozen parameters
+    (``requires_grad=False``) are left out. Each group records its ``lr_mult`` so the schedule
+    scales the whole curve, warm-up included.
     """
-    decay, no_decay, seen = [], [], set()
-    for mod in module.modules():
+    groups: dict[tuple[str | None, bool], dict[str, Any]] = {}
+    seen: set[int] = set()
+    for mod_name, mod in module.named_modules():
         for name, p in mod.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            if isinstance(mod, _NORM_TYPES) or name == "bias":
-                no_decay.append(p)
-            else:
-                decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    return [g for g in groups if g["params"]]
+            decay = not (isinstance(mod, NORM_TYPES) or name == "bias")
+            key, mult = lr_multiplier(f"{mod_name}.{name}" if mod_name else name, lr_mult or {})
+            group = groups.get((key, decay))
+            if group is None:
+                label = "decay" if decay else "no_decay"
+                group = groups[(key, decay)] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                "name": f"{key}/{label}" if key else label, "lr_mult": mult}
+                if lr is not None:
+                    group["lr"] = lr * mult
+            group["params"].append(p)
+    # a fixed order (resume matches optimizer state by group position): default groups first
+    order = [(None, True), (None, False)] + [(k, d) for k in (lr_mult or {}) for d in (True, False)]
+    return [groups[k] for k in order if k in groups]
 
 
 class DetectionModule(pl.LightningModule):
@@ -96,30 +127,31 @@ class DetectionModule(pl.LightningModule):
         model_kwargs: extra builder arguments for a registry name.
         checkpoint: weights for the registry builder (e.g. super-gradients COCO weights).
         loss: ``detectkit.losses`` name; default the model family's ``default_loss``.
-        lr, weight_decay, betas: AdamW (no decay on biases / norm params).
-        warmup_steps, warmup_initial_lr, final_lr_ratio: per-step linear warmup then cosine
-            (SG ``LinearBatchLRWarmup`` + ``CosineLRScheduler``).
-        warmup_epochs: SG's per-epoch warmup (``LinearEpochLRWarmup``, fine-tuning recipes);
-            replaces ``warmup_steps`` when > 0.
-        val_conf, val_iou, val_top_k, val_max_det: post-processing for mAP (SG's COCO recipe: NMS
-            keeps up to 300 boxes an image); together :attr:`val_postprocess`. The mAP then scores
-            each image's top 100 by score, COCO's ``maxDets=(1, 10, 100)`` and its
-            100-detections-an-image result rule (see :mod:`detectkit.modules.metrics`), so boxes
-            101-300 never change ``val/map``.
-        predict_conf, predict_iou, predict_max_det: post-processing for ``predict``; ``None``
-            keeps the model's own (``model.inference.postprocess``, from its checkpoint), so
-            ``predict_step`` and ``model.predict`` agree; together :attr:`predict_postprocess`.
+        optim: AdamW and the warm-up + cosine schedule (:class:`OptimConfig`; recipe block
+            ``model.optim``; SG ``LinearBatchLRWarmup``/``LinearEpochLRWarmup`` + ``CosineLRScheduler``).
+        val_postprocess: post-processing for mAP (SG's COCO recipe: conf 0.01, NMS keeps up to 300
+            boxes an image). The mAP then scores each image's top 100 by score, COCO's
+            ``maxDets=(1, 10, 100)`` and its 100-detections-an-image result rule (see
+            :mod:`detectkit.modules.metrics`), so boxes 101-300 never change ``val/map``.
+        predict_postprocess: post-processing for ``predict``; ``None`` keeps the model's own
+            (``model.inference.postprocess``, from its checkpoint), so ``predict_step`` and
+            ``model.predict`` agree.
         text_encoder, prompt_tuning: YOLO-World only (see :mod:`detectkit.modules.world`): the
             encoder that turns ``class_names`` into prompts at setup (CLIP folder/hub id in the
             local cache, ``.pt`` embeddings file; default ``$DETECTKIT_CLIP`` / HF cache), and
             learning only the prompt embeddings with the detector frozen.
-        channels_last: run the detector in NHWC memory format (parameters and images); results
-            equal the default within float tolerance. Faster where the convolution library
-            prefers it (cuDNN tensor cores; measure on CPU: ``benchmarks/bench_train_step.py``).
-        compile: ``torch.compile`` the detector's forward for training and evaluation: ``True``
-            or a dict of ``torch.compile`` arguments (e.g. ``{"mode": "max-autotune",
-            "dynamic": true}``; multi-scale training recompiles per size unless dynamic). The
-            compiled call shares the parameters; checkpoints and EMA copies stay plain.
+        speed: :class:`~detectkit.models.speed.SpeedConfig`. ``speed.channels_last`` runs the
+            detector in NHWC memory format (parameters and images); results equal the default
+            within float tolerance. Faster where the convolution library prefers it (cuDNN tensor
+            cores; measure on CPU: ``benchmarks/bench_train_step.py``). ``speed.compile``:
+            ``torch.compile`` the detector's forward for training and evaluation: ``True`` or a
+            dict of ``torch.compile`` arguments (e.g. ``{"mode": "max-autotune", "dynamic":
+            true}``; multi-scale training recompiles per size unless dynamic). The compiled call
+            shares the parameters; checkpoints and EMA copies stay plain.
+        freeze: parameters that do not train: module prefixes (``[backbone]``) or fnmatch patterns
+            over the detector's parameter names (``[backbone.stem.*, "*.bn.*"]``); their norm
+            layers keep their running statistics (see :mod:`detectkit.modules.freeze`). Per-group
+            learning rates: ``optim.lr_mult`` (``{backbone: 0.1}``).
     """
 
     def __init__(
@@ -131,29 +163,35 @@ class DetectionModule(pl.LightningModule):
         checkpoint: str | None = None,
         loss: str | None = None,
         loss_kwargs: dict[str, Any] | None = None,
-        lr: float = 2e-4,
-        weight_decay: float = 1e-5,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 1000,
-        warmup_initial_lr: float = 1e-6,
-        final_lr_ratio: float = 0.1,
-        warmup_epochs: int = 0,
-        val_conf: float = 0.01,
-        val_iou: float = 0.7,
-        val_top_k: int = 1000,
-        val_max_det: int = 300,
-        predict_conf: float | None = None,
-        predict_iou: float | None = None,
-        predict_max_det: int | None = None,
+        optim: OptimConfig | None = None,
+        val_postprocess: PostprocessConfig = VAL_POSTPROCESS,
+        predict_postprocess: PostprocessConfig | None = None,
         text_encoder: str | None = None,
         prompt_tuning: bool = False,
-        channels_last: bool = False,
-        compile: CompileOption = False,
+        speed: SpeedConfig | None = None,
+        freeze: Sequence[str] | None = None,
+        **legacy: Any,
     ) -> None:
         super().__init__()
+        groups = regroup("DetectionModule", legacy, MOVED_HPARAMS, {
+            "optim": as_group(optim, OptimConfig, "model.optim"),
+            "val_postprocess": as_group(val_postprocess, PostprocessConfig, "model.val_postprocess"),
+            "predict_postprocess": (None if predict_postprocess is None else
+                                    as_group(predict_postprocess, PostprocessConfig, "model.predict_postprocess"),
+                                    PostprocessConfig),
+            "speed": as_group(speed, SpeedConfig, "model.speed"),
+        })
+        self.optim: OptimConfig = groups["optim"]
+        self._val_post: PostprocessConfig = groups["val_postprocess"]
+        self._predict_post: PostprocessConfig | None = groups["predict_postprocess"]
+        # hyper-parameters as plain data: checkpoints stay readable by the safe loader
+        optim, val_postprocess = group_dict(self.optim), group_dict(self._val_post)
+        predict_postprocess = group_dict(self._predict_post)
+        self.speed: SpeedConfig = groups["speed"]
+        speed = group_dict(self.speed)
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         if isinstance(model, str):
-            from detectkit.registry import create_model
+            from detectkit.checkpoint import create_model  # also a detectkit .ckpt to fine-tune from
 
             kw = dict(model_kwargs or {})
             if num_classes is not None:
@@ -169,6 +207,9 @@ class DetectionModule(pl.LightningModule):
         self.world = attach_world(
             self.model, class_names, text_encoder, prompt_tuning, loss or getattr(self.model, "default_loss", "v8"), loss_kwargs
         )
+        #: ``model.freeze`` patterns, applied now and again each time the optimizer is built
+        self.freeze = [str(p) for p in (freeze or [])]
+        self.apply_freeze()
         self.num_classes = int(self.model.num_classes)
         if class_names is not None:
             if len(class_names) != self.num_classes:
@@ -188,13 +229,32 @@ class DetectionModule(pl.LightningModule):
         self._restore_listeners: list[Callable[[Mapping[str, Any]], None]] = []
         #: extra loss terms by name, added to the detection loss in ``training_step`` in order
         self.loss_terms: dict[str, ExtraLoss] = _LossTerms()
+        #: 1x1 feature adapters a distillation callback trains with the student (None: no feature
+        #: KD); declared here so they are saved, restored, moved and optimised with the module
+        self.distill_adapters: nn.ModuleList | None = None
         #: speed options (see :mod:`detectkit.models.speed`); the model is converted lazily, so a
         #: model swapped by an architecture replay is converted too
-        self.channels_last = bool(channels_last)
-        options = compile_options(compile)
+        self.channels_last = bool(self.speed.channels_last)
+        options = compile_options(self.speed.compile)
         self._compiled = CompiledForward(options) if options is not None else None
         # the model channels_last was last applied to, in a list so nn.Module does not register it
         self._layout_of: list[nn.Module] = []
+
+    def apply_freeze(self) -> list[str]:
+        """Freeze the parameters ``freeze`` names (again: pruning and fusion make new tensors)."""
+        if not self.freeze:
+            return []
+        frozen = freeze_parameters(self.model, self.freeze)
+        self.train(self.training)  # frozen norm layers to eval mode
+        return frozen
+
+    def train(self, mode: bool = True) -> DetectionModule:
+        """Train mode, except the frozen norm layers (their running statistics stay as loaded)."""
+        super().train(mode)
+        if mode and getattr(self, "freeze", None):
+            for m in frozen_norms(self.model):
+                m.eval()
+        return self
 
     def setup(self, stage: str) -> None:
         self._prepare_model()
@@ -299,17 +359,15 @@ class DetectionModule(pl.LightningModule):
 
     @property
     def val_postprocess(self) -> PostprocessConfig:
-        """Post-processing for validation/test mAP (from the ``val_*`` arguments)."""
-        hp, d = self.hparams, PostprocessConfig()
-        return PostprocessConfig(conf=hp.get("val_conf", 0.01), iou=hp.get("val_iou", d.iou),
-                                 top_k=hp.get("val_top_k", d.top_k), max_det=hp.get("val_max_det", d.max_det))
+        """Post-processing for validation/test mAP (the ``val_postprocess`` argument)."""
+        return self._val_post
 
     @property
     def predict_postprocess(self) -> PostprocessConfig:
-        """Post-processing for ``predict_step``: the model's defaults with the ``predict_*`` overrides."""
-        hp = self.hparams
-        base = getattr(getattr(self.model, "inference", None), "postprocess", None) or PostprocessConfig()
-        return base.replace(conf=hp.get("predict_conf"), iou=hp.get("predict_iou"), max_det=hp.get("predict_max_det"))
+        """Post-processing for ``predict_step``: the ``predict_postprocess`` argument, else the model's own."""
+        if self._predict_post is not None:
+            return self._predict_post
+        return getattr(getattr(self.model, "inference", None), "postprocess", None) or PostprocessConfig()
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor, config: PostprocessConfig | None = None) -> list[torch.Tensor]:
@@ -368,6 +426,10 @@ class DetectionModule(pl.LightningModule):
     def record_architecture(self, op: dict[str, Any]) -> None:
         """Append an architecture change (``{"op": "prune" | "quantize", ...}``) made to ``self.model``."""
         self.architecture.append(dict(op))
+
+    def set_distill_adapters(self, adapters: nn.ModuleList | None) -> None:
+        """Install the distillation adapters, or replace them (the student's widths changed)."""
+        self.distill_adapters = adapters
 
     def add_restore_listener(self, fn: Callable[[Mapping[str, Any]], None]) -> None:
         """``fn(checkpoint)`` runs after a checkpoint's architecture was replayed, before the weights
@@ -439,6 +501,11 @@ class DetectionModule(pl.LightningModule):
             fn(checkpoint)
         if replayed:  # last: the EMA copy must include what the listeners rebuilt
             self._refresh_weight_averaging()
+        if self._trainer is not None and self._trainer.state.fn != "fit":
+            # validate/test/predict write no checkpoints: the fit's ModelCheckpoint state would only
+            # warn that its folder moved (the evaluation logs elsewhere); the weights are what counts
+            for key in [k for k in checkpoint.get("callbacks") or {} if str(k).split("{")[0].endswith("Checkpoint")]:
+                del checkpoint["callbacks"][key]
 
     def _refresh_weight_averaging(self) -> None:
         """An EMA copy made before the replay has the old architecture: re-create it from the new one."""
@@ -452,12 +519,11 @@ class DetectionModule(pl.LightningModule):
 
     # ------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        opt = self.optim
+        self.apply_freeze()
+        groups = param_groups(self.model, opt.weight_decay, lr=opt.lr, lr_mult=opt.lr_mult)
+        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler = warmup_cosine_scheduler(
-            optimizer, total, hp.warmup_steps, hp.warmup_initial_lr, hp.final_lr_ratio,
-            warmup_epochs=hp.warmup_epochs, steps_per_epoch=max(1, total // epochs),
-        )
+        scheduler = opt.scheduler(optimizer, total, steps_per_epoch=max(1, total // epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

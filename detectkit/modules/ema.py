@@ -9,6 +9,10 @@ decay function. The step ``s`` is the AveragedModel's ``n_averaged`` counter (1 
 update, like SG's ``global_step``), which lives in the checkpoint's ``averaging_state`` and so
 survives resume. Validation runs on the averaged weights and checkpoints hold them as
 ``state_dict`` (the raw weights go to ``current_model_state``): both from ``WeightAveraging``.
+
+Frozen entries (parameters with ``requires_grad=False``, buffers of layers kept in eval mode
+while training, e.g. a frozen backbone's BatchNorm statistics: ``model.freeze``) are copied, not
+averaged: ``a * d + a * (1 - d)`` is not ``a`` in floating point, and they must stay equal.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
-__all__ = ["ModelEMA", "ema_decay"]
+__all__ = ["ModelEMA", "ema_decay", "keep_frozen_equal"]
 
 DECAY_TYPES = ("threshold", "exp", "constant")
 
@@ -34,6 +38,20 @@ def ema_decay(decay: float, step: int, total_steps: int, decay_type: str = "thre
     if decay_type == "constant":
         return decay
     raise ValueError(f"decay_type must be one of {DECAY_TYPES}, got {decay_type!r}")
+
+
+@torch.no_grad()
+def keep_frozen_equal(average: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Copy into ``average`` (a copy of ``model``) what training cannot change: frozen parameters
+    and, while ``model`` trains, the buffers of its submodules in eval mode."""
+    for a, p in zip(average.parameters(), model.parameters()):
+        if not p.requires_grad:
+            a.copy_(p)
+    if model.training:
+        for am, m in zip(average.modules(), model.modules()):
+            if not m.training:
+                for a, b in zip(am.buffers(recurse=False), m.buffers(recurse=False)):
+                    a.copy_(b)
 
 
 class ModelEMA(WeightAveraging):
@@ -70,6 +88,12 @@ class ModelEMA(WeightAveraging):
             # weights in from the first step. Counting the initial copy as one update does that.
             self._average_model.n_averaged.fill_(1)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._average_model is not None:
+            keep_frozen_equal(self._average_model.module, pl_module)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.total_steps = max(1, int(trainer.estimated_stepping_batches))
 
@@ -87,6 +111,14 @@ class ModelEMA(WeightAveraging):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "total_steps": self.total_steps}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Outside fit (validate/test/predict of a checkpoint) there is no average to restore: the
+        checkpoint's ``state_dict`` already holds the averaged weights, which is exactly what an
+        evaluation should score, so Lightning's "state cannot be restored" warning is noise."""
+        if self._average_model is None:
+            return
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

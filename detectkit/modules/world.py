@@ -57,10 +57,8 @@ def resolve_text_encoder(spec: str | Path | TextEncoder | None) -> TextEncoder:
             return default_text_encoder()
         except TextEncoderUnavailable as err:
             raise TextEncoderUnavailable(
-                "YOLO-World needs a text encoder to turn the class names into prompts and none is configured. "
-                "Set model.text_encoder to a CLIP folder (save_pretrained layout), a hub id already in the HF "
-                "cache, or an embeddings file written by detectkit.models.yolo_world.text.save_embeddings; or "
-                f"set $DETECTKIT_CLIP. ({err})"
+                f"YOLO-World turns the class names into prompts with a text encoder; model.text_encoder is null, "
+                f"so the default CLIP is used: {err}"
             ) from err
     text = str(spec)
     if text.startswith("open_clip:"):

@@ -23,7 +23,8 @@ from detectkit.data.letterbox import letterbox
 from detectkit.models.base import InferenceDefaults
 from detectkit.ops.nms import PostprocessConfig
 from detectkit.predict.results import ImagePrediction, Predictions
-from detectkit.predict.sources import IMAGE_EXTENSIONS, Frame, iter_source, load_image
+from detectkit.predict.slicing import SliceConfig, detect_sliced
+from detectkit.predict.sources import IMAGE_EXTENSIONS, Frame, SourceOptions, iter_source, load_image
 from detectkit.predict.step import detect_batch, to_input
 
 __all__ = ["predict", "resolve_settings", "PredictSettings", "load_image", "iter_source", "IMAGE_EXTENSIONS"]
@@ -85,6 +86,8 @@ def predict(
     fuse: bool = False,
     stream: bool = False,
     postprocess_config: PostprocessConfig | None = None,
+    source_options: SourceOptions | None = None,
+    slice: SliceConfig | None = None,  # noqa: A002  the name SAHI users and the CLI's --slice know
 ) -> Predictions | Iterator[ImagePrediction]:
     """Run a detector on ``source`` and return one :class:`ImagePrediction` per image or video frame.
 
@@ -95,6 +98,10 @@ def predict(
     means the model's own (``model.inference``). The model's train/eval mode (and device, if
     ``device`` moves it) is restored afterwards; ``fuse=True`` fuses a copy, never the caller's
     model. ``stream=True`` returns a generator, so long videos need not fit in memory.
+    ``source_options`` (:class:`~detectkit.predict.sources.SourceOptions`): video frame stride,
+    live-stream reconnects and timeouts. ``slice`` (:class:`~detectkit.predict.slicing.SliceConfig`):
+    predict each image tile by tile (small objects in large images), ``batch_size`` tiles per
+    forward, and merge the tiles' boxes (needs the ``slice`` extra).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -103,7 +110,7 @@ def predict(
     stride = max(getattr(model, "strides", (1,)))
     if any(side % stride for side in settings.size):
         raise ValueError(f"size={settings.size} must be a multiple of the model's largest stride ({stride})")
-    gen = _predict_stream(model, source, batch_size, device, fuse, settings)
+    gen = _predict_stream(model, source, batch_size, device, fuse, settings, source_options, slice)
     if stream:
         return gen
     results = list(gen)
@@ -112,7 +119,9 @@ def predict(
 
 
 def _predict_stream(model: nn.Module, source: Any, batch_size: int, device: str | torch.device | None,
-                    fuse: bool, settings: PredictSettings) -> Iterator[ImagePrediction]:
+                    fuse: bool, settings: PredictSettings,
+                    source_options: SourceOptions | None = None,
+                    slicing: SliceConfig | None = None) -> Iterator[ImagePrediction]:
     param = next(model.parameters(), None)
     home = param.device if param is not None else torch.device("cpu")
     device = torch.device(device) if device is not None else home
@@ -131,14 +140,16 @@ def _predict_stream(model: nn.Module, source: Any, batch_size: int, device: str 
         net.eval()
         batch: list[Frame] = []
         index = 0
-        for frame in iter_source(source):
+        for frame in iter_source(source, source_options):
             batch.append(frame)
             if len(batch) == batch_size:
-                yield from _run_batch(net, batch, index, class_names, category_ids, device, dtype, settings)
+                yield from _run_batch(net, batch, index, class_names, category_ids, device, dtype, settings,
+                                      slicing, batch_size)
                 index += len(batch)
                 batch = []
         if batch:
-            yield from _run_batch(net, batch, index, class_names, category_ids, device, dtype, settings)
+            yield from _run_batch(net, batch, index, class_names, category_ids, device, dtype, settings,
+                                      slicing, batch_size)
     finally:
         if not fuse and home != device:
             model.to(home)
@@ -146,12 +157,18 @@ def _predict_stream(model: nn.Module, source: Any, batch_size: int, device: str 
 
 
 def _run_batch(net: nn.Module, batch: list[Frame], start: int, class_names: list[str], category_ids: Any,
-               device: torch.device, dtype: torch.dtype, s: PredictSettings) -> list[ImagePrediction]:
-    """Letterbox the frames, then the one batch step (:func:`detectkit.predict.step.detect_batch`)."""
-    padded = [letterbox(frame.image, size=s.size, longest=s.longest, center=s.center, pad_value=s.pad_value)
-              for frame in batch]
-    infos = [info for _, info in padded]
-    dets = detect_batch(net, to_input([image for image, _ in padded], device, dtype), infos, s.post)
+               device: torch.device, dtype: torch.dtype, s: PredictSettings,
+               slicing: SliceConfig | None = None, tile_batch: int = 8) -> list[ImagePrediction]:
+    """Letterbox the frames, then the one batch step (:func:`detectkit.predict.step.detect_batch`);
+    sliced, the frames' tiles go through it (:func:`detectkit.predict.slicing.detect_sliced`)."""
+    if slicing is not None:
+        infos: list[Any] = [None] * len(batch)  # many letterboxes per image: none describes it
+        dets = detect_sliced(net, [frame.image for frame in batch], slicing, s, tile_batch, device, dtype)
+    else:
+        padded = [letterbox(frame.image, size=s.size, longest=s.longest, center=s.center, pad_value=s.pad_value)
+                  for frame in batch]
+        infos = [info for _, info in padded]
+        dets = detect_batch(net, to_input([image for image, _ in padded], device, dtype), infos, s.post)
     ids = None if category_ids is None else [int(c) for c in category_ids]
     return [ImagePrediction(image=frame.image, boxes=det.boxes.numpy(), scores=det.scores.numpy(),
                             labels=det.labels.numpy(), class_names=class_names, source=frame.source, letterbox=info,

@@ -38,6 +38,8 @@ class ImagePrediction:
     category_ids: list[int] | None = None
     #: the highest class score of any anchor before the conf threshold (why an image came back empty)
     best_score: float | None = None
+    #: ``[N]`` track IDs when the frames went through a tracker (:mod:`detectkit.predict.track`)
+    track_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -57,6 +59,14 @@ class ImagePrediction:
         return name or f"image_{self.index:06d}.jpg"
 
     @property
+    def frame(self) -> int:
+        """The frame's index in its video (from the source's ``#N``; with ``vid_stride`` the
+        original video's numbering), else its position in the prediction stream."""
+        if self.fps is not None and self.source and "#" in self.source:
+            return int(self.source.rsplit("#", 1)[1])
+        return self.index
+
+    @property
     def names(self) -> list[str]:
         """Class name of every detection."""
         return [self._name(int(c)) for c in self.labels]
@@ -67,7 +77,7 @@ class ImagePrediction:
     def draw(self, show_confidence: bool = True, line_width: int | None = None) -> np.ndarray:
         """A copy of the image (RGB) with boxes and labels drawn on it (the one drawer)."""
         return draw_boxes(self.image, self.boxes, self.labels, self.scores, self.class_names,
-                          line_width=line_width, show_confidence=show_confidence)
+                          line_width=line_width, show_confidence=show_confidence, track_ids=self.track_ids)
 
     def save(self, path: str | Path, show_confidence: bool = True) -> Path:
         """Write the drawn image (original size) to ``path``; the suffix picks the format."""

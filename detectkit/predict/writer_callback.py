@@ -103,4 +103,4 @@ class DetectionWriter(BasePredictionWriter):
         write_coco_results(self._dir / name, self._results)
         conf = getattr(getattr(pl_module, "predict_postprocess", None), "conf", None)
         if self._seen and not self._results and conf is not None:  # say why the folder is empty
-            log.warning(no_detections_hint(conf, self._best, self._seen, option="--model.predict_conf {}"))
+            log.warning(no_detections_hint(conf, self._best, self._seen, option="--model.predict_postprocess.conf {}"))

@@ -24,7 +24,8 @@ import numpy as np
 
 from detectkit.utils.files import atomic_write
 
-__all__ = ["category_id", "category_ids_of", "coco_rows", "write_coco_results", "VideoWriter"]
+__all__ = ["category_id", "category_ids_of", "coco_rows", "write_coco_results", "mot_lines", "track_rows",
+           "VideoWriter"]
 
 # FourCC per container; mp4v/MJPG ship with opencv-python-headless's FFmpeg build.
 _FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
@@ -82,6 +83,25 @@ def coco_rows(
 def write_coco_results(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     """Write the rows as JSON, atomically (a reader never sees half a file)."""
     return atomic_write(path, json.dumps(rows))
+
+
+def mot_lines(frame: int, boxes: Any, track_ids: Any, scores: Any) -> list[str]:
+    """MOT-challenge rows ``frame,id,x,y,w,h,conf,-1,-1,-1`` (frame 1-based, boxes xyxy pixels):
+    what TrackEval, ``trackers.eval`` and motmetrics read."""
+    b = _array(boxes, np.float64).reshape(-1, 4)
+    ids = _array(track_ids, np.int64).reshape(-1)
+    s = _array(scores, np.float64).reshape(-1)
+    return [f"{int(frame)},{int(i)},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},{score:.4f},-1,-1,-1"
+            for (x1, y1, x2, y2), i, score in zip(b.tolist(), ids.tolist(), s.tolist())]
+
+
+def track_rows(frame: int, boxes: Any, track_ids: Any, scores: Any, labels: Any,
+               category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The JSON form of the same tracks: ``{frame, track_id, category_id, bbox [x, y, w, h], score}``
+    (category ids by the one rule of :func:`category_id`)."""
+    rows = coco_rows(frame, boxes, scores, labels, category_ids)
+    ids = _array(track_ids, np.int64).reshape(-1).tolist()
+    return [{"frame": row.pop("image_id"), "track_id": int(i), **row} for row, i in zip(rows, ids)]
 
 
 class VideoWriter:

@@ -12,10 +12,13 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
+
+from detectkit.checkpoint import ForeignReader, match_variant, read_checkpoint, register_reader
+from detectkit.registry import create_model
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ def read_super_gradients_state(path_or_state: str | Path | Mapping) -> dict[str,
         where = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"YOLO-NAS checkpoint not found: {path}")
-        from detectkit.checkpoint import read_checkpoint
-
         obj = read_checkpoint(path)  # CheckpointError (a ValueError) names the file and the problem
     else:
         obj = path_or_state
@@ -121,3 +122,28 @@ def load_super_gradients_checkpoint(
     to_load = {k: v for k, v in state.items() if k in own and k not in bad_shape}
     model.load_state_dict(to_load, strict=False)
     return LoadReport(missing, unexpected, mismatched, reinit)
+
+
+def is_super_gradients(obj: Any) -> bool:
+    """A super-gradients checkpoint (``net`` / ``ema_net``) or a bare YOLO-NAS state dict."""
+    if not isinstance(obj, Mapping):
+        return False
+    if isinstance(obj.get("net"), Mapping) or isinstance(obj.get("ema_net"), Mapping):
+        return True
+    keys = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+    return bool(keys) and len(keys) == len(obj) and any(k.removeprefix("module.").startswith("heads.head1.") for k in keys)
+
+
+def read_super_gradients(obj: Mapping[str, Any], path: Any, num_classes: int | None, name: str | None) -> nn.Module:
+    """The ``yolo_nas_*`` variant the weights' shapes name (or ``name``), weights loaded."""
+    state = read_super_gradients_state(obj)
+    cls = state.get("heads.head1.cls_pred.weight")
+    file_classes = int(cls.shape[0]) if cls is not None else 80
+    if name is None:
+        name = match_variant("yolo_nas", state, file_classes, path)
+    model = create_model(name, num_classes=num_classes or file_classes)
+    load_super_gradients_checkpoint(model, state)
+    return model
+
+
+register_reader(ForeignReader("yolo_nas", "yolo_nas", is_super_gradients, read_super_gradients))

@@ -1,5 +1,6 @@
 """YOLO-World v2 (open vocabulary): importing this registers ``yolo_world_v2_{s,m,l,x}``."""
 
+from detectkit.models.yolo_world import weights  # noqa: F401 (registers the ultralytics reader)
 from detectkit.models.yolo_world.model import (
     YoloWorld,
     yolo_world_v2_l,

@@ -186,13 +186,13 @@ def _build(variant: str, num_classes: int, checkpoint: str | None, kwargs: dict[
     """Shared builder. ``class_names`` sets K (and, with ``text_encoder``, the embeddings);
     ``checkpoint`` is an ultralytics ``.pt`` / state dict or a detectkit state dict;
     ``pretrained`` (a tag such as ``"coco"``, ``True``, a path or a URL) is resolved by
-    :mod:`detectkit.models.pretrained` (``download=True`` fetches a tag missing from the cache).
+    :mod:`detectkit.models.pretrained` (a tag missing from the cache is fetched unless ``download=False``).
     An ultralytics ``.pt`` that carries its vocabulary (``txt_feats``, ``names``) installs it.
     """
     class_names = kwargs.pop("class_names", None)
     text_encoder = kwargs.pop("text_encoder", None)
     pretrained = kwargs.pop("pretrained", None)
-    download = kwargs.pop("download", False)
+    download = kwargs.pop("download", True)
     if kwargs:
         raise TypeError(f"yolo_world_v2_{variant}: unexpected arguments {sorted(kwargs)}")
     if checkpoint is not None and pretrained:

@@ -23,11 +23,38 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from detectkit.errors import UserError
+
 CLIP_B32 = "openai/clip-vit-base-patch32"
 
 
-class TextEncoderUnavailable(RuntimeError):
-    """The weights or package an encoder needs are not on this machine."""
+class TextEncoderUnavailable(UserError, RuntimeError):
+    """The weights or package an encoder needs are not on this machine (the CLI prints one line)."""
+
+
+def _hf_cache() -> str:
+    """The Hugging Face hub cache folder transformers reads (``$HF_HUB_CACHE``, ``$HF_HOME/hub``, ...)."""
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+
+
+def clip_missing_message(source: str, err: BaseException) -> str:
+    """One line: which CLIP is missing, where it was looked for, and the ways to provide it."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if Path(source).expanduser().exists():
+        first = " ".join(str(err).split())[:160]
+        return (f"CLIP text model folder {source} cannot be read ({type(err).__name__}: {first}); it needs the tokenizer "
+                "and CLIPTextModelWithProjection files written by save_pretrained")
+    where = "no such folder, and not" if os.sep in source and source.count("/") != 1 else "not"
+    return (f"CLIP text model {source!r}: {where} in the local Hugging Face cache {_hf_cache()} (detectkit never "
+            f"downloads at run time). Get it once with `huggingface-cli download {CLIP_B32}`"
+            + (" (HF_HUB_OFFLINE=1 is set: unset it for that download)" if offline else "")
+            + ", or set model.text_encoder / $DETECTKIT_CLIP to a CLIP folder (save_pretrained layout), or "
+            "model.text_encoder to an embeddings .pt file (save_embeddings)")
 
 
 class TextEncoder(ABC):
@@ -75,19 +102,15 @@ class CLIPTextEncoder(TextEncoder):
             from transformers import AutoTokenizer, CLIPTextModelWithProjection
         except ImportError as err:  # pragma: no cover - transformers is a declared extra
             raise TextEncoderUnavailable(
-                "CLIPTextEncoder needs `pip install detectkit[text]` (transformers)"
+                f"YOLO-World's text encoder (CLIP {source}) needs transformers: pip install 'detectkit[text]', "
+                "or set model.text_encoder to an embeddings .pt file (save_embeddings)"
             ) from err
         self.source = str(source)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.source, local_files_only=True)
             self.model = CLIPTextModelWithProjection.from_pretrained(self.source, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise TextEncoderUnavailable(
-                f"CLIP text model {self.source!r} is not available locally ({err.__class__.__name__}). Provide it "
-                f"once: `huggingface-cli download {CLIP_B32}` (fills the HF cache), or pass a local folder saved "
-                "with save_pretrained (tokenizer + CLIPTextModelWithProjection), or use EmbeddingsFileEncoder "
-                "with a precomputed {name: tensor[512]} file."
-            ) from err
+            raise TextEncoderUnavailable(clip_missing_message(self.source, err)) from err
         self.model.eval().to(device)
         self.device = torch.device(device)
         self.batch_size = batch_size

@@ -15,6 +15,7 @@ Any missing or unexpected key, or shape mismatch, raises an error listing them.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from detectkit.checkpoint import _Inert
+from detectkit.checkpoint import ForeignReader, Inert, match_variant, read_checkpoint, register_reader
+from detectkit.registry import create_model
 
 # ultralytics layer index -> detectkit module path (layers 10/11/13/14/17/20 hold no weights)
 LAYER_PREFIXES: dict[int, str] = {
@@ -140,8 +142,6 @@ def _module_state(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
 
 def read_ultralytics_pt(path: str | Path) -> UltralyticsCheckpoint:
     """Parameters and buffers of the ``ema`` (else ``model``) object of an ultralytics ``.pt``."""
-    from detectkit.checkpoint import read_checkpoint
-
     return ultralytics_checkpoint_from(read_checkpoint(path), path)
 
 
@@ -182,13 +182,11 @@ def install_ultralytics_checkpoint(model: nn.Module, ckpt: UltralyticsCheckpoint
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load ``path`` (ultralytics ``.pt``, ultralytics state dict or detectkit state dict) strictly."""
-    from detectkit.checkpoint import read_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     data = read_checkpoint(path)  # weights_only, or inert stand-ins for pickled model classes
-    if isinstance(data, dict) and (data.get("ema") is not None or isinstance(data.get("model"), _Inert)):
+    if isinstance(data, dict) and (data.get("ema") is not None or isinstance(data.get("model"), Inert)):
         return install_ultralytics_checkpoint(model, ultralytics_checkpoint_from(data, path))
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]  # a Lightning checkpoint or a detectkit weights file
@@ -204,3 +202,31 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             _mismatch_message(list(result.missing_keys), list(result.unexpected_keys), [])
         )
     return model
+
+
+def is_ultralytics(obj: Any) -> bool:
+    """An ultralytics ``.pt`` (pickled model objects under ``ema`` / ``model``) or a state dict in
+    the ultralytics layout (``model.<layer>.`` keys)."""
+    if not isinstance(obj, Mapping):
+        return False
+    if obj.get("ema") is not None or obj.get("model") is not None and not isinstance(obj.get("model"), (str, Mapping)):
+        return True
+    keys = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+    return bool(keys) and len(keys) == len(obj) and any(_KEY.match(k) for k in keys)
+
+
+def read_ultralytics(obj: Any, path: Any, num_classes: int | None, name: str | None) -> nn.Module:
+    """The ``yolo_world_v2_*`` variant the weights' shapes name (or ``name``), weights and
+    vocabulary (when the file has one) loaded."""
+    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        ckpt = UltralyticsCheckpoint(dict(obj))
+    else:
+        ckpt = ultralytics_checkpoint_from(obj, path)
+    if name is None:
+        mapped, _ = from_ultralytics(ckpt.state_dict)
+        name = match_variant("yolo_world", mapped, num_classes or 80, path)
+    model = create_model(name, num_classes=num_classes or 80)
+    return install_ultralytics_checkpoint(model, ckpt)
+
+
+register_reader(ForeignReader("yolo_world", "yolo_world", is_ultralytics, read_ultralytics))

@@ -8,29 +8,24 @@ disk, a network share), that move is a copy into the final path, so a job killed
 (SLURM preemption, OOM killer, SIGKILL) or a full disk leaves a truncated ``last.ckpt``; nothing is
 fsynced either. Here the checkpoint is serialised in memory, written next to its destination
 (``<path>.tmp``), fsynced and ``os.replace``d (atomic on POSIX within one filesystem) by
-:func:`detectkit.checkpoint.atomic_save`; a full disk is one :class:`~detectkit.checkpoint.DiskFullError`
+:func:`detectkit.checkpoint.write.atomic_save`; a full disk is one :class:`~detectkit.checkpoint.errors.DiskFullError`
 ("no space left on device writing <path>") with the previous file intact and no ``.tmp`` left.
-Reading goes through :func:`detectkit.checkpoint.read_checkpoint` (no pickled code runs; the
+Reading goes through :func:`detectkit.checkpoint.safe.read_checkpoint` (no pickled code runs; the
 record's content hash is checked, so a corrupted file is an error naming it). Remote (``s3://``
 etc.) paths go to Lightning's implementation unchanged.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from detectkit.checkpoint import atomic_save, read_checkpoint
+from detectkit.checkpoint.safe import read_checkpoint
+from detectkit.checkpoint.write import atomic_save
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``<path>.tmp`` in the same folder, fsync, then ``os.replace`` (see ``atomic_save``)."""
-    atomic_save(obj, path)
+__all__ = ["AtomicCheckpointIO"]
 
 
 def _local(path: Any) -> bool:
@@ -42,7 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     verifies what it reads.
 
     Use: ``Trainer(plugins=[AtomicCheckpointIO()])`` or in YAML
-    ``trainer.plugins: [{class_path: detectkit.checkpoint_io.AtomicCheckpointIO}]``.
+    ``trainer.plugins: [{class_path: detectkit.checkpoint.lightning_io.AtomicCheckpointIO}]``.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:

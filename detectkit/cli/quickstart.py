@@ -15,10 +15,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from detectkit.recipes import recipe_path
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-#: the recipe shipped with the repository (experiments/ sits next to the package)
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+#: the shipped recipe (package data in a wheel, experiments/ in a checkout)
+DEFAULT_CONFIG = recipe_path("quickstart")
 
 
 def run(config: str | Path = DEFAULT_CONFIG, output_dir: str | Path = "runs/quickstart", overrides: Sequence[str] = ()) -> dict:
@@ -61,19 +63,19 @@ def _reexec_with_passive_omp(argv: Sequence[str]) -> None:
 
     OpenMP's default spin-waiting makes torch's CPU threads burn 5-10x the CPU time per step
     when the cores are shared with other processes (measured: 15 s vs 1.5 s per step); libgomp
-    reads the variable when torch is first imported, which ``python -m detectkit.quickstart``
+    reads the variable when torch is first imported, which ``python -m detectkit.cli.quickstart``
     has already done by the time this module runs.
     """
     if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("DETECTKIT_NO_REEXEC"):
         return
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "DETECTKIT_NO_REEXEC": "1"}
-    os.execve(sys.executable, [sys.executable, "-m", "detectkit.quickstart", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", "detectkit.cli.quickstart", *argv], env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         _reexec_with_passive_omp(sys.argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m detectkit.quickstart", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m detectkit.cli.quickstart", description=__doc__)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="LightningCLI config (default: %(default)s)")
     parser.add_argument("--output-dir", default="runs/quickstart", help="run directory (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="extra CLI arguments, e.g. --trainer.max_epochs=2")

@@ -1,4 +1,6 @@
-"""``detectkit export``: a trained checkpoint -> checked ONNX (optionally NMS/uint8) or TensorRT.
+"""``detectkit export``: a trained checkpoint -> checked ONNX (optionally NMS/uint8), TensorRT,
+OpenVINO IR or TorchScript. Every file is run in its own runtime right after it is written and
+compared with PyTorch (one check, :func:`detectkit.export.deploy.verify_export`).
 
 ``--checkpoint`` is anything ``detectkit.load`` reads: a detectkit ``.ckpt`` or weights file
 (its recorded pruned shapes and quantizers are rebuilt, then the weights load strictly), a
@@ -31,6 +33,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+FORMATS = ("onnx", "tensorrt", "openvino", "torchscript", "coreml", "tflite")
+#: file suffix of each format's default output name
+SUFFIX = {"onnx": ".onnx", "tensorrt": ".onnx", "openvino": ".xml", "torchscript": ".torchscript"}
+#: formats detectkit cannot write and check on this platform, and why (one line each)
+UNAVAILABLE = {
+    "coreml": "--format coreml is not available: the package 'coremltools' converts on Linux but CoreML models run "
+              "only on macOS, so the file could not be checked against PyTorch; use --format onnx, openvino or "
+              "torchscript",
+    "tflite": "--format tflite is not available: it needs the package 'litert-torch' (formerly ai-edge-torch), whose "
+              "releases require torch < 2.14 while detectkit pins torch 2.14.1; use --format onnx, openvino or "
+              "torchscript",
+}
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -38,14 +52,17 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--model", help="registry name (default: the checkpoint's hyper-parameters)")
     p.add_argument("--checkpoint", required=True, help="detectkit .ckpt or a weights file for the builder")
     p.add_argument("--num-classes", type=int, default=None, help="default: from the checkpoint, else 80")
-    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    p.add_argument("--format", choices=FORMATS, default="onnx",
+                   help="openvino: IR .xml+.bin (from the ONNX graph, NMS included); torchscript: traced raw "
+                        "boxes/scores; coreml/tflite: not available here (the message says why)")
     p.add_argument("--int8", action="store_true", help="Q/DQ INT8 (QAT/PTQ checkpoint, or PTQ on --calib)")
     p.add_argument("--int8-backend", choices=("modelopt", "onnxruntime"), default="modelopt",
                    help="modelopt: TensorRT's Q/DQ scheme (QAT/PTQ); onnxruntime: static QDQ for CPU onnxruntime")
     p.add_argument("--calib", help="folder of calibration images for PTQ with --int8")
     p.add_argument("--calib-batches", type=int, default=16)
-    p.add_argument("--nms", choices=("batch", "flat", "none"), default="none",
-                   help="embed NMS with super-gradients' output format (onnx); tensorrt always uses EfficientNMS_TRT")
+    p.add_argument("--nms", choices=("batch", "flat", "none"), default=None,
+                   help="NMS inside the ONNX graph in super-gradients' output format (default: batch; "
+                        "none: raw boxes and scores); tensorrt always uses EfficientNMS_TRT")
     p.add_argument("--output", help="output file (default: <model>.onnx)")
     p.add_argument("--size", type=int, default=None,
                    help="input side, a multiple of 32 (default: the size the checkpoint was validated at)")
@@ -59,7 +76,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw")
     p.add_argument("--channel-order", choices=("rgb", "bgr"), default="rgb")
     p.add_argument("--no-fp16", action="store_true", help="TensorRT: no FP16 kernels")
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch in the file's runtime")
     return parser
 
 
@@ -101,12 +118,22 @@ def run_export(args: argparse.Namespace) -> int:
     from detectkit.export.tensorrt import add_efficient_nms, build_engine
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.format in UNAVAILABLE:
+        raise SystemExit(UNAVAILABLE[args.format])
+    if args.format == "torchscript" and args.nms not in (None, "none"):
+        raise SystemExit("--format torchscript exports raw boxes and scores; drop --nms (apply "
+                         "torchvision.ops.batched_nms to the outputs)")
+    if args.format in ("openvino", "torchscript") and args.int8:
+        raise SystemExit(f"--int8 exports ONNX (--format onnx or tensorrt), not --format {args.format}")
     if args.size is not None and args.size % 32:
         raise SystemExit(f"--size must be a multiple of 32, got {args.size}")
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file")
     model = load_for_export(args.model, args.checkpoint, args.num_classes)
     _fill_defaults_from_model(args, model)
+    if args.nms is None:  # NMS inside the graph, as the README promises; CPU INT8 quantizes the raw graph
+        raw_only = args.format == "torchscript" or (args.int8 and args.int8_backend == "onnxruntime")
+        args.nms = "none" if raw_only else "batch"
     quantized = is_quantized(model)
     if args.int8 and args.int8_backend == "onnxruntime":
         return _export_onnxruntime_int8(model, args, quantized)
@@ -118,7 +145,7 @@ def run_export(args: argparse.Namespace) -> int:
     if not quantized and hasattr(model, "fuse"):
         model.fuse()
     name = args.model or _default_stem(model)
-    output = Path(args.output or f"{name}.onnx")
+    output = Path(args.output or f"{name}{SUFFIX[args.format]}")
     nms = None if args.nms == "none" or args.format == "tensorrt" else args.nms
     config = ExportConfig(
         image_size=args.size, batch_size=args.batch_size, nms=nms, conf=args.conf, iou=args.iou, top_k=args.top_k,
@@ -128,6 +155,18 @@ def run_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         result = export_detector(model, output, config, check=not args.no_check, exact=not quantized)
         summary: dict[str, Any] = {**result.to_dict(), "quantized": quantized}
+    elif args.format == "openvino":
+        from detectkit.export.openvino import export_openvino
+
+        result = export_openvino(model, output, config, check=not args.no_check, exact=not quantized)
+        summary = {**result.to_dict(), "weights": str(output.with_suffix(".bin")), "quantized": quantized}
+    elif args.format == "torchscript":
+        from detectkit.export.torchscript import export_torchscript
+
+        if quantized:
+            raise SystemExit("--format torchscript takes a float checkpoint; export a QAT/PTQ one with --format onnx")
+
+        summary = {**export_torchscript(model, output, config, check=not args.no_check).to_dict(), "quantized": False}
     else:
         raw = output.with_suffix(".raw.onnx")
         result = export_detector(model, raw, config, check=not args.no_check, exact=not quantized)

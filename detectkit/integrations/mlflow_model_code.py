@@ -1,4 +1,4 @@
-"""The MLflow "model from code" file of detectkit's pyfunc model (see :mod:`detectkit.mlflow_pyfunc`).
+"""The MLflow "model from code" file of detectkit's pyfunc model (see :mod:`detectkit.integrations.mlflow_pyfunc`).
 
 MLflow copies this file into the saved model folder and runs it when the model loads, instead of
 unpickling a Python object; it only names the model class, which comes from the installed detectkit.
@@ -6,6 +6,6 @@ unpickling a Python object; it only names the model class, which comes from the 
 
 from mlflow.models import set_model
 
-from detectkit.mlflow_pyfunc import DetectkitPythonModel
+from detectkit.integrations.mlflow_pyfunc import DetectkitPythonModel
 
 set_model(DetectkitPythonModel())

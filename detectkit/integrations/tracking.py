@@ -44,7 +44,7 @@ def default_artifact_location(save_dir: str | os.PathLike = "runs") -> str:
 class MLFlowLogger(_LightningMLFlowLogger):
     """Lightning's ``MLFlowLogger`` whose default store is sqlite under ``save_dir``.
 
-    Use it from YAML as ``class_path: detectkit.tracking.MLFlowLogger``. With ``tracking_uri``
+    Use it from YAML as ``class_path: detectkit.integrations.tracking.MLFlowLogger``. With ``tracking_uri``
     (or ``MLFLOW_TRACKING_URI``) set, it is exactly Lightning's logger talking to that server.
     """
 
