@@ -50,6 +50,7 @@ from detectkit.predict.step import detect_batch, no_detections_hint, to_input
 from detectkit.predict.writers import coco_rows
 from detectkit.serve.backends import (
     OnnxRuntimeBackend,
+    OpenVINOBackend,
     TensorRTBackend,
     TorchBackend,
 )
@@ -145,6 +146,8 @@ class DetectionAPI(ls.LitAPI):
             self.runner = TorchBackend(model, self.torch_device)
         elif self.backend_name == "onnxruntime":
             self.runner = OnnxRuntimeBackend(self.model_file, self.torch_device, self.threads)
+        elif self.backend_name == "openvino":
+            self.runner = OpenVINOBackend(self.model_file, self.torch_device, self.threads)
         elif self.backend_name == "tensorrt":
             self.runner = TensorRTBackend(self.model_file, self.torch_device)
         else:

@@ -1,11 +1,12 @@
-"""What runs the network inside a server worker: PyTorch, onnxruntime or TensorRT.
+"""What runs the network inside a server worker: PyTorch, onnxruntime, OpenVINO or TensorRT.
 
 Every backend maps a float RGB NCHW batch in [0, 1] to the raw ``(boxes [B,A,4], scores
 [B,A,C])`` of the detector contract; post-processing stays in the one PyTorch
 ``detectkit.ops.postprocess`` for all of them, so per-request ``conf``/``iou``/``max_det`` work
 on every backend and the results equal ``model.predict``. The ONNX graph is the raw export of
 :func:`detectkit.export.deploy.export_detector` (dynamic batch, checked against PyTorch when
-written); YOLO-World is exported with its vocabulary baked in (fixed classes).
+written); OpenVINO runs the IR converted from that graph (checked against PyTorch when written,
+compiled in f32); YOLO-World is exported with its vocabulary baked in (fixed classes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from detectkit.utils.files import atomic_write
 
 log = logging.getLogger("detectkit.serve")
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
 class BackendUnavailable(RuntimeError):
@@ -82,6 +83,27 @@ class OnnxRuntimeBackend:
         return torch.from_numpy(boxes), torch.from_numpy(scores)
 
 
+class OpenVINOBackend:
+    """The OpenVINO IR of the raw (boxes, scores) graph, compiled for the CPU in f32."""
+
+    name = "openvino"
+    supports_text = False
+
+    def __init__(self, xml_path: str | os.PathLike, device: torch.device, threads: int | None = None) -> None:
+        check_openvino(device)
+        from detectkit.export.openvino import compile_openvino
+
+        self.compiled = compile_openvino(xml_path, threads)
+
+    def __call__(self, images: torch.Tensor, text: torch.Tensor | None = None,
+                 text_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if text is not None:
+            raise ValueError("the OpenVINO model has its vocabulary baked in; it takes no per-request classes")
+        result = self.compiled(images.float().cpu().numpy())
+        boxes, scores = (result[o] for o in self.compiled.outputs)
+        return torch.from_numpy(boxes), torch.from_numpy(scores)
+
+
 class TensorRTBackend:
     """A TensorRT engine built from the raw ONNX graph (dynamic batch 1..max_batch), run on CUDA."""
 
@@ -133,6 +155,17 @@ def check_tensorrt(device: torch.device | str) -> None:
         raise BackendUnavailable("--backend tensorrt runs on a CUDA device; pass --device cuda")
 
 
+def check_openvino(device: torch.device | str) -> None:
+    """A clear error when OpenVINO cannot run here (checked before the server starts)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        raise BackendUnavailable("--backend openvino needs the package 'openvino', which is not installed: "
+                                 "pip install 'detectkit[openvino]'")
+    if torch.device(device).type != "cpu":
+        raise BackendUnavailable("--backend openvino runs on the CPU; pass --device cpu")
+
+
 def _fingerprint(checkpoint: str | os.PathLike, *parts: Any) -> str:
     digest = hashlib.sha256()
     with open(checkpoint, "rb") as f:
@@ -167,6 +200,33 @@ def prepare_onnx(model: nn.Module, checkpoint: str | os.PathLike, cache_dir: str
                                                                                   nms=None)))
     log.info("exported graph", extra={"fields": {"event": "onnx_exported", "path": str(path)}})
     return path
+
+
+def prepare_openvino(model: nn.Module, onnx_path: Path) -> Path:
+    """Convert (once) the cached raw graph to OpenVINO IR beside it, checked against ``model``."""
+    from detectkit.export.deploy import ExportConfig
+    from detectkit.export.openvino import check_openvino as check_ir
+    from detectkit.export.openvino import save_openvino
+
+    xml = onnx_path.with_suffix(".xml")
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        return xml
+    net = copy.deepcopy(model).cpu().float().eval()
+    if hasattr(net, "reparameterize"):
+        net = net.reparameterize()
+    net = net.fuse() if hasattr(net, "fuse") else net
+    staged = onnx_path.with_name(f"{onnx_path.stem}.{os.getpid()}.staged.xml")
+    try:  # checked before it takes the cache name: a wrong IR is never reused
+        save_openvino(onnx_path, staged)
+        check_ir(net, staged, ExportConfig(image_size=tuple(model.inference.image_size), nms=None))
+        # the checked IR takes its cache name through the one atomic write (fsynced, .bin before .xml)
+        atomic_write(xml.with_suffix(".bin"), lambda partial: os.replace(staged.with_suffix(".bin"), partial))
+        atomic_write(xml, lambda partial: os.replace(staged, partial))
+    finally:
+        staged.unlink(missing_ok=True)
+        staged.with_suffix(".bin").unlink(missing_ok=True)
+    log.info("converted graph", extra={"fields": {"event": "openvino_converted", "path": str(xml)}})
+    return xml
 
 
 def prepare_engine(onnx_path: Path, image_size: tuple[int, int], max_batch: int, fp16: bool = True) -> Path:

@@ -17,9 +17,15 @@ the same error. So this gate, running in the API-server processes, does per requ
 * and forwards ONE canonical JSON body to LitServe: the letterboxed pixels, the letterbox
   geometry and the parameters.
 
-It also answers ``/live``, ``/ready`` (503 while draining) and ``/metrics``, keeps the count of
-in-flight requests the graceful shutdown waits for, and writes one JSON access-log line per
-request.
+It also answers ``/live``, ``/ready`` (503 while draining or while an inference worker is down)
+and ``/metrics``, keeps the count of in-flight requests the graceful shutdown waits for, and
+writes one JSON access-log line per request. Two faults are bounded here: a client that stalls
+mid-body gets 408 after ``body_timeout`` s (it held the SIGTERM drain for its whole length), and
+when the supervisor (``supervisor.py``) reports a dead inference worker, every request in flight
+gets 503 at once (LitServe would leave it waiting for an answer that never comes); with no worker
+up, new predictions are 503 too. The gate cannot tell which worker took a request, so with
+several workers a death fails the other workers' in-flight requests as well: a retry is cheap,
+a hang is not.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from detectkit.limits import LimitError, loads_json
 from detectkit.serve.preprocess import DEFAULT_MAX_PIXELS, RequestError, prepare
 
 log = logging.getLogger("detectkit.serve")
@@ -51,6 +58,10 @@ class SharedState:
 
     in_flight: Any = field(default_factory=lambda: mp.Value("i", 0, lock=True))
     draining: Any = field(default_factory=mp.Event)
+    # written by the worker supervisor (supervisor.py) in the main process
+    worker_deaths: Any = field(default_factory=lambda: mp.Value("i", 0, lock=True))  # ever: a change fails in-flight
+    workers_down: Any = field(default_factory=lambda: mp.Value("i", 0, lock=True))  # dead or still setting up again
+    workers_total: int = 1
 
     def in_flight_count(self) -> int:
         return int(self.in_flight.value)
@@ -114,9 +125,11 @@ def _classes(value: Any) -> list[str]:
         text = value.strip()
         if text.startswith("["):
             try:
-                value = json.loads(text)
+                value = loads_json(text, "classes")
             except json.JSONDecodeError as e:
                 raise RequestError(422, f"classes is not a valid JSON list: {e}") from None
+            except LimitError as e:
+                raise RequestError(422, str(e)) from None
         else:
             value = [n.strip() for n in text.split(",")] if text else []
     if not isinstance(value, list):
@@ -147,23 +160,28 @@ def _b64(text: Any, name: str) -> bytes:
 async def canonical_request(content_type: str, body: bytes, query: str) -> tuple[bytes, dict[str, Any]]:
     """One upload (raw / multipart / JSON) -> the image bytes and the validated parameters."""
     ctype = content_type.split(";", 1)[0].strip().lower()
+    # the query string's parameters hold for every body type (``?conf=0.1`` with a multipart upload
+    # was silently ignored); a field in the body wins over the same name in the query
+    query_fields = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
     if ctype == "application/json":
         try:
-            data = json.loads(body)
+            data = loads_json(body, "request body")  # depth-guarded: 100k nested brackets are a 400, not a 500
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"body is not valid JSON: {e}") from None
+        except LimitError as e:
+            raise RequestError(400, str(e)) from None
         if not isinstance(data, dict):
             raise RequestError(422, "JSON body must be an object with an 'image' field (base64)")
         if "image" not in data:
             raise RequestError(422, "JSON body has no 'image' field (base64-encoded image bytes)")
         image = _b64(data.pop("image"), "image")
-        params = parse_params(data, "JSON")
+        params = parse_params({**query_fields, **data}, "JSON")
     elif ctype == "multipart/form-data":
         image, fields = await _multipart(content_type, body)
-        params = parse_params(fields, "form")
+        params = parse_params({**query_fields, **fields}, "form")
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
         image = body
-        params = parse_params(dict(urllib.parse.parse_qsl(query, keep_blank_values=True)), "query")
+        params = parse_params(query_fields, "query")
     else:
         raise RequestError(
             415,
@@ -209,8 +227,11 @@ class RequestGate:
     """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer and break streaming/disconnects)."""
 
     def __init__(self, app: Any, *, api_path: str, max_body_bytes: int, state: SharedState,
-                 letterbox: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS, metrics: Any = None) -> None:
+                 letterbox: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS, metrics: Any = None,
+                 body_timeout: float = 10.0, watch_interval: float = 0.05) -> None:
         self.app = app
+        self.body_timeout = body_timeout
+        self.watch_interval = watch_interval
         self.letterbox = letterbox
         self.max_pixels = max_pixels
         self.api_path = api_path
@@ -228,6 +249,8 @@ class RequestGate:
         elif path == "/ready" and method == "GET":
             if self.state.draining.is_set():
                 await _reply(send, 503, json.dumps({"status": "draining"}).encode())
+            elif self.state.workers_down.value > 0:
+                await _reply(send, 503, json.dumps({"status": "inference worker restarting"}).encode())
             else:  # ready = LitServe's own check that every inference worker finished setup
                 await self.app({**scope, "path": "/health", "raw_path": b"/health"}, receive, send)
         elif path == "/metrics" and method == "GET" and self.metrics is not None:
@@ -248,6 +271,7 @@ class RequestGate:
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = int(message["status"])
+                status["started"] = True
             await send(message)
 
         if self.state.draining.is_set():
@@ -255,6 +279,12 @@ class RequestGate:
                          extra=[(b"retry-after", b"1"), (b"connection", b"close")])
             self._record(start, status["code"], 0)
             return
+        if self.state.workers_down.value >= self.state.workers_total:
+            await _reply(send_status, 503, error_body(503, "no inference worker is up (one is restarting); retry "
+                                                           "shortly"), extra=[(b"retry-after", b"2")])
+            self._record(start, status["code"], 0)
+            return
+        deaths = self.state.worker_deaths.value  # a change while this request is in flight: 503, not a hang
         with self.state.in_flight.get_lock():
             self.state.in_flight.value += 1
         size = 0
@@ -286,11 +316,27 @@ class RequestGate:
                 sent = True
                 return {"type": "http.request", "body": new_body, "more_body": False}
 
-            await self.app({**scope, "headers": new_headers, "query_string": b""}, replay, send_status)
+            await self._forward({**scope, "headers": new_headers, "query_string": b""}, replay, send_status,
+                                status, deaths)
         finally:
             with self.state.in_flight.get_lock():
                 self.state.in_flight.value -= 1
             self._record(start, status["code"], size)
+
+    async def _forward(self, scope: dict, receive: Any, send: Any, status: dict, deaths: int) -> None:
+        """LitServe's endpoint, abandoned with a 503 if an inference worker dies before it answers."""
+        task = asyncio.ensure_future(self.app(scope, receive, send))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=self.watch_interval)
+            if done:
+                return task.result()
+            if self.state.worker_deaths.value != deaths and "started" not in status:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await _reply(send, 503, error_body(503, "the inference worker died while this request was in "
+                                                        "flight; it is being restarted: retry"),
+                             extra=[(b"retry-after", b"2")])
+                return
 
     async def _read_body(self, headers: dict[str, str], receive: Any) -> bytes:
         limit = self.max_body_bytes
@@ -299,8 +345,13 @@ class RequestGate:
             raise RequestError(413, f"request body is {int(declared)} bytes; the limit is {limit} "
                                     "(detectkit serve --max-body-mb)")
         chunks, total = [], 0
+        deadline = time.monotonic() + self.body_timeout  # one deadline for the whole body: no trickling
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"request body not received within {self.body_timeout:g} s "
+                                        "(detectkit serve --body-timeout)") from None
             if message["type"] == "http.disconnect":
                 raise RequestError(400, "client disconnected before sending the whole body")
             chunk = message.get("body", b"")

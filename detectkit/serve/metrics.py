@@ -6,7 +6,7 @@ the metrics use prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DI
 files and ``/metrics`` sums them. Worker-side figures (batch size, queue time, inference time)
 travel through LitServe's own channel, ``LitAPI.log`` -> :class:`PrometheusLogger` (a
 ``litserve.Logger`` running in LitServe's logger process); request counts by status and
-end-to-end latency are recorded by the HTTP gate.
+end-to-end latency are recorded by the HTTP gate; worker deaths and restarts by the supervisor.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class _Instruments:
                                buckets=TIME_BUCKETS)
         self.inference = Histogram("detectkit_inference_seconds", "Time of one batched model call "
                                    "(preprocess, model, postprocess)", buckets=TIME_BUCKETS)
+        self.workers = Counter("detectkit_worker_events_total", "Inference-worker deaths and completed restarts "
+                               "(the supervisor, in the main process)", ["event"])
 
     @classmethod
     def get(cls) -> _Instruments:
@@ -68,6 +70,10 @@ class HttpMetrics:
         inst = _Instruments.get()
         inst.requests.labels(status=str(status)).inc()
         inst.latency.observe(seconds)
+
+    def worker_event(self, event: str) -> None:
+        """``died`` or ``restarted``: counted by the worker supervisor."""
+        _Instruments.get().workers.labels(event=event).inc()
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess

@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 
 from detectkit.data.letterbox import LetterboxInfo, letterbox
+from detectkit.limits import Limits
 
-#: decoded-pixel limit per image (a 20 MB PNG can hold a 50000x50000 image: a decompression bomb)
-DEFAULT_MAX_PIXELS = 64_000_000
+#: decoded-pixel limit per image (a 20 MB PNG can hold a 50000x50000 image: a decompression bomb);
+#: ``detectkit serve`` uses ``detectkit.limits.current().max_pixels`` unless --max-pixels says otherwise
+DEFAULT_MAX_PIXELS = Limits.max_pixels
 
 
 class RequestError(Exception):
