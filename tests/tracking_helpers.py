@@ -107,14 +107,12 @@ def tiny_config(tmp: Path, logger: dict[str, Any], callbacks: list[dict[str, Any
         },
         "model": {
             "model": "tracking_tiny",
-            "lr": 1e-3,
-            "warmup_steps": 1,
+            "optim": {"lr": 1e-3, "warmup_steps": 1},
             **(model_args or {}),
         },
         "data": {
             "image_size": 64,
-            "batch_size": 4,
-            "num_workers": 0,
+            "loader": {"batch_size": 4, "num_workers": 0},
             "cache_dir": str(tmp / "data"),
             "synthetic": {"train_images": 8, "val_images": 4, "size": 64, "num_classes": 3},
         },

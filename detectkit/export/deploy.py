@@ -1,8 +1,10 @@
-"""Assemble the deployable graph (preprocess -> detector -> NMS), export it, check it in onnxruntime.
+"""Assemble the deployable graph (preprocess -> detector -> NMS), export it, check it in its runtime.
 
 One function, :func:`export_detector`, serves the ``ExportOnFitEnd`` callback, the QAT callback
 and ``detectkit export``. The check is part of the export: a graph that does not reproduce the
-PyTorch model in onnxruntime is an error, not a warning, because the file is what ships. The check
+PyTorch model in onnxruntime is an error, not a warning, because the file is what ships. The
+same check, :func:`verify_export`, runs the OpenVINO IR in OpenVINO and the TorchScript file in
+``torch.jit``: each format passes a :data:`Runner` for its own runtime. The check
 always compares the raw head outputs (boxes/scores before NMS; an NMS graph is exported with
 those tensors tapped, then untapped), and for NMS graphs also the detections; a check that
 compared nothing (no raw outputs, zero detections on both sides) is an error too.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +36,17 @@ from detectkit.export.preprocess import ImagePreprocess, WithPreprocess
 from detectkit.ops.nms import PostprocessConfig
 
 __all__ = ["ExportConfig", "ExportResult", "ExportCheckError", "build_export_module", "export_detector",
-           "verify_onnx", "onnx_op_counts"]
+           "verify_onnx", "verify_export", "default_sample", "Runner", "onnx_op_counts"]
 
 log = logging.getLogger(__name__)
 
 
 class ExportCheckError(AssertionError):
-    """onnxruntime does not reproduce PyTorch, or the check had nothing to compare."""
+    """The exported file's runtime does not reproduce PyTorch, or the check had nothing to compare."""
+
+#: runs an exported file: ``(path, graph input, tap names) -> (the file's outputs, the tapped raw
+#: boxes/scores or None when the file cannot expose them)``; one per runtime
+Runner = Callable[[Path, np.ndarray, tuple[str, ...]], tuple[list[np.ndarray], list[np.ndarray] | None]]
 
 
 @dataclass
@@ -95,12 +102,15 @@ class ExportResult:
     input_shape: tuple[int, ...]
     input_dtype: str
     output_names: list[str]
-    #: worst raw-output difference (boxes relative to the image side, scores absolute)
+    #: worst difference from PyTorch: box coordinates relative to the image side, and scores, before
+    #: NMS (raw outputs) and after it (the detections); the export's log line prints the same value
     max_abs_error: float | None = None
     raw_compared: bool = False
     detections_match: bool | None = None
     num_detections: int | None = None
     op_counts: dict[str, int] = field(default_factory=dict)
+    #: where the check ran the file (onnxruntime, OpenVINO, torch.jit)
+    runtime: str = "onnxruntime"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,10 +202,15 @@ def export_detector(
         op_counts=onnx_op_counts(path),
     )
     if check:
-        if sample is None:
-            sample = example_input(config, batch_size=2 if config.dynamic_batch else config.batch_size, seed=1)
-        verify_onnx(model, path, config, sample, result, atol=atol, exact=exact)
+        verify_onnx(model, path, config, default_sample(config) if sample is None else sample, result,
+                    atol=atol, exact=exact)
     return result
+
+
+def default_sample(config: ExportConfig) -> torch.Tensor:
+    """The check's input when none is given: a batch of 2 when the batch is dynamic (so a file whose
+    batch froze at the example's 1 fails), else the fixed batch."""
+    return example_input(config, batch_size=2 if config.dynamic_batch else config.batch_size, seed=1)
 
 
 def _set_static_output_dims(path: Path, outputs, dynamic_axes: dict, names: list[str], keep: list[str]) -> None:
@@ -224,7 +239,7 @@ def _set_static_output_dims(path: Path, outputs, dynamic_axes: dict, names: list
     onnx.save(model, str(path))
 
 
-def _verify_matched(ref: list[torch.Tensor], got: list[np.ndarray], path) -> int:
+def _verify_matched(ref: list[torch.Tensor], got: list[np.ndarray], path, runtime: str) -> int:
     """Q/DQ graphs: >= 90% of the detections on either side have a same-class IoU > 0.9 partner."""
     from torchvision.ops import box_iou
 
@@ -238,9 +253,9 @@ def _verify_matched(ref: list[torch.Tensor], got: list[np.ndarray], path) -> int
         iou[r[:, 5, None] != g[None, :, 5]] = 0
         matched += int(min((iou.max(1).values > 0.9).sum(), (iou.max(0).values > 0.9).sum()))
     frac = matched / total if total else 1.0
-    log.info("ONNX NMS check (quantized) %s: %.1f%% of %d detections matched", path, 100 * frac, total)
+    log.info("%s NMS check (quantized) %s: %.1f%% of %d detections matched", runtime, path, 100 * frac, total)
     if frac < 0.9:
-        raise ExportCheckError(f"{path}: only {100 * frac:.1f}% of the detections match between onnxruntime "
+        raise ExportCheckError(f"{path}: only {100 * frac:.1f}% of the detections match between {runtime} "
                                "and PyTorch")
     return int(sum(len(g) for g in got))
 
@@ -294,8 +309,23 @@ def verify_onnx(
     atol: float = 1e-3,
     exact: bool = True,
 ) -> ExportResult | None:
-    """Compare onnxruntime with PyTorch on ``sample``; raise :class:`ExportCheckError` if they disagree
-    or if nothing was compared.
+    """:func:`verify_export` of an ONNX file in onnxruntime."""
+    return verify_export(model, path, config, sample, result, atol, exact, _run_onnx_tapped, "onnxruntime")
+
+
+def verify_export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: ExportConfig,
+    sample: torch.Tensor,
+    result: ExportResult | None = None,
+    atol: float = 1e-3,
+    exact: bool = True,
+    run: Runner | None = None,
+    runtime: str = "onnxruntime",
+) -> ExportResult | None:
+    """Compare the exported file, run by ``run`` in ``runtime``, with PyTorch on ``sample``; raise
+    :class:`ExportCheckError` if they disagree or if nothing was compared. ONE check for every format.
 
     Raw head outputs (boxes relative to the image side, and scores; an NMS graph's tapped
     :data:`RAW_TAPS`) must agree within ``atol``. NMS graphs: the detections must also equal
@@ -312,11 +342,14 @@ def verify_onnx(
     from detectkit.ops.nms import postprocess
 
     config = config.for_model(model)
+    run = run or _run_onnx_tapped
+    images = sample.cpu().numpy() if torch.is_tensor(sample) else sample
+    raw: list[np.ndarray] | None
     if config.nms is None:
-        outputs = run_onnx(path, sample)
-        raw: list[np.ndarray] | None = outputs[:2]
+        outputs, _ = run(Path(path), images, ())
+        raw = outputs[:2]
     else:
-        outputs, raw = _run_onnx_tapped(path, sample, RAW_TAPS)
+        outputs, raw = run(Path(path), images, RAW_TAPS)
     model = model.eval()
     with torch.no_grad():
         boxes, scores = model(to_model_input(sample, config).float())
@@ -326,47 +359,58 @@ def verify_onnx(
         err_boxes = float(np.abs(raw[0] - boxes.numpy()).max()) / scale
         err_scores = float(np.abs(raw[1] - scores.numpy()).max())
         err = max(err_boxes, err_scores)
-        log.info("ONNX check %s: raw outputs max abs error boxes %.3g px, scores %.3g", path, err_boxes * scale,
-                 err_scores)
         if result is not None:
-            result.max_abs_error, result.raw_compared = err, True
+            result.raw_compared = True
         if err > (atol if exact else 0.1):
-            raise ExportCheckError(f"{path}: onnxruntime differs from PyTorch before NMS: boxes "
+            raise ExportCheckError(f"{path}: {runtime} differs from PyTorch before NMS: boxes "
                                    f"{err_boxes * scale:.4g} px, scores {err_scores:.4g}")
+    if result is not None:
+        result.runtime = runtime
     if config.nms is None:
-        return result
+        return _report_error(path, result, err, runtime)
     ref = postprocess(boxes, scores, **config.postprocess.to_dict())
     got = split_flat(outputs[0], len(ref)) if config.nms == "flat" else split_batch(*outputs)
     n_ref, n_got = int(sum(len(r) for r in ref)), int(sum(len(g) for g in got))
     if n_ref == 0 and n_got == 0 and raw is None:
         raise ExportCheckError(
-            f"{path}: the check compared nothing: neither onnxruntime nor PyTorch kept a detection on the "
+            f"{path}: the check compared nothing: neither {runtime} nor PyTorch kept a detection on the "
             f"sample (conf {config.conf}) and the graph has no raw outputs to compare; give a sample with "
             "objects in it or a lower conf")
     if n_ref == 0 and n_got == 0:
-        log.warning("ONNX NMS check %s: no detections on the sample at conf %g; only the raw outputs were "
-                    "compared", path, config.conf)
+        log.warning("%s NMS check %s: no detections on the sample at conf %g; only the raw outputs were "
+                    "compared", runtime, path, config.conf)
     if not exact:
-        n = _verify_matched(ref, got, path)
+        n = _verify_matched(ref, got, path, runtime)
         if result is not None:
             result.detections_match, result.num_detections = True, n
-        return result
+        return _report_error(path, result, err, runtime)
     det_err = 0.0
     for i, (r, g) in enumerate(zip(ref, got)):
         r = r.numpy()
         if len(r) != len(g):
-            raise ExportCheckError(f"{path}: image {i}: onnxruntime kept {len(g)} detections, postprocess {len(r)}")
+            raise ExportCheckError(f"{path}: image {i}: {runtime} kept {len(g)} detections, postprocess {len(r)}")
         if len(r) == 0:
             continue
         r, g = r[np.lexsort((r[:, 0], -r[:, 4]))], g[np.lexsort((g[:, 0], -g[:, 4]))]
         if not np.array_equal(r[:, 5], g[:, 5]):
-            raise ExportCheckError(f"{path}: image {i}: classes differ between onnxruntime and postprocess")
+            raise ExportCheckError(f"{path}: image {i}: classes differ between {runtime} and postprocess")
         det_err = max(det_err, float(np.abs(r[:, :4] - g[:, :4]).max()) / scale,
                       float(np.abs(r[:, 4] - g[:, 4]).max()))
-    log.info("ONNX NMS check %s: %d detections match postprocess, max abs error %.3g", path, n_ref, det_err)
+    log.info("%s NMS check %s: %d detections match postprocess", runtime, path, n_ref)
     if det_err > atol:
-        raise ExportCheckError(f"{path}: onnxruntime detections differ from postprocess by {det_err:.4g}")
+        raise ExportCheckError(f"{path}: {runtime} detections differ from postprocess by {det_err:.4g}")
     if result is not None:
-        result.max_abs_error = max(err, det_err)
         result.detections_match, result.num_detections = True, n_ref
+    return _report_error(path, result, max(err, det_err), runtime)
+
+
+def _report_error(path, result: ExportResult | None, err: float, runtime: str) -> ExportResult | None:
+    """ONE max_abs_error figure: the worst of box coordinates (relative to the image side) and
+    scores, before NMS and after it. The log line and the report print the same value, in full
+    (they once disagreed: the log gave boxes in pixels and left out the NMS comparison)."""
+    figure = float(err)
+    log.info("%s check %s: max_abs_error %s (boxes relative to the image side, and scores; "
+             "before and after NMS)", runtime, path, figure)
+    if result is not None:
+        result.max_abs_error = figure
     return result
