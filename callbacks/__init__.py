@@ -29,3 +29,11 @@ __all__ += ["RunReport"]
 from detectkit.callbacks.progress import PlainProgressBar  # noqa: E402
 
 __all__ += ["PlainProgressBar"]
+
+from detectkit.callbacks.stop_on_signal import StopOnSignal  # noqa: E402
+
+__all__ += ["StopOnSignal"]
+
+from detectkit.callbacks.checkpoints import LastCheckpoint  # noqa: E402
+
+__all__ += ["LastCheckpoint"]

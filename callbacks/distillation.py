@@ -7,8 +7,9 @@ without Lightning); this callback schedules them:
   (``pl_module.add_loss_term``, :class:`detectkit.modules.detector.LossTermRegistry`);
   ``training_step`` adds it inside the student's autocast. Removed in ``teardown``.
 * **Adapters** (``feat_weight > 0``): 1x1 convs from each student neck output to the teacher's
-  channels. They train with the student: a submodule of the LightningModule
-  (``distill_adapters``, created in ``setup`` so resume restores them) that joins the optimizer in
+  channels. They train with the student: the LightningModule's declared ``distill_adapters``
+  submodule (:class:`~detectkit.modules.detector.DistillationHost`; installed in ``setup`` through
+  ``set_distill_adapters``, so resume restores them) that joins the optimizer in
   ``on_fit_start`` if ``configure_optimizers`` did not include them (DetectionModule optimizes
   ``self.model`` only); they never reach the detector's checkpoint keys (``model.*``) nor the
   export. Re-created when pruning changes the student's neck widths.
@@ -46,12 +47,11 @@ from detectkit.compress.distill import (
     schedule_factor,
 )
 from detectkit.models.outputs import HeadOutput
-from detectkit.modules.detector import LossTermRegistry
+from detectkit.modules.detector import DistillationHost, LossTermRegistry
 
 __all__ = ["KnowledgeDistillation", "distillation_losses", "load_teacher"]  # the last two re-exported
 
 log = logging.getLogger(__name__)
-ADAPTERS_ATTR = "distill_adapters"
 LOSS_TERM = "distillation"
 
 
@@ -114,8 +114,12 @@ class KnowledgeDistillation(Callback):
                                    self.temperature, self.cls_loss, self.feat_norm)
         if isinstance(pl_module, LossTermRegistry):
             pl_module.add_loss_term(LOSS_TERM, self.extra_loss)
-        if self.feat_weight > 0 and not hasattr(pl_module, ADAPTERS_ATTR):
-            setattr(pl_module, ADAPTERS_ATTR, self._build_adapters(student))
+        if self.feat_weight > 0:
+            if not isinstance(pl_module, DistillationHost):
+                raise TypeError(f"feat_weight > 0 needs a module with declared distillation adapters "
+                                f"(DistillationHost, e.g. DetectionModule), not {type(pl_module).__name__}")
+            if pl_module.distill_adapters is None:
+                pl_module.set_distill_adapters(self._build_adapters(student))
         if isinstance(pl_module, ArchitectureRecorder) and self._listening is not pl_module:
             # resume: after the module replays a pruned student, size the adapters as saved
             pl_module.add_restore_listener(self._restore_adapters)
@@ -130,12 +134,12 @@ class KnowledgeDistillation(Callback):
         pl_module = self._module
         state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
         sizes = state.get("adapters")
-        if sizes and pl_module is not None and getattr(pl_module, ADAPTERS_ATTR, None) is not None:
-            setattr(pl_module, ADAPTERS_ATTR, nn.ModuleList(nn.Conv2d(i, o, 1) for i, o in sizes))
+        if sizes and isinstance(pl_module, DistillationHost) and pl_module.distill_adapters is not None:
+            pl_module.set_distill_adapters(nn.ModuleList(nn.Conv2d(i, o, 1) for i, o in sizes))
 
     def _refresh_adapters(self, pl_module: pl.LightningModule) -> bool:
         """Re-create the adapters when the student's neck widths changed (pruning); True if so."""
-        adapters = getattr(pl_module, ADAPTERS_ATTR, None)
+        adapters = _adapters(pl_module)
         if adapters is None:
             return False
         student = detector_of(pl_module)
@@ -143,13 +147,13 @@ class KnowledgeDistillation(Callback):
         if channels == [a.in_channels for a in adapters]:
             return False
         new = self._build_adapters(student).to(next(student.parameters()).device)
-        setattr(pl_module, ADAPTERS_ATTR, new)
+        pl_module.set_distill_adapters(new)
         log.info("KD: student neck widths changed to %s: feature adapters re-created", channels)
         return True
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """First batch of an epoch (after pruning/QAT epoch-start surgery): adapters fit and are optimised."""
-        if batch_idx != 0 or getattr(pl_module, ADAPTERS_ATTR, None) is None:
+        if batch_idx != 0 or _adapters(pl_module) is None:
             return
         if self._refresh_adapters(pl_module):
             reset_weight_averaging(trainer, pl_module)
@@ -162,7 +166,7 @@ class KnowledgeDistillation(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Runs after ``configure_optimizers`` and before optimizer state is restored on resume."""
-        adapters = getattr(pl_module, ADAPTERS_ATTR, None)
+        adapters = _adapters(pl_module)
         if adapters is None or not trainer.optimizers:
             return
         optimizer = trainer.optimizers[0]
@@ -189,13 +193,13 @@ class KnowledgeDistillation(Callback):
         """The registered :class:`~detectkit.modules.detector.ExtraLoss` (called inside ``training_step``)."""
         if self.distiller is None:
             raise RuntimeError("KnowledgeDistillation.setup did not run")
-        adapters = getattr(pl_module, ADAPTERS_ATTR, None)
+        adapters = _adapters(pl_module)
         return self.distiller(images, head, adapters, self.factor(pl_module.current_epoch))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         # the teacher's source, never its weights; adapter sizes so resume can rebuild them
-        adapters = getattr(self._module, ADAPTERS_ATTR, None) if self._module is not None else None
+        adapters = _adapters(self._module)
         sizes = [[a.in_channels, a.out_channels] for a in adapters] if adapters is not None else None
         return {"teacher": self.teacher_source, "teacher_checkpoint": self.teacher_checkpoint, "adapters": sizes}
 
@@ -203,3 +207,8 @@ class KnowledgeDistillation(Callback):
         if state_dict.get("teacher") not in (None, self.teacher_source):
             log.warning("KD: checkpoint was distilled from %s, resuming with %s", state_dict["teacher"],
                         self.teacher_source)
+
+
+def _adapters(pl_module: Any) -> nn.ModuleList | None:
+    """The module's declared distillation adapters (None: none yet, or not a DistillationHost)."""
+    return pl_module.distill_adapters if isinstance(pl_module, DistillationHost) else None

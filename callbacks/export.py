@@ -58,7 +58,7 @@ class ExportOnFitEnd(Callback):
 
     Args:
         dirpath: output folder; default ``<the run's own folder>/export`` (see
-            :func:`detectkit.tracking.run_dir`: runs sharing an MLflow/W&B ``save_dir`` keep theirs).
+            :func:`detectkit.integrations.tracking.run_dir`: runs sharing an MLflow/W&B ``save_dir`` keep theirs).
         filename: file stem; files are ``<stem>.onnx`` (+ ``<stem>.trt.onnx`` with
             ``EfficientNMS_TRT``, ``<stem>.engine`` or ``<stem>.trtexec.sh``, ``<stem>.json``).
         image_size: export resolution (int or (h, w), multiples of 32); default the size the model
@@ -107,7 +107,7 @@ class ExportOnFitEnd(Callback):
 
     # ------------------------------------------------------------ the work
     def output_dir(self, trainer: pl.Trainer) -> Path:
-        from detectkit.tracking import run_dir
+        from detectkit.integrations.tracking import run_dir
 
         return Path(self.dirpath) if self.dirpath else run_dir(trainer) / "export"
 

@@ -132,7 +132,7 @@ class NanGuard(Callback):
         self._restore_buffers()
         self.nonfinite_steps += 1
         self.consecutive += 1
-        where = f"global step {trainer.global_step}, epoch {trainer.current_epoch}"
+        where = f"global step {trainer.global_step}, epoch {trainer.current_epoch + 1}"  # 1-based, as progress counts
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"NanGuard: the loss, gradients or BatchNorm statistics were NaN/Inf for {self.consecutive} consecutive steps "
@@ -192,7 +192,7 @@ class NanGuard(Callback):
             if bad:
                 raise NonFiniteWeightsError(
                     f"NanGuard: refusing to write a checkpoint at global step {trainer.global_step} "
-                    f"(epoch {trainer.current_epoch}): {len(bad)} tensors of the {where} hold NaN/Inf "
+                    f"(epoch {trainer.current_epoch + 1}): {len(bad)} tensors of the {where} hold NaN/Inf "
                     f"(e.g. {', '.join(bad[:3])}). The previous checkpoints are untouched."
                 )
 

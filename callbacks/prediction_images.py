@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,15 +70,19 @@ def pr_figure(curves: ValidationCurves, names: Sequence[str]) -> Any:
     if aps:
         ax.plot([], [], " ", label=f"all classes mAP50={np.mean(list(aps.values())):.3f}")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="PR @ IoU 0.5")
-    ax.legend(fontsize=7, loc="lower left")
+    if aps:  # beside the axes: with many classes a legend inside would cover the curves
+        fig.set_size_inches(5 + 2.2 * (1 + len(aps) // 30), 4)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  ncol=1 + len(aps) // 30, frameon=False)
     fig.tight_layout()
     return fig
 
 
 def confusion_figure(m: np.ndarray, names: Sequence[str], normalize: bool = False, conf: float = 0.25,
-                     iou: float = 0.5) -> Any:
+                     iou: float = 0.5, note: str | None = None) -> Any:
     """A ``[C+1, C+1]`` confusion matrix (rows predicted, columns true, last row/column:
-    background); ``normalize`` shows each true-class column as fractions."""
+    background); ``normalize`` shows each true-class column as fractions; ``note`` is printed under
+    it (why a matrix is empty)."""
     plt = _pyplot()
     labels = list(names) + ["background"]
     values = normalize_confusion(m) if normalize else m
@@ -93,6 +98,11 @@ def confusion_figure(m: np.ndarray, names: Sequence[str], normalize: bool = Fals
     kind = "\nnormalised per true class" if normalize else ""
     ax.set(xlabel="true", ylabel="predicted")
     ax.set_title(f"confusion matrix (conf {conf:g}, IoU {iou:g}){kind}", fontsize=9)
+    if note:
+        text = "\n".join(textwrap.wrap(note, int(12 * (side + 0.3))))
+        fig.text(0.5, 0.01, text, ha="center", va="bottom", fontsize=7, color="darkred")
+        fig.tight_layout(rect=(0, 0.02 + 0.12 * (text.count("\n") + 1) / side, 1, 1))
+        return fig
     fig.tight_layout()
     return fig
 
@@ -138,11 +148,15 @@ def _name(names: Sequence[str], c: int) -> str:
 @torch.no_grad()
 def collect_samples(pl_module: pl.LightningModule, batch: dict[str, Any], n: int, conf: float) -> list[dict[str, Any]]:
     """The first ``n`` images of a validation batch with their ground truth and the module's
-    detections at ``conf`` (input pixels, uint8 HWC images on the CPU), ready for drawing."""
+    detections at ``conf`` (input pixels, uint8 HWC images on the CPU), ready for drawing; ``best_score``
+    is the image's highest score at any threshold (what an empty picture's hint reports)."""
     images = batch["images"][:n]
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
     dets = pl_module.detect(images, pl_module.val_postprocess.replace(conf=conf))
+    every = dets
+    if any(len(d) == 0 for d in dets):  # only then: the scores under the threshold, for the hint
+        every = pl_module.detect(images, pl_module.val_postprocess.replace(conf=0.0))
     targets = batch["targets"]
     out = []
     for i in range(images.shape[0]):
@@ -152,6 +166,7 @@ def collect_samples(pl_module: pl.LightningModule, batch: dict[str, Any], n: int
             "gt": rows[:, 2:6].float().cpu(),
             "gt_labels": rows[:, 1].long().cpu(),
             "det": dets[i].float().cpu(),
+            "best_score": float(every[i][:, 4].max()) if len(every[i]) else 0.0,
             "id": batch["meta"][i].get("image_id", i) if "meta" in batch else i,
         })
     return out
@@ -242,7 +257,7 @@ class LogValidationPredictions(Callback):
                 drawn = drawn if drawn is not None else draw_sample(s["image"], s["gt"], s["gt_labels"], s["det"], names)
                 if "MLFlow" in kind:
                     logger.experiment.log_image(logger.run_id, drawn,
-                                                artifact_file=f"val_images/epoch{trainer.current_epoch:03d}_{i}.png")
+                                                artifact_file=f"val_images/epoch{trainer.current_epoch + 1:03d}_{i}.png")
                 elif "TensorBoard" in kind:
                     logger.experiment.add_image(f"val/predictions/{i}", drawn, step, dataformats="HWC")
             except Exception as e:
@@ -281,7 +296,7 @@ class LogValidationPredictions(Callback):
                     elif "MLFlow" in kind:
                         name = tag.replace("/", "_")
                         logger.experiment.log_figure(logger.run_id, fig,
-                                                     f"plots/{name}_epoch{trainer.current_epoch:03d}.png")
+                                                     f"plots/{name}_epoch{trainer.current_epoch + 1:03d}.png")
                     elif "TensorBoard" in kind:
                         logger.experiment.add_figure(tag, fig, step, close=False)
                 except Exception as e:

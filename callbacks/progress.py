@@ -2,11 +2,19 @@
 
 A cluster job's stdout is a file: tqdm/rich bars either print nothing useful there or one
 carriage-returned line per refresh. This bar prints one complete line every ``every_seconds``
-(and/or every ``every_steps`` batches) and at the end of each epoch::
+(and/or every ``every_steps`` training batches) and at the end of each epoch::
 
     epoch 3/100 step 120/500 loss 1.234 (cls 0.5 box 0.4 dfl 0.3) 45.2 img/s ETA 12m30s
     epoch 3/100 done in 4m10s: loss 1.198 (cls 0.48 box 0.39 dfl 0.29) 44.8 img/s
     validate epoch 3/100: 125 batches in 35s: map 0.412 map_50 0.601 ...
+
+``detectkit validate|test|predict`` on their own print a start line, the same periodic lines and
+a result line (a long evaluation in a log is never silent)::
+
+    validate: 10 batches
+    validate batch 4/10 (31s)
+    validate: 10 batches in 1m15s: map 0.412 map_50 0.601 ...
+    predict: 10 batches (73 images) in 1m02s
 
 The losses are the means since the epoch started, accumulated on the device from the values the
 module logged this step (``trainer.callback_metrics``, which Lightning's own bars read each step
@@ -43,6 +51,13 @@ def format_duration(seconds: float) -> str:
 
 def _num(v: float) -> str:
     return f"{v:.4g}"
+
+
+def _eval_total(trainer: pl.Trainer) -> float:
+    """Batches of the running validation/test/prediction over all its dataloaders (``inf``: unknown)."""
+    batches = (trainer.num_test_batches if trainer.testing else trainer.num_predict_batches if trainer.predicting
+               else trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches)
+    return float(sum(batches)) if isinstance(batches, list) else float(batches or 0)
 
 
 class PlainProgressBar(ProgressBar):
@@ -127,19 +142,32 @@ class PlainProgressBar(ProgressBar):
         self.print(line + (f" ETA {eta}" if eta and not self._last_epoch(trainer) else ""))
 
     # ------------------------------------------------------------ evaluation
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # validate / test / predict, inside fit or on their own: a start line (on their own), a line
+    # every ``every_seconds``, and the result line at the end.
+    def _eval_start(self, trainer: pl.Trainer) -> None:
         self._val_t0 = self._last_val_print = time.perf_counter()
-        self._val_batches = 0
+        self._val_batches = self._eval_images = 0
+        if self.is_enabled and trainer.state.fn != "fit":  # on its own: say at once that it started, and its length
+            total = self._of(_eval_total(trainer))
+            self.print(f"{self._eval_word(trainer)}: {total[1:] if total else 'an unknown number of'} batches")
+
+    def _eval_batch(self, trainer: pl.Trainer, batch: Any) -> None:
+        self._val_batches += 1
+        self._eval_images += self._batch_size(batch)
+        if not self.is_enabled or trainer.sanity_checking:
+            return
+        now = time.perf_counter()
+        if self.every_seconds > 0 and now - self._last_val_print >= self.every_seconds:
+            self._last_val_print = now
+            self.print(f"{self._eval_word(trainer)} batch {self._val_batches}{self._of(_eval_total(trainer))} "
+                       f"({format_duration(now - self._val_t0)})")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start(trainer)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._val_batches += 1
-        now = time.perf_counter()
-        if self.is_enabled and self.every_seconds > 0 and now - self._last_val_print >= self.every_seconds:
-            self._last_val_print = now
-            total = self.total_val_batches
-            of = f"/{int(total)}" if total != float("inf") else ""
-            self.print(f"{self._eval_word(trainer)} batch {self._val_batches}{of} ({format_duration(now - self._val_t0)})")
+        self._eval_batch(trainer, batch)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After the module logged this validation's metrics."""
@@ -148,15 +176,27 @@ class PlainProgressBar(ProgressBar):
             self.print(self._eval_line(trainer, "val/"))
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.on_validation_start(trainer, pl_module)
+        self._eval_start(trainer)
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._val_batches += 1
+        self._eval_batch(trainer, batch)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.is_enabled:
             self.print(self._eval_line(trainer, "test/"))
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start(trainer)
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_batch(trainer, batch)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.is_enabled:
+            took = format_duration(time.perf_counter() - self._val_t0)
+            self.print(f"predict: {self._val_batches} batches ({self._eval_images} images) in {took}")
 
     # ---------------------------------------------------------------- lines
     def _train_line(self, trainer: pl.Trainer, batches_done: int, now: float) -> str:
@@ -175,9 +215,15 @@ class PlainProgressBar(ProgressBar):
         took = format_duration(time.perf_counter() - self._val_t0)
         return f"{self._eval_word(trainer)}: {self._val_batches} batches in {took}: {values or '(no metrics)'}"
 
+    @staticmethod
+    def _of(total: float) -> str:
+        return f"/{int(total)}" if total and total != float("inf") else ""
+
     def _eval_word(self, trainer: pl.Trainer) -> str:
         if trainer.testing:
             return "test"
+        if trainer.predicting:
+            return "predict"
         return f"validate {self._epoch_str(trainer)}" if trainer.state.fn == "fit" else "validate"
 
     def _losses(self) -> str:

@@ -14,6 +14,8 @@ Channels are removed for real (smaller convs, fewer MACs), so the architecture c
   (index errors in the importance step even with the attention blocks and the contrastive head
   excluded); ``prune_model`` raises a clear error for it.
 * Scalar parameters (CSP bottleneck ``alpha``) are ignored: they scale whole tensors.
+* Modules frozen by ``model.freeze`` keep their channels (added to ``exclude_modules``); the
+  module freezes the new tensors again when the optimizer is rebuilt after the step.
 
 The EMA weights (when a ``WeightAveraging`` callback runs) are loaded into the model before each
 step, and the average restarts from the pruned model. What was removed is recorded as every parameter/buffer shape and channel attribute per module
@@ -54,6 +56,7 @@ from detectkit.compress.sensitivity import (
     recalibrate_batchnorm,
     take_images,
 )
+from detectkit.modules.freeze import module_patterns
 
 __all__ = ["StructuredPruning", "prune_model", "prune_to_macs", "count_macs_params", "record_shapes", "apply_pruned_shapes"]
 
@@ -166,8 +169,10 @@ class StructuredPruning(Callback):
             self.base = count_macs_params(model, self.image_size)
         base_macs, base_params = self.base
         k = self.steps_done + 1
+        # frozen layers (model.freeze) are left whole: their weights are the loaded ones, by request
+        exclude = [*self.exclude_modules, *module_patterns(getattr(pl_module, "freeze", None) or [])]
         kwargs = dict(importance=self.importance, image_size=self.image_size, keep_layers=self.keep_layers,
-                      exclude_modules=self.exclude_modules, round_to=self.round_to)
+                      exclude_modules=exclude, round_to=self.round_to)
         if self.layerwise and self.unit_weights is None and self.channel_sparsity is None:
             self.sensitivity = pruning_sensitivity(
                 model, self._calibration_images(trainer, pl_module), num_batches=max(1, self.calib_batches),

@@ -35,12 +35,11 @@ from detectkit.compress.quantize import (  # noqa: F401 (re-exported: the algori
     is_quantized,
     partial_fuse,
     quantization_config,
-    quantization_sensitivity,
     quantize_model,
     quantize_op,
     restore_quantized,
-    select_skip_layers,
 )
+from detectkit.compress.sensitivity import quantization_sensitivity, select_skip_layers  # noqa: F401
 
 __all__ = [
     "QuantizationAwareTraining",

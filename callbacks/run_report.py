@@ -2,9 +2,10 @@
 
 Written into the run folder (rank 0), refreshed as the fit goes:
 
-- ``results.csv``: one row per training epoch: ``epoch``, ``step``, the epoch means of every
-  ``train/*`` value the module logs (losses and their components), the validation summary of
-  that epoch (``val/map``, ``val/map_50``, ...; empty when the epoch did not validate), the
+- ``results.csv``: one row per training epoch: ``epoch`` (1-based, as the progress lines count),
+  ``step``, the epoch means of every ``train/*`` value the module logs (losses and their
+  components), the validation summary of that epoch (``val/map``, ``val/map_50``, ..., then each
+  class's AP50-95 as ``val/AP/<class>``; empty when the epoch did not validate), the
   learning rate of each parameter group (``lr/<group name>``) and ``epoch_time`` (seconds, the
   epoch's validation included);
 - ``results.png``: those columns as curves over the epochs (one panel each);
@@ -12,6 +13,9 @@ Written into the run folder (rank 0), refreshed as the fit goes:
 - ``confusion_matrix.png``: normalised per true class, with a background row and column;
 - ``val_batch_pred.jpg``: a grid of the first validation images with ground truth (green) and
   predictions (red);
+- when no prediction passes ``conf``, the grid and the confusion matrix carry the one-line hint of
+  ``detect``/``serve`` (:func:`detectkit.predict.step.no_detections_hint`: the best score seen and
+  the threshold to try), not a blank picture;
 - at the end of ``fit``, the final per-class table (instances, AP50, AP50-95) and the summary
   printed to stdout (a rich table when rich is installed, plain text otherwise).
 
@@ -31,7 +35,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,19 +55,25 @@ from detectkit.callbacks.prediction_images import (
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
+from detectkit.integrations.tracking import run_dir
 from detectkit.modules.curves import validation_curves
-from detectkit.tracking import run_dir
+from detectkit.predict.draw import caption
+from detectkit.predict.step import no_detections_hint
+from detectkit.utils.files import atomic_write
 
 __all__ = ["RunReport", "run_folder", "metrics_table"]
 
 log = logging.getLogger(__name__)
+
+#: how the report's hint names its threshold (RunReport is a trainer default; a recipe lists it to change it)
+_CONF_OPTION = "RunReport(conf={}) in trainer.callbacks"
 
 #: validation summary keys, in the order results.csv and the table show them
 _VAL_ORDER = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
 
 def run_folder(trainer: pl.Trainer) -> Path:
-    """The folder of this run (the one rule, :func:`detectkit.tracking.run_dir`), the same on every
+    """The folder of this run (the one rule, :func:`detectkit.integrations.tracking.run_dir`), the same on every
     rank (broadcast from rank 0: every rank must call it)."""
     return Path(trainer.strategy.broadcast(str(run_dir(trainer))))
 
@@ -115,6 +124,8 @@ class RunReport(Callback):
         self._val_epoch = 0
         self._val_images = 0
         self._per_class: list[dict[str, Any]] = []
+        #: the last validation's no-detections hint (None when some prediction passed ``conf``)
+        self.hint: str | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -131,7 +142,7 @@ class RunReport(Callback):
         if not trainer.is_global_zero or self.dir is None:
             return
         metrics = trainer.callback_metrics
-        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
         for k in sorted(metrics):
             if k.startswith("train/") and k.endswith("_epoch"):
                 row[k[: -len("_epoch")]] = float(metrics[k])
@@ -165,11 +176,13 @@ class RunReport(Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or self.dir is None:
             return
         metrics = trainer.callback_metrics
-        val = {k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/") and not k.startswith("val/AP/")}
+        val = {k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/")}
         order = {k: i for i, k in enumerate(_VAL_ORDER)}
-        self._val = dict(sorted(val.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+        # the summary first, then the other values, the per-class APs (AP/<class>) last
+        self._val = dict(sorted(val.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0].startswith("AP/"),
+                                                             kv[0])))
         self._last_val = dict(self._val)
-        self._val_epoch = trainer.current_epoch
+        self._val_epoch = trainer.current_epoch + 1
         names = list(getattr(pl_module, "class_names", []))
         result = last_evaluation(pl_module, self.metric_attr)
         if result is not None and result.num_images:
@@ -183,10 +196,16 @@ class RunReport(Callback):
                     self._per_class.append({"name": name, "images": int(curves.images[c]),
                                             "instances": int(curves.instances[c]), "ap50": curves.ap50.get(c),
                                             "ap": None if ap is None else float(ap)})
+            scores = result.detections[:, 5]  # those above the validation conf (e.g. 0.001)
+            # the drawn images' scores at any threshold: the best seen even when none reached that conf
+            best = max([float(scores.max(initial=0.0))] + [s["best_score"] for s in self._samples])
+            self.hint = None if (scores >= self.conf).any() else self._hint(best, curves.num_images)
             if self.plots:
+                note = self.hint
                 self._try(lambda: save_figure(pr_figure(curves, names), self.dir / "PR_curve.png"), "PR_curve.png")
                 self._try(lambda: save_figure(confusion_figure(curves.confusion, names, normalize=True, conf=self.conf,
-                                                               iou=self.iou), self.dir / "confusion_matrix.png"),
+                                                               iou=self.iou, note=note),
+                                              self.dir / "confusion_matrix.png"),
                           "confusion_matrix.png")
         if self.plots and self._samples:
             self._try(lambda: self._grid(names), "val_batch_pred.jpg")
@@ -197,11 +216,12 @@ class RunReport(Callback):
             return
         header, rows = metrics_table({**self._last_val, "images": self._val_images}, self._per_class)
         title = f"final validation (epoch {self._val_epoch}); run folder: {self.dir}"
+        hint = f"\n{self.hint}" if self.hint else ""
         try:
             from rich.console import Console
             from rich.table import Table
         except ImportError:
-            print(f"{title}\n{_plain_table(header, rows)}", flush=True)
+            print(f"{title}\n{_plain_table(header, rows)}{hint}", flush=True)
             return
         table = Table(title=title)
         for i, h in enumerate(header):
@@ -209,11 +229,19 @@ class RunReport(Callback):
         for r in rows:
             table.add_row(*r)
         Console().print(table)
+        if hint:
+            print(hint.strip(), flush=True)
 
     # ----------------------------------------------------------------- writing
+    def _hint(self, best_score: float, images: int) -> str:
+        return no_detections_hint(self.conf, best_score, images, option=_CONF_OPTION)
+
     def _grid(self, names: list[str]) -> None:
         tiles = [draw_sample(s["image"], s["gt"], s["gt_labels"], s["det"], names) for s in self._samples]
-        Image.fromarray(image_grid(tiles)).save(self.dir / "val_batch_pred.jpg", quality=90)
+        grid = image_grid(tiles)
+        if not any(len(s["det"]) for s in self._samples):
+            grid = caption(grid, self._hint(max(s["best_score"] for s in self._samples), len(self._samples)))
+        atomic_write(self.dir / "val_batch_pred.jpg", lambda tmp: Image.fromarray(grid).save(tmp, "JPEG", quality=90))
 
     def _write_csv(self) -> None:
         cols: list[str] = []
@@ -221,13 +249,15 @@ class RunReport(Callback):
             cols += [k for k in r if k not in cols]
         rank = {"epoch": 0, "step": 1, "train": 2, "val": 3, "lr": 4, "epoch_time": 5}
         cols.sort(key=lambda c: rank.get(c.split("/", 1)[0], 5))  # stable: keeps each group's order
-        tmp = self.dir / "results.csv.tmp"
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols)
-            w.writeheader()
-            for r in sorted(self.rows, key=lambda r: r["epoch"]):
-                w.writerow({k: _fmt(r.get(k)) for k in cols})
-        os.replace(tmp, self.dir / "results.csv")  # a reader never sees a half-written file
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=cols)
+                w.writeheader()
+                for r in sorted(self.rows, key=lambda r: r["epoch"]):
+                    w.writerow({k: _fmt(r.get(k)) for k in cols})
+
+        atomic_write(self.dir / "results.csv", write)  # a reader never sees a half-written file
 
     def _plot_results(self) -> None:
         from detectkit.callbacks.prediction_images import _pyplot

@@ -8,7 +8,7 @@ At fit teardown (after every ``on_fit_end``, so exporters have written their fil
 the loggers are finalised): a weights-only file (EMA weights + the detectkit record, optionally
 fp16) instead of the full training checkpoint, ONNX/engine files found in the run folder, and for
 MLflow an MLflow ``pyfunc`` model around that file (``mlflow.pyfunc.load_model(uri).predict``,
-see :mod:`detectkit.mlflow_pyfunc`), optionally registered.
+see :mod:`detectkit.integrations.mlflow_pyfunc`), optionally registered.
 The learning rate is logged by ``DetectionModule`` itself (``train/lr_<param group>``) in every
 fit, tracked or not; per-class AP as ``val/AP/<class>``.
 """
@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 
-from detectkit.tracking import flatten_config, run_dir
+from detectkit.integrations.tracking import flatten_config, run_dir
 
 __all__ = ["TrackRun"]
 
@@ -180,7 +180,7 @@ class TrackRun(Callback):
         """``model/``: an MLflow pyfunc model holding the file (one copy), then the registration."""
         client = logger.experiment
         try:
-            from detectkit.mlflow_pyfunc import save_pyfunc_model
+            from detectkit.integrations.mlflow_pyfunc import save_pyfunc_model
 
             with tempfile.TemporaryDirectory() as tmp:
                 model_dir = save_pyfunc_model(path, Path(tmp) / "model")

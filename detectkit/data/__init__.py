@@ -28,6 +28,7 @@ _EXPORTS = {
     "DetectionSplit": "detectkit.data.records",
     "ImageReadError": "detectkit.data.images",
     "ImageRecord": "detectkit.data.records",
+    "LoaderConfig": "detectkit.data.datamodule",
     "Problem": "detectkit.data.records",
     "SyntheticConfig": "detectkit.data.synthetic",
     "check_images": "detectkit.data.images",

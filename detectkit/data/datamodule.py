@@ -15,7 +15,9 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from detectkit.configs import as_group, group_dict, register_moves, regroup
 from detectkit.data.collate import collate
 from detectkit.data.dataset import DetectionDataset
 from detectkit.data.formats.detect import DatasetSource, canonical_split, open_dataset
@@ -32,9 +35,54 @@ from detectkit.data.records import DatasetError, DetectionSplit, log_problems
 from detectkit.data.synthetic import SyntheticConfig, synthetic_class_names, synthetic_dataset
 from detectkit.data.transforms import AugmentConfig
 
-__all__ = ["DetectionDataModule", "RoboflowDataModule", "EpochRelaySampler", "SeededRandomSampler"]
+__all__ = ["DetectionDataModule", "LoaderConfig", "RoboflowDataModule", "EpochRelaySampler", "SeededRandomSampler"]
 
 log = logging.getLogger("detectkit.data")
+
+
+@dataclass
+class LoaderConfig:
+    """How batches are loaded.
+
+    Args:
+        batch_size: training images per step (per process under DDP).
+        val_batch_size: validation/test batch (default ``batch_size``).
+        num_workers: loader processes (0: load in the training process); on a 2-core laptop 1-2.
+        pin_memory: page-locked batches for faster host-to-GPU copies (GPU only).
+        drop_last: drop the last incomplete train batch (default: when the split holds more than
+            one batch).
+        cache: ``"ram"`` decodes the train images once, shrunk to ``image_size`` on the longest
+            side, and keeps them in memory (opt-in like ultralytics' ``cache``; see
+            :class:`DetectionDataset`). ``None``: decode every time.
+    """
+
+    batch_size: int = 16
+    val_batch_size: int | None = None
+    num_workers: int = 2
+    pin_memory: bool = False
+    drop_last: bool | None = None
+    cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or (self.val_batch_size is not None and self.val_batch_size < 1):
+            raise ValueError(f"loader.batch_size and loader.val_batch_size must be >= 1, got {self.batch_size}, "
+                             f"{self.val_batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"loader.num_workers must be >= 0, got {self.num_workers}")
+        if self.cache not in (None, "ram"):
+            raise ValueError(f"loader.cache must be 'ram' or null, got {self.cache!r}")
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.val_batch_size or self.batch_size
+
+
+#: where the flat arguments of before the grouping went (old recipes and Python calls)
+MOVED_ARGS = register_moves("data", {
+    # extra / extra_mode came after the grouping: never flat arguments
+    **{f.name: f"augment.{f.name}" for f in fields(AugmentConfig) if f.name not in ("extra", "extra_mode")},
+    **{f.name: f"loader.{f.name}" for f in fields(LoaderConfig)},
+})
 
 
 class SeededRandomSampler(Sampler[int]):
@@ -94,6 +142,12 @@ def _worker_init(worker_id: int) -> None:
     # (OpenCV is single-threaded already, set in detectkit.data before any fork: calling
     # cv2.setNumThreads here, in a forked child, is what can deadlock.)
     torch.set_num_threads(1)
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: a worker that died of it would
+    # fail the main process's next fetch ("DataLoader worker is killed by signal") before it could
+    # finish its step and save. The main process decides when to stop and shuts its workers down
+    # (they also exit on their own when it is gone: torch's worker watchdog).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class DetectionDataModule(L.LightningDataModule):
@@ -103,20 +157,15 @@ class DetectionDataModule(L.LightningDataModule):
         data_dir: a dataset root holding splits (Roboflow export, data.yaml, COCO, VOC).
         train, val, test: per-split paths (any format); override ``data_dir``'s splits.
         image_size: square input side (multiple of 32).
-        mosaic_prob ... flip_prob: augmentation (see :class:`AugmentConfig`; defaults follow
-            super-gradients' YOLO-NAS COCO recipe).
-        mix_pool: where mosaic/mixup partners come from, ``"batch"`` (decode each image once per
-            batch) or ``"dataset"`` (see :class:`AugmentConfig`).
-        close_mosaic: turn mosaic and mixup off for the last N epochs (needs the Trainer's
-            ``max_epochs`` or ``max_epochs`` here).
+        augment: train augmentation (:class:`AugmentConfig`, recipe block ``data.augment``;
+            defaults follow super-gradients' YOLO-NAS COCO recipe), including ``close_mosaic``:
+            mosaic and mixup off for the last N epochs (needs the Trainer's ``max_epochs``).
+        loader: batch sizes, workers and image caching (:class:`LoaderConfig`, ``data.loader``).
         val_center: centre the validation letterbox (False pads bottom/right only).
         skip_bad_images: skip (count, log) missing/corrupt images instead of failing setup.
         classes: class list of a VOC or CreateML set, whose files carry none (default: the set's
             ``labelmap.txt``/``classes.txt``, else the names found, reported in the setup log).
         synthetic: options of the generated dataset used when no path is given.
-        cache: ``"ram"`` decodes the train images once, shrunk to ``image_size`` on the longest
-            side, and keeps them in memory (opt-in like ultralytics' ``cache``; see
-            :class:`DetectionDataset`). ``None``: decode every time.
     """
 
     def __init__(
@@ -126,64 +175,35 @@ class DetectionDataModule(L.LightningDataModule):
         val: str | None = None,
         test: str | None = None,
         image_size: int = 640,
-        batch_size: int = 16,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
-        mosaic_prob: float = 0.0,
-        mixup_prob: float = 0.5,
-        degrees: float = 0.0,
-        translate: float = 0.25,
-        scale: tuple[float, float] = (0.5, 1.5),
-        shear: float = 0.0,
-        hsv_prob: float = 0.5,
-        hsv_h: float = 18.0,
-        hsv_s: float = 30.0,
-        hsv_v: float = 30.0,
-        flip_prob: float = 0.5,
-        mix_pool: str = "batch",
-        close_mosaic: int = 0,
-        max_epochs: int | None = None,
+        augment: AugmentConfig | None = None,
+        loader: LoaderConfig | None = None,
         val_center: bool = True,
         skip_bad_images: bool = False,
         seed: int = 0,
         synthetic: SyntheticConfig | None = None,
         cache_dir: str | None = None,
-        pin_memory: bool = False,
-        drop_last: bool | None = None,
         classes: list[str] | None = None,
-        cache: str | None = None,
+        **legacy: Any,
     ):
         super().__init__()
         if image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
+        groups = regroup(type(self).__name__, legacy, MOVED_ARGS, {
+            "augment": as_group(augment, AugmentConfig, "data.augment"),
+            "loader": as_group(loader, LoaderConfig, "data.loader"),
+        })
+        self.augment: AugmentConfig = groups["augment"]
+        self.loader: LoaderConfig = groups["loader"]
+        # hyper-parameters as plain data (checkpoints stay readable by the safe loader)
+        augment, loader = group_dict(self.augment), group_dict(self.loader)
         self.save_hyperparameters(ignore=["synthetic"])
         self.image_size = image_size
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
-        self.augment = AugmentConfig(
-            mosaic_prob=mosaic_prob,
-            mixup_prob=mixup_prob,
-            degrees=degrees,
-            translate=translate,
-            scale=tuple(scale),
-            shear=shear,
-            hsv_prob=hsv_prob,
-            hsv_h=hsv_h,
-            hsv_s=hsv_s,
-            hsv_v=hsv_v,
-            flip_prob=flip_prob,
-            mix_pool=mix_pool,
-        )
-        self.close_mosaic = close_mosaic
-        self.max_epochs = max_epochs
+        #: the run length ``close_mosaic`` counts back from when no Trainer drives this module
+        self.max_epochs: int | None = None
         self.val_center = val_center
         self.skip_bad_images = skip_bad_images
         self.seed = seed
         self.cache_dir = cache_dir
-        self.cache = cache
-        self.pin_memory = pin_memory
-        self.drop_last = drop_last
         self.synthetic = synthetic
         self.is_synthetic = not (data_dir or train or val or test)
         if self.is_synthetic:
@@ -293,7 +313,7 @@ class DetectionDataModule(L.LightningDataModule):
                 seed=self.seed,
                 center=self.val_center,
                 skip_bad_images=self.skip_bad_images,
-                cache=self.cache if role == "train" else None,
+                cache=self.loader.cache if role == "train" else None,
             )
             self.datasets[role] = ds
             log.info("%s: %s", role, ds)
@@ -311,16 +331,15 @@ class DetectionDataModule(L.LightningDataModule):
         return self.max_epochs
 
     def mix_enabled_at(self, epoch: int) -> bool:
-        """Mosaic/mixup are on unless within the last ``close_mosaic`` epochs."""
-        if self.close_mosaic <= 0:
+        """Mosaic/mixup are on unless within the last ``augment.close_mosaic`` epochs."""
+        close = self.augment.close_mosaic
+        if close <= 0:
             return True
         total = self._total_epochs()
         if total is None:
-            log.warning(
-                "close_mosaic=%d needs max_epochs (Trainer or DataModule); mosaic stays on", self.close_mosaic
-            )
+            log.warning("augment.close_mosaic=%d needs the Trainer's max_epochs; mosaic stays on", close)
             return True
-        return epoch < total - self.close_mosaic
+        return epoch < total - close
 
     def _apply_epoch_state(self, epoch: int) -> None:
         ds = self.datasets.get("train")
@@ -383,7 +402,7 @@ class DetectionDataModule(L.LightningDataModule):
             done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
         except AttributeError:
             return 0
-        return done * self.batch_size * self._world()[0]
+        return done * self.loader.batch_size * self._world()[0]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("class_names") not in (None, self.class_names):
@@ -407,12 +426,12 @@ class DetectionDataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=sampler,
             shuffle=False,
-            num_workers=self.num_workers,
+            num_workers=self.loader.num_workers,
             collate_fn=collate,
-            pin_memory=self.pin_memory,
+            pin_memory=self.loader.pin_memory,
             drop_last=drop_last,
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=_worker_init if self.num_workers > 0 else None,
+            persistent_workers=self.loader.num_workers > 0,
+            worker_init_fn=_worker_init if self.loader.num_workers > 0 else None,
         )
 
     def _dataset(self, role: str) -> DetectionDataset:
@@ -430,13 +449,14 @@ class DetectionDataModule(L.LightningDataModule):
         elif not isinstance(inner, Sampler) and callable(inner):
             inner = inner(ds)
         inner = self._shard(inner)
-        drop_last = self.drop_last if self.drop_last is not None else len(inner) > self.batch_size
+        batch = self.loader.batch_size
+        drop_last = self.loader.drop_last if self.loader.drop_last is not None else len(inner) > batch
         relay = DistributedEpochRelaySampler if isinstance(inner, DistributedSampler) else EpochRelaySampler
         skip = 0
         if self.train_sampler is None and self._resume_position and self._resume_position[0] == self._epoch:
             # mid-epoch resume of the default order (a supplied sampler keeps its own position)
             skip = self._resume_position[1] // self._world()[0]
-        return self._loader(ds, self.batch_size, relay(inner, self.set_epoch, skip, self._epoch), drop_last)
+        return self._loader(ds, batch, relay(inner, self.set_epoch, skip, self._epoch), drop_last)
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -455,10 +475,10 @@ class DetectionDataModule(L.LightningDataModule):
         return DistributedSamplerWrapper(sampler, num_replicas=world, rank=rank, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("val"), self.val_batch_size, None, False)
+        return self._loader(self._dataset("val"), self.loader.eval_batch_size, None, False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("test"), self.val_batch_size, None, False)
+        return self._loader(self._dataset("test"), self.loader.eval_batch_size, None, False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()

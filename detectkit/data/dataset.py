@@ -104,6 +104,8 @@ class DetectionDataset(Dataset):
             self._fill_cache()
         # set by __getitems__ while one batch is built: (its indices, decoded images by index)
         self._batch: tuple[np.ndarray, dict] | None = None
+        # the user albumentations pipeline (augment.extra), built on first use
+        self._extra: object | None = None
 
     def _fill_cache(self) -> None:
         """Decode (threads: OpenCV and Pillow release the GIL) and shrink every image once."""
@@ -258,6 +260,18 @@ class DetectionDataset(Dataset):
         finally:
             self._batch = None
 
+    def _user_pipeline(self, img: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``augment.extra`` on a train sample; back to ``image_size`` square if a transform resized it."""
+        from detectkit.data.user_transforms import apply_pipeline
+
+        if self._extra is None:
+            self._extra = self.augment.build_extra()
+        img, boxes, labels = apply_pipeline(self._extra, img, boxes, labels, rng)
+        if img.shape[:2] != (self.image_size, self.image_size):
+            img, boxes, _ = letterbox_sample(img, boxes, self.image_size, center=False, pad_value=self.augment.pad_value)
+        return img, boxes, labels
+
     def _train_sample(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, object, dict]:
         cfg, size = self.augment, self.image_size
         rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -273,6 +287,10 @@ class DetectionDataset(Dataset):
                 info = dataclasses.replace(info, scale=info.scale * r, orig_size=(rec.height, rec.width))
             return img, boxes, labels, used, info
 
+        if cfg.extra and cfg.extra_mode == "replace":
+            img, boxes, labels, used, info = single(index)
+            img, boxes, labels = self._user_pipeline(img, boxes, labels, rng)
+            return img, boxes, labels, used, info, applied
         if mix and rng.random() < cfg.mosaic_prob:
             others = self._partners(rng, 3)
             parts = [self._load_train(int(j)) for j in (index, *others)]
@@ -290,6 +308,8 @@ class DetectionDataset(Dataset):
             img, boxes, labels = mixup((img, boxes, labels), o)
             applied["mixup"] = True
         img = random_hsv(img, cfg, magnitude, rng)
+        if cfg.extra:
+            img, boxes, labels = self._user_pipeline(img, boxes, labels, rng)
         return img, boxes, labels, used, info, applied
 
     def __getitem__(self, index: int) -> dict:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from detectkit.data.records import (
     clean_boxes,
     log_problems,
 )
+from detectkit.limits import loads_json
 
 __all__ = [
     "GroundingRecord",
@@ -107,7 +108,7 @@ def read_odvg(path: str | Path, image_root: str | Path | None = None) -> list[Gr
             continue
         where = f"{path}:{lineno}"
         try:
-            item = json.loads(line)
+            item = loads_json(line, where)  # depth-guarded: a hostile line is a LimitError, not a RecursionError
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(item, dict):
@@ -275,15 +276,10 @@ class BatchVocabulary:
             )
         return torch.cat(rows) if rows else torch.zeros(0, 6)
 
-    def embeddings(self, encoder: Any, cache: Any = None) -> torch.Tensor:
-        """``[B, K, dim]`` text embeddings (zeros at padding), one encoder call per distinct phrase set."""
-        return embed_vocabulary(self.names, self.mask.shape[1], lambda u: _encode(encoder, u, cache))
-
-
-def _encode(encoder: Any, names: list[str], cache: Any) -> torch.Tensor:
-    from detectkit.models.yolo_world.text import encode_cached
-
-    return encode_cached(encoder, names, cache)
+    def embeddings(self, encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+        """``[B, K, dim]`` text embeddings (zeros at padding), one ``encode(unique names)`` call:
+        the text encoder (a model's concern) is passed in, so the data layer imports no model."""
+        return embed_vocabulary(self.names, self.mask.shape[1], encode)
 
 
 def embed_vocabulary(names: list[list[str]], k: int, encode: Any) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ _EXIF_ORIENTATION_TAG = 0x0112
 class ImageReadError(OSError):
     """An image that is missing or cannot be decoded; the message names the file. ``kind`` is the
     problem kind :func:`check_images` reports (``missing_image``, ``broken_symlink``,
-    ``image_too_large``, ``unreadable_image``)."""
+    ``image_too_large``, ``unreadable_image``, ``not_a_file``: a FIFO, device or directory)."""
 
     def __init__(self, path: str | Path, reason: str, kind: str = "unreadable_image"):
         self.path = str(path)
@@ -86,8 +87,22 @@ def _missing(path: Path) -> ImageReadError:
             what = "a symlink loop" if e.errno == errno.ELOOP else f"a dangling symlink ({e.strerror})"
             return ImageReadError(path, f"{what} (links to {target!r})", "broken_symlink")
     if path.exists():
-        return ImageReadError(path, "not a regular file")
+        return ImageReadError(path, f"{_file_type(path)}, not an image file: refused (only regular files are read)",
+                              "not_a_file")
     return ImageReadError(path, "image file not found", "missing_image")
+
+
+_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _file_type(path: Path) -> str:
+    """What a path that is no regular file is (a FIFO blocks a reader forever, /dev/zero never ends)."""
+    mode = os.stat(path).st_mode
+    what = next((name for test, name in _FILE_TYPES if test(mode)), "a special file")
+    if path.is_symlink():
+        return f"a symlink to {os.readlink(path)!r}, {what}"
+    return what
 
 
 def _orientation(img: Image.Image) -> int:

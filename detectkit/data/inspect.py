@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 from detectkit.data.formats.detect import open_dataset
@@ -18,17 +19,21 @@ def inspect_dataset(
     progress: bool = False,
     class_names: list[str] | None = None,
 ) -> dict:
-    """``{"format", "classes", "splits": {name: {"images", "boxes", "per_class"}}, "problems"}``.
+    """``{"format", "classes", "class_order", "splits": {name: {...}}, "problems"}``.
 
-    Split names are the dataset's own. Counts are of usable images and of the boxes kept after
-    cleaning (clipped boxes count, dropped ones do not). ``decode_images`` fully decodes every
+    Split names are the dataset's own. Per split: ``images`` and ``boxes`` (usable images, boxes
+    kept after cleaning: clipped boxes count, dropped ones do not), ``per_class``,
+    ``background_images`` (usable images without a box, whatever the reason),
+    ``empty_label_files`` and ``unlabeled_images`` (images without a label file; both are trained
+    as background). ``class_order`` says where the class order comes from (``source``: ``file``,
+    ``given`` or ``sorted``; ``detail``: the file, or what was sorted). ``decode_images`` fully decodes every
     image (finds truncated files); otherwise only headers are read. Each problem names its file
     and its ``split`` (``None`` for the dataset as a whole: ``nc`` vs ``names``, a split folder
     without its data.yaml key, VOC classes inferred from the XML files);
     ``severity == "fatal"`` marks what makes a split unreadable. ``class_names``: the class list
     of a VOC or CreateML set (see :func:`open_dataset`).
     """
-    report: dict = {"format": None, "classes": [], "splits": {}, "problems": []}
+    report: dict = {"format": None, "classes": [], "class_order": None, "splits": {}, "problems": []}
     # readers log a summary of their problems; the report lists them all, so keep logs quiet
     logger = logging.getLogger("detectkit.data")
     level = logger.level
@@ -38,6 +43,7 @@ def inspect_dataset(
             src = open_dataset(path, class_names)
             report["format"] = src.format
             report["classes"] = src.class_names
+            report["class_order"] = src.class_order
             report["problems"].extend({**p.to_dict(), "split": None} for p in src.problems)
         except DatasetError as e:
             report["problems"].append(Problem("unreadable_dataset", str(path), str(e), "fatal").to_dict())
@@ -60,10 +66,14 @@ def inspect_dataset(
             for r in good:
                 for label in r.labels.tolist():
                     per_class[split.class_names[label]] += 1
+            kinds = Counter(p.kind for p in split.problems)
             report["splits"][name] = {
                 "images": len(good),
                 "boxes": int(sum(r.num_boxes for r in good)),
                 "per_class": per_class,
+                "background_images": sum(1 for r in good if r.num_boxes == 0),
+                "empty_label_files": kinds["empty_label"],
+                "unlabeled_images": kinds["missing_label"],
             }
             report["problems"].extend({**p.to_dict(), "split": name} for p in split.problems)
     finally:
@@ -77,21 +87,28 @@ def has_fatal(report: dict) -> bool:
 
 def format_report(report: dict, max_problems: int = 50) -> str:
     """Human-readable table of the report."""
-    lines = [f"format:  {report['format']}", f"classes: {len(report['classes'])} {report['classes']}", ""]
+    lines = [f"format:  {report['format']}", f"classes: {len(report['classes'])} {report['classes']}"]
+    if report.get("class_order"):
+        order = report["class_order"]
+        lines.append(f"class order: {order['source']} ({order['detail']})")
+    lines.append("")
     names = report["classes"]
-    header = f"{'split':<10}{'images':>8}{'boxes':>8}  " + "  ".join(f"{n[:12]:>12}" for n in names)
+    header = (f"{'split':<10}{'images':>8}{'boxes':>8}{'no box':>8}  "
+              + "  ".join(f"{n[:12]:>12}" for n in names))
     lines.append(header)
     lines.append("-" * len(header))
     for split, s in report["splits"].items():
         per = "  ".join(f"{s['per_class'].get(n, 0):>12}" for n in names)
-        lines.append(f"{split:<10}{s['images']:>8}{s['boxes']:>8}  {per}")
+        lines.append(f"{split:<10}{s['images']:>8}{s['boxes']:>8}{s['background_images']:>8}  {per}")
+    for split, s in report["splits"].items():
+        if s["empty_label_files"] or s["unlabeled_images"]:
+            lines.append(f"{split}: {s['empty_label_files']} empty label file(s), {s['unlabeled_images']} image(s) "
+                         "without a label file (trained as background images)")
     probs = report["problems"]
     lines.append("")
     if not probs:
         lines.append("no problems found")
     else:
-        from collections import Counter
-
         kinds = Counter(p["kind"] for p in probs)
         lines.append(f"{len(probs)} problem(s): " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
         for p in probs[:max_problems]:

@@ -7,12 +7,18 @@ as a summary.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from detectkit import limits
 
 __all__ = [
     "ImageRecord",
@@ -22,7 +28,15 @@ __all__ = [
     "clean_boxes",
     "log_problems",
     "SPLIT_ALIASES",
+    "IMAGE_ROOTS_ENV",
+    "image_path",
+    "read_json_file",
+    "check_box_count",
+    "short_repr",
 ]
+
+#: extra folders (``os.pathsep``-separated) that annotation files may name images in, besides the dataset's own
+IMAGE_ROOTS_ENV = "DETECTKIT_IMAGE_ROOTS"
 
 log = logging.getLogger("detectkit.data")
 
@@ -40,6 +54,81 @@ OUTSIDE_TOLERANCE_PX = 0.5
 
 class DatasetError(ValueError):
     """Bad input that cannot be skipped: the message names the file and the problem."""
+
+    #: torch's DataLoader re-raises a worker's exception as ``type(message=<worker traceback>)``
+    #: when the type has a ``message`` attribute: the traceback is cut back to our one line
+    message = "dataset error"
+
+    def __init__(self, *args: Any, message: str | None = None) -> None:
+        if message is not None and not args:
+            args = (_original_message(message, type(self).__name__),)
+        super().__init__(*args)
+
+
+def _original_message(wrapped: str, name: str) -> str:
+    """The last ``...DatasetError: text`` line of a worker's formatted traceback (else all of it)."""
+    for line in reversed(wrapped.strip().splitlines()):
+        head, sep, text = line.partition(": ")
+        if sep and head.split(".")[-1] == name:
+            return text
+    return wrapped
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 3, 80, 80, 6, 6
+
+
+def short_repr(value: object) -> str:
+    """A bounded repr for messages: a hostile entry nested 100 deep or 1 MB wide stays one short line."""
+    return _SHORT.repr(value)
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """One annotation file's JSON: its size checked against ``max_annotation_file_bytes`` before
+    it is read and its depth against ``max_json_depth`` (never a RecursionError); errors are a
+    :class:`DatasetError` naming the file."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read {what} ({e.strerror or e})") from e
+    limits.check(f"{what} size (bytes)", size, "max_annotation_file_bytes", str(path), DatasetError)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+        return limits.loads_json(text.decode("utf-8-sig"), str(path))  # a BOM is not part of the JSON
+    except limits.LimitError as e:
+        raise DatasetError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read {what} ({e.strerror or e})") from e
+
+
+def check_box_count(count: int, file: str) -> None:
+    """More boxes on one image than ``max_annotations_per_image`` is a :class:`DatasetError`
+    (200k boxes on an image make each training step take minutes)."""
+    limits.check("annotations on one image", count, "max_annotations_per_image", file, DatasetError)
+
+
+def image_roots() -> list[Path]:
+    """The extra image folders the user allowed (``DETECTKIT_IMAGE_ROOTS``)."""
+    return [Path(p) for p in os.environ.get(IMAGE_ROOTS_ENV, "").split(os.pathsep) if p]
+
+
+def image_path(root: Path, name: str, where: str) -> Path:
+    """``root / name`` for an image an annotation file names, which must stay inside ``root`` (or an
+    extra folder listed in ``DETECTKIT_IMAGE_ROOTS``): a ``../`` or absolute name pointing out of the
+    dataset is a :class:`DatasetError`, never a silent read elsewhere. The check is on the path as
+    written (normalised), so symlinked image folders inside the dataset keep working."""
+    path = Path(os.path.normpath(os.path.join(root, name)))
+    allowed = [Path(os.path.normpath(os.path.abspath(r))) for r in (root, *image_roots())]
+    full = Path(os.path.abspath(path))
+    if not any(full == r or r in full.parents for r in allowed):
+        raise DatasetError(
+            f"{where}: image {name!r} resolves outside the dataset folder {root} (to {full}); images must "
+            f"stay inside it (allow other folders with {IMAGE_ROOTS_ENV}=/folder{os.pathsep}/other)"
+        )
+    return path
 
 
 @dataclass
@@ -147,6 +236,7 @@ def clean_boxes(
     ``extra`` arrays (iscrowd, difficult) are filtered alongside; ``where`` names each box's
     origin (line number, annotation id) for the problem messages.
     """
+    check_box_count(len(boxes), file)
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     extra = list(extra or [])

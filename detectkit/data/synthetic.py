@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ __all__ = [
     "synthetic_dataset",
     "synthetic_class_names",
     "default_cache_dir",
+    "moving_shapes",
 ]
 
 log = logging.getLogger("detectkit.data")
@@ -179,6 +181,27 @@ def _overlap(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / (np.minimum(area(box), area(boxes)) + 1e-9)
 
 
+def _box_of(polys: list[np.ndarray], size: int) -> np.ndarray:
+    """The xyxy box around outline points (pixel ends inclusive), inside the image."""
+    pts = np.concatenate(polys)
+    box = np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1], np.float32)
+    return np.clip(box, 0, size)
+
+
+def _draw_shape(img: np.ndarray, shape: str, polys: list[np.ndarray], fill: tuple[int, ...], side: float,
+                short_side: float) -> float:
+    """Draw one object (filled with a darker outline; a ring as a thick line) and return how far a
+    ring's ink reaches beyond its outline (0 for filled shapes), which its box must include."""
+    ipts = [np.round(p).astype(np.int32) for p in polys]
+    if shape == "ring":
+        thick = max(2, int(short_side * 0.18))
+        cv2.polylines(img, ipts, True, fill, thick, cv2.LINE_AA)
+        return thick / 2
+    cv2.fillPoly(img, ipts, fill, cv2.LINE_AA)
+    cv2.polylines(img, ipts, True, tuple(int(v * 0.55) for v in fill), max(1, int(side / 40)), cv2.LINE_AA)
+    return 0.0
+
+
 def render_image(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(RGB image, boxes xyxy [n,4], labels [n]) for one generated sample."""
     s = cfg.size
@@ -202,31 +225,59 @@ def render_image(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[np.nda
                 rng.uniform(h / 2, s - h / 2) if h < s else s / 2,
             )
             polys = _polygon(shape, rng, cx, cy, w, h)
-            pts = np.concatenate(polys)
-            box = np.array(
-                [pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1], np.float32
-            )
-            box = np.clip(box, 0, s)
+            box = _box_of(polys, s)
             if (box[2] - box[0]) < 3 or (box[3] - box[1]) < 3:
                 continue
             if len(boxes) and _overlap(box, np.stack(boxes)).max() > cfg.max_overlap:
                 continue
             jitter = rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, 3)
             fill = tuple(int(v) for v in np.clip(np.array(colour) + jitter, 0, 255))
-            outline = tuple(int(v * 0.55) for v in fill)
-            ipts = [np.round(p).astype(np.int32) for p in polys]
-            if shape == "ring":
-                thick = max(2, int(min(w, h) * 0.18))
-                cv2.polylines(img, ipts, True, fill, thick, cv2.LINE_AA)
-                half = thick / 2
+            half = _draw_shape(img, shape, polys, fill, side, min(w, h))
+            if half:
                 box = np.clip(box + np.array([-half, -half, half, half], np.float32), 0, s)
-            else:
-                cv2.fillPoly(img, ipts, fill, cv2.LINE_AA)
-                cv2.polylines(img, ipts, True, outline, max(1, int(side / 40)), cv2.LINE_AA)
             boxes.append(box)
             labels.append(cls)
             break
     return img, np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)
+
+
+def moving_shapes(frames: int = 90, objects: int = 3, size: int = 160, num_classes: int = 3, seed: int = 0,
+                  object_size: tuple[float, float] = (0.25, 0.35), speed: tuple[float, float] = (1.0, 3.0),
+                  texture: float = 0.3) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """A clip with known tracks: (RGB frame, boxes xyxy [n,4], labels [n], track ids [n], from 1) per frame.
+
+    The training data's shapes and colours (so a detector trained on :func:`synthetic_dataset`
+    sees them) move at constant velocity over one fixed background and bounce off its edges;
+    object ``k`` is class ``k % num_classes`` and keeps its size, rotation and colour. Later
+    objects are drawn over earlier ones where their paths cross, as occlusions in a real video.
+    """
+    rng = np.random.default_rng(seed)
+    background = _background(rng, size, texture)
+    state = []
+    for k in range(objects):
+        side = rng.uniform(*object_size) * size
+        pos = rng.uniform(side / 2 + 1, size - side / 2 - 1, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        vel = rng.uniform(*speed) * np.array([np.cos(angle), np.sin(angle)])
+        state.append({"cls": k % num_classes, "side": side, "pos": pos, "vel": vel, "seed": int(rng.integers(1 << 31))})
+    for _ in range(frames):
+        img = background.copy()
+        boxes, labels, ids = [], [], []
+        for k, obj in enumerate(state):
+            shape, colour = SHAPES[obj["cls"]]
+            side, (cx, cy) = obj["side"], obj["pos"]
+            polys = _polygon(shape, np.random.default_rng(obj["seed"]), cx, cy, side, side)
+            half = _draw_shape(img, shape, polys, colour, side, side)
+            boxes.append(np.clip(_box_of(polys, size) + np.array([-half, -half, half, half], np.float32), 0, size))
+            labels.append(obj["cls"])
+            ids.append(k + 1)
+            obj["pos"] = obj["pos"] + obj["vel"]
+            for axis in range(2):  # bounce off the edges
+                low, high = side / 2, size - side / 2
+                if not low <= obj["pos"][axis] <= high:
+                    obj["vel"][axis] *= -1
+                    obj["pos"][axis] = np.clip(obj["pos"][axis], low, high)
+        yield img, np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64), np.array(ids, np.int64)
 
 
 def _write_split(cfg: SyntheticConfig, out: Path, split: str, split_id: int, count: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -59,9 +60,21 @@ class AugmentConfig:
     #: its last ``batch * 8`` loaded images for the same reason. Batches under ``MIN_BATCH_POOL``
     #: images, and single ``dataset[i]`` reads, use the whole split.
     mix_pool: str = "batch"
+    #: mosaic and mixup off for the last N epochs of the run (the Trainer's ``max_epochs``), so the
+    #: model finishes on images like the ones it will see (ultralytics' ``close_mosaic``)
+    close_mosaic: int = 0
+    #: albumentations transforms applied to every train sample (``{name: HorizontalFlip, p: 0.5}``
+    #: or albumentations' serialized form; see :mod:`detectkit.data.user_transforms`). ``None``: the
+    #: built-in pipeline alone, and albumentations is never imported
+    extra: list[dict[str, Any]] | None = None
+    #: ``"after"``: ``extra`` runs on the built-in pipeline's output; ``"replace"``: the built-in
+    #: pipeline (mosaic, affine, mixup, HSV, flip) is skipped and ``extra`` runs on the letterboxed image
+    extra_mode: str = "after"
 
     def __post_init__(self) -> None:
         self.scale = (float(self.scale[0]), float(self.scale[1]))
+        if self.close_mosaic < 0:
+            raise ValueError(f"close_mosaic must be >= 0, got {self.close_mosaic}")
         for name in ("mosaic_prob", "mixup_prob", "hsv_prob", "flip_prob", "min_visibility"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -70,6 +83,19 @@ class AugmentConfig:
             raise ValueError(f"mix_pool must be 'batch' or 'dataset', got {self.mix_pool!r}")
         if not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
+        if self.extra_mode not in ("after", "replace"):
+            raise ValueError(f"extra_mode must be 'after' or 'replace', got {self.extra_mode!r}")
+        if self.extra:  # named errors (unknown transform, bad argument) when the recipe is read
+            self.extra = [dict(s) if isinstance(s, dict) else s for s in self.extra]
+            self.build_extra()
+
+    def build_extra(self) -> Any:
+        """The user pipeline (an ``A.Compose``), or ``None`` without ``extra``."""
+        if not self.extra:
+            return None
+        from detectkit.data.user_transforms import build_pipeline
+
+        return build_pipeline(self.extra, self.min_box_size, self.min_visibility, self.max_aspect_ratio)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -32,9 +32,14 @@ from detectkit.data.records import (
     DetectionSplit,
     ImageRecord,
     Problem,
+    check_box_count,
     clean_boxes,
+    image_path,
     log_problems,
+    read_json_file,
+    short_repr,
 )
+from detectkit.limits import check
 from detectkit.utils.files import atomic_write
 
 __all__ = ["load_coco_json", "coco_categories", "load_coco", "write_coco"]
@@ -45,13 +50,7 @@ def load_coco_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: COCO annotation file not found")
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # a BOM is not part of the JSON
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from e
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from e
+    data = read_json_file(path, "COCO annotation file")  # size and depth limits checked
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: a COCO file holds a JSON object, found {type(data).__name__}")
     for key in ("images", "categories"):
@@ -64,10 +63,11 @@ def load_coco_json(path: str | Path) -> dict:
 
 def coco_categories(data: dict, path: str | Path = "") -> tuple[list[str], dict[int, int]]:
     """(class names, category id -> contiguous index), grouping-only categories removed."""
+    check("categories", len(data["categories"]), "max_classes", str(path), DatasetError)
     cats = []
     for c in data["categories"]:
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
-            raise DatasetError(f"{path}: malformed category entry {c!r} (needs 'id' and 'name')")
+            raise DatasetError(f"{path}: malformed category entry {short_repr(c)} (needs 'id' and 'name')")
         cats.append(c)
         if _int_key(c["id"]) is None:
             raise DatasetError(f"{path}: category id {c['id']!r} of {c['name']!r} is not an integer")
@@ -150,7 +150,7 @@ def load_coco(
         ):
             problems.append(
                 Problem(
-                    "bad_entry", file, f"image entry {im!r} lacks an 'id' or a string 'file_name'", "fatal"
+                    "bad_entry", file, f"image entry {short_repr(im)} lacks an 'id' or a string 'file_name'", "fatal"
                 )
             )
             continue
@@ -203,7 +203,7 @@ def load_coco(
         )
     for a in annotations:
         if not isinstance(a, dict) or "image_id" not in a:
-            problems.append(Problem("bad_entry", file, f"annotation {a!r} lacks 'image_id'"))
+            problems.append(Problem("bad_entry", file, f"annotation {short_repr(a)} lacks 'image_id'"))
             continue
         aid = a.get("id")
         if aid is not None and _hashable(aid):
@@ -223,6 +223,12 @@ def load_coco(
     records = []
     for iid, im in images.items():
         img_file = f"{file} (image {im['file_name']})"
+        try:
+            path = image_path(image_dir, im["file_name"], file)
+        except DatasetError as e:
+            problems.append(Problem("image_outside_dataset", file, str(e).split(": ", 1)[1], "fatal"))
+            continue
+        check_box_count(len(anns_by_image.get(iid, [])), img_file)
         boxes, labels, crowd, where = [], [], [], []
         for a in anns_by_image.get(iid, []):
             aid = a.get("id")
@@ -266,7 +272,6 @@ def load_coco(
             crowd.append(bool(a.get("iscrowd", 0)))
             where.append(f"annotation {aid}")
         width, height = (_dim(im.get(k)) for k in ("width", "height"))
-        path = image_dir / im["file_name"]
         if width < 1 or height < 1:
             from detectkit.data.images import ImageReadError, image_size
 

@@ -3,45 +3,66 @@ coordinates: {x, y, width, height}}]}`` with box CENTRES in pixels."""
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from detectkit.data.classnames import likely_typos
 from detectkit.data.images import ImageReadError, image_size
 from detectkit.data.records import (
     DatasetError,
     DetectionSplit,
     ImageRecord,
     Problem,
+    check_box_count,
     clean_boxes,
+    image_path,
     log_problems,
+    read_json_file,
 )
 
-__all__ = ["read_createml", "createml_labels", "load_createml"]
+__all__ = ["read_createml", "createml_labels", "createml_label_counts", "createml_typos", "load_createml"]
 
 
 def read_createml(path: str | Path) -> list:
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read CreateML JSON ({e})") from e
+    data = read_json_file(path, "CreateML JSON")  # size and depth limits checked
     if not isinstance(data, list):
         raise DatasetError(f"{path}: a CreateML file holds a JSON list, found {type(data).__name__}")
     return data
 
 
-def createml_labels(paths: list[Path]) -> list[str]:
-    """The class list: CreateML stores names only, so classes are the sorted union over files."""
-    names = set()
+def createml_label_counts(paths: list[Path]) -> tuple[Counter, dict[str, Path]]:
+    """Objects per label over all files, and the first file naming each label."""
+    counts: Counter = Counter()
+    first: dict[str, Path] = {}
     for p in paths:
         for entry in read_createml(p):
             for a in (entry or {}).get("annotations", []) or []:
                 if isinstance(a, dict) and "label" in a:
-                    names.add(str(a["label"]))
-    return sorted(names)
+                    counts[str(a["label"])] += 1
+                    first.setdefault(str(a["label"]), p)
+    return counts, first
+
+
+def createml_labels(paths: list[Path]) -> list[str]:
+    """The class list: CreateML stores names only, so classes are the sorted union over files."""
+    return sorted(createml_label_counts(paths)[0])
+
+
+def createml_typos(paths: list[Path]) -> list[Problem]:
+    """Likely typos among the labels (see :func:`detectkit.data.classnames.likely_typos`)."""
+    counts, first = createml_label_counts(paths)
+    return [
+        Problem(
+            "possible_typo",
+            str(first[name]),
+            f"label {name!r} names {counts[name]} object(s) and looks like a typo of {meant!r} "
+            f"({counts[meant]} objects; {why}); fix the label or pass the class list",
+        )
+        for name, meant, why in likely_typos(counts)
+    ]
 
 
 def load_createml(path: str | Path, split: str, class_names: list[str], start_id: int = 0) -> DetectionSplit:
@@ -53,8 +74,13 @@ def load_createml(path: str | Path, split: str, class_names: list[str], start_id
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             problems.append(Problem("bad_entry", str(path), f"entry {k} lacks 'image'", "fatal"))
             continue
-        img = path.parent / entry["image"]
+        try:
+            img = image_path(path.parent, entry["image"], str(path))
+        except DatasetError as e:
+            problems.append(Problem("image_outside_dataset", str(path), str(e).split(": ", 1)[1], "fatal"))
+            continue
         where_file = f"{path} (image {entry['image']})"
+        check_box_count(len(entry.get("annotations") or []), where_file)
         boxes, labels, where = [], [], []
         for j, a in enumerate(entry.get("annotations") or []):
             c = a.get("coordinates") if isinstance(a, dict) else None

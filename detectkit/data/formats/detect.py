@@ -2,9 +2,10 @@
 
 :func:`open_dataset` returns a :class:`DatasetSource`: the format, the dataset's OWN split
 names (Roboflow says ``valid``, ultralytics ``val``), the class names (read from annotation
-files only, cheap), ``problems`` about the dataset as a whole (``nc`` disagreeing with ``names``,
-a split folder found without its data.yaml key, VOC's ``trainval`` list, VOC classes inferred
-from the XML files) and ``load(split)`` accepting aliases (``val`` finds ``valid``).
+files only, cheap), where their order comes from (``class_order``), ``problems`` about the
+dataset as a whole (``nc`` disagreeing with ``names``, a split folder found without its data.yaml
+key, VOC's ``trainval`` list, likely typos among class names read from annotations) and
+``load(split)`` accepting aliases (``val`` finds ``valid``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from detectkit.data.formats.coco import coco_categories, load_coco, load_coco_json
-from detectkit.data.formats.createml import createml_labels, load_createml, read_createml
-from detectkit.data.formats.voc import load_voc, voc_classes, voc_root, voc_split_layout
+from detectkit.data.formats.createml import createml_labels, createml_typos, load_createml, read_createml
+from detectkit.data.formats.voc import load_voc, voc_class_order, voc_classes, voc_root, voc_split_layout
 from detectkit.data.formats.yolo import load_yolo, read_data_yaml, yolo_class_names, yolo_layout
 from detectkit.data.images import IMAGE_EXTENSIONS
 from detectkit.data.records import SPLIT_ALIASES, DatasetError, DetectionSplit, Problem
@@ -43,10 +44,17 @@ class DatasetSource:
     _classes: Callable[[], list[str]]
     _load: Callable[[str], DetectionSplit]
     _problems: Callable[[], list[Problem]] = field(default=lambda: [])
+    _order: Callable[[], dict[str, str]] = field(default=lambda: {"source": "unknown", "detail": ""})
 
     @property
     def class_names(self) -> list[str]:
         return self._classes()
+
+    @property
+    def class_order(self) -> dict[str, str]:
+        """Where the class order comes from: ``{"source": "file" | "given" | "sorted", "detail"}``
+        (a file's list; the caller's ``class_names``; the names found in the annotations, sorted)."""
+        return self._order()
 
     @property
     def problems(self) -> list[Problem]:
@@ -120,7 +128,10 @@ def _coco_source(
         data = load_coco_json(path)
         return load_coco(path, _coco_image_dir(path, data), split, classes(), fmt)
 
-    return DatasetSource(fmt, root, list(files), classes, load)
+    def order() -> dict[str, str]:
+        return {"source": "file", "detail": f"{first} (categories, by id)"}
+
+    return DatasetSource(fmt, root, list(files), classes, load, _order=order)
 
 
 def _createml_source(
@@ -130,8 +141,16 @@ def _createml_source(
     classes = _classes_once(
         lambda: list(class_names) if class_names is not None else createml_labels(list(files.values()))
     )
+    paths = list(files.values())
+    if class_names is not None:
+        order = {"source": "given", "detail": "the class_names / --classes list"}
+    else:
+        order = {"source": "sorted", "detail": "the labels found in the CreateML files (pass the "
+                 "class list to fix the order)"}
     return DatasetSource(
-        "createml", root, list(files), classes, lambda s: load_createml(files[s], s, classes())
+        "createml", root, list(files), classes, lambda s: load_createml(files[s], s, classes()),
+        lambda: [] if class_names is not None else createml_typos(paths),
+        lambda: order,
     )
 
 
@@ -145,6 +164,7 @@ def _yolo_source(yaml_path: Path, class_names: list[str] | None) -> DatasetSourc
         classes,
         lambda s: load_yolo(yaml_path, s),
         lambda: problems,
+        lambda: {"source": "file", "detail": f"{yaml_path} (names)"},
     )
 
 
@@ -182,6 +202,7 @@ def _voc_source(root: Path, class_names: list[str] | None) -> DatasetSource:
         lambda: classes_and_problems()[0],
         lambda s: load_voc(root, s, classes_and_problems()[0]),
         lambda: layout_problems + classes_and_problems()[1],
+        lambda: voc_class_order(root, class_names),
     )
 
 

@@ -8,8 +8,9 @@ object: it is dropped and reported, not kept as a 1-pixel box.
 Classes come from the set's class list when it has one (``labelmap.txt`` as CVAT writes it, or
 ``classes.txt``, beside ``Annotations/`` or above it; or a ``class_names`` argument): an object
 named otherwise is a problem naming the XML file and the name, never a new class. Without a
-list, the classes are the names found in the XML files; that is reported with their counts, and
-a rare name close to a common one is flagged as a likely typo.
+list, the classes are the names found in the XML files in sorted order (``voc_class_order`` says
+which of the three gave the order), and a likely typo among them is flagged
+(:func:`detectkit.data.classnames.likely_typos`).
 
 ``ImageSets/Main/trainval.txt`` is train + val, not a split of its own: it is offered only when
 ``train.txt`` and ``val.txt`` are not both there.
@@ -17,7 +18,6 @@ a rare name close to a common one is flagged as a likely typo.
 
 from __future__ import annotations
 
-import difflib
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from detectkit.data.classnames import likely_typos
 from detectkit.data.images import IMAGE_EXTENSIONS, ImageReadError, image_size
 from detectkit.data.records import (
     DatasetError,
@@ -32,6 +33,7 @@ from detectkit.data.records import (
     ImageRecord,
     Problem,
     clean_boxes,
+    image_path,
     log_problems,
 )
 
@@ -42,16 +44,11 @@ __all__ = [
     "voc_class_names",
     "voc_class_list",
     "voc_classes",
+    "voc_class_order",
     "load_voc",
 ]
 
 CLASS_LIST_FILES = ("labelmap.txt", "classes.txt")
-# The Pascal VOC 2007/2012 classes: a set whose names are all among them needs no class list
-# (the official downloads ship none) and cannot hide a typo.
-PASCAL_VOC_CLASSES = frozenset(
-    "aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
-    "person pottedplant sheep sofa train tvmonitor".split()
-)
 
 
 def voc_root(path: str | Path) -> Path | None:
@@ -164,56 +161,50 @@ def voc_class_list(root: Path) -> tuple[list[str], Path] | None:
 
 
 def voc_classes(root: Path, class_names: list[str] | None = None) -> tuple[list[str], list[Problem]]:
-    """(class names, problems): the given list, the set's class list, or the names found."""
+    """(class names, problems): the given list, the set's class list, or the names found (sorted;
+    a likely typo among them is a problem naming the first file that spells it)."""
     if class_names is not None:
         return list(class_names), []
     listed = voc_class_list(root)
     if listed is not None:
         return listed[0], []
     counts, first = _object_names(root)
-    names = sorted(counts)
-    if names and set(names) <= PASCAL_VOC_CLASSES:
-        return names, []
-    found = ", ".join(f"{n}: {counts[n]}" for n in names)
     problems = [
         Problem(
-            "classes_inferred",
-            str(root),
-            f"no class list ({' or '.join(CLASS_LIST_FILES)} beside Annotations/, or class_names): the "
-            f"classes are the {len(names)} object names found in the XML files ({found}); a rare name "
-            "may be a typo that became a class of its own",
+            "possible_typo",
+            str(first[name]),
+            f"class {name!r} names {counts[name]} object(s) and looks like a typo of {meant!r} "
+            f"({counts[meant]} objects; {why}); fix the name or add a classes.txt",
         )
+        for name, meant, why in likely_typos(counts)
     ]
-    lower = {n.lower(): n for n in names}
-    for n in names:
-        # ``dgo`` vs ``dog`` scores 0.67; a rarity test keeps real look-alikes (cat, car) quiet
-        close = [lower[m] for m in difflib.get_close_matches(n.lower(), list(lower), n=3, cutoff=0.6)]
-        common = [
-            m
-            for m in close
-            if m != n and counts[m] > counts[n] and (counts[n] <= 2 or 10 * counts[n] <= counts[m])
-        ]
-        if common:
-            m = max(common, key=lambda c: counts[c])
-            problems.append(
-                Problem(
-                    "possible_typo",
-                    str(first[n]),
-                    f"class {n!r} names {counts[n]} object(s) and looks like a typo of {m!r} "
-                    f"({counts[m]} objects); fix the name or add a classes.txt",
-                )
-            )
-    return names, problems
+    return sorted(counts), problems
 
 
-def _find_image(root: Path, stem: str, filename: str | None) -> Path:
+def voc_class_order(root: Path, class_names: list[str] | None = None) -> dict[str, str]:
+    """Where the class order comes from: ``{"source": "given" | "file" | "sorted", "detail"}``
+    (VOC XML has no class ids, so without a list the order is the names' sorted order)."""
+    if class_names is not None:
+        return {"source": "given", "detail": "the class_names / --classes list"}
+    listed = voc_class_list(root)
+    if listed is not None:
+        return {"source": "file", "detail": str(listed[1])}
+    return {
+        "source": "sorted",
+        "detail": f"the object names found in the XML files (no {' or '.join(CLASS_LIST_FILES)} "
+        "beside Annotations/: add one to fix the order)",
+    }
+
+
+def _find_image(root: Path, stem: str, filename: str | None, xml_path: Path | None = None) -> Path:
     images = root / "JPEGImages"
-    if filename and (images / filename).exists():
-        return images / filename
+    named = image_path(images, filename, str(xml_path or images)) if filename else None  # never outside the set
+    if named is not None and named.exists():
+        return named
     for ext in IMAGE_EXTENSIONS:
         if (images / (stem + ext)).exists():
             return images / (stem + ext)
-    return images / (filename or stem + ".jpg")
+    return named or images / (stem + ".jpg")
 
 
 def load_voc(root: str | Path, split: str = "train", class_names: list[str] | None = None) -> DetectionSplit:
@@ -243,7 +234,11 @@ def load_voc(root: str | Path, split: str = "train", class_names: list[str] | No
         except DatasetError as e:
             problems.append(Problem("bad_annotation", str(xml_path), str(e), "error"))
             continue
-        img = _find_image(root, stem, (node.findtext("filename") or "").strip() or None)
+        try:
+            img = _find_image(root, stem, (node.findtext("filename") or "").strip() or None, xml_path)
+        except DatasetError as e:
+            problems.append(Problem("image_outside_dataset", str(xml_path), str(e).split(": ", 1)[1], "fatal"))
+            continue
         boxes, labels, difficult, where = [], [], [], []
         for j, obj in enumerate(node.iter("object")):
             name = (obj.findtext("name") or "").strip()

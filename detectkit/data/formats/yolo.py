@@ -7,7 +7,8 @@ naming the file and line.
 
 Also reported, never silent: ``nc`` disagreeing with ``names`` (the names win); a split folder
 beside data.yaml without its key (old Roboflow exports have ``test/`` but no ``test:``; it is
-read); images without a label file (trained as background, as ultralytics does); label files
+read); images without a label file and empty label files (both trained as background, as
+ultralytics does); label files
 without an image (unused); folders reached twice through symlinks (a loop: read once). Image
 folders are walked following symlinks; an image that is a broken or looping symlink is kept so
 the image check reports it. Label files may start with a UTF-8 BOM.
@@ -33,6 +34,7 @@ from detectkit.data.records import (
     clean_boxes,
     log_problems,
 )
+from detectkit.limits import check
 
 __all__ = ["read_data_yaml", "yolo_splits", "yolo_layout", "load_yolo", "label_path_for", "yolo_class_names"]
 
@@ -54,6 +56,9 @@ def read_data_yaml(path: str | Path) -> dict:
 def _names_from(data: dict, path: Path) -> tuple[list[str], dict[int, int]]:
     """(names, label id -> contiguous index)."""
     names = data.get("names")
+    nc = data.get("nc") if names is None and isinstance(data.get("nc"), int) else 0
+    declared = len(names) if isinstance(names, (list, tuple, dict)) else nc
+    check("classes (names / nc)", declared, "max_classes", str(path), DatasetError)  # nc: 1e9 builds 1e9 names
     if isinstance(names, dict):
         try:
             keys = sorted(int(k) for k in names)
@@ -256,6 +261,8 @@ def parse_label_file(
     except (OSError, UnicodeDecodeError) as e:
         problems.append(Problem("bad_label_file", str(label), f"cannot read ({e})", "error"))
         return np.zeros((0, 4), np.float32), np.zeros(0, np.int64), []
+    if not text.strip():
+        problems.append(Problem("empty_label", str(label), "no boxes: trained as a background (negative) image"))
     for lineno, line in enumerate(text.splitlines(), 1):
         tokens = line.split()
         if not tokens:
