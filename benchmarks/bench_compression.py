@@ -2,7 +2,7 @@
 
     python benchmarks/bench_compression.py --checkpoint runs/quickstart/logs/version_0/checkpoints/last.ckpt
 
-Without ``--checkpoint`` the quickstart model is trained first (``detectkit.quickstart``).
+Without ``--checkpoint`` the quickstart model is trained first (``detectkit.cli.quickstart``).
 Every model is measured the same way: exported to ONNX (FP32 fused, or Q/DQ INT8), its
 validation mAP computed from onnxruntime's outputs with the validation post-processing (at the
 training size), and its onnxruntime latency at ``--deploy-size`` (batch 1, ``--threads``
@@ -55,6 +55,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from detectkit.export.onnx import ort_session  # noqa: E402
+from detectkit.modules import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
@@ -69,8 +70,7 @@ def quickstart_datamodule(cache_dir: Path):
     for k in ("object_size", "small_size"):
         if k in syn:
             syn[k] = tuple(syn[k])
-    cfg["scale"] = tuple(cfg.get("scale", (0.5, 1.5)))
-    cfg["num_workers"] = 0
+    cfg["loader"] = {**cfg.get("loader", {}), "num_workers": 0}
     dm = DetectionDataModule(**cfg, synthetic=SyntheticConfig(**syn), cache_dir=str(cache_dir))
     dm.prepare_data()
     dm.setup("fit")
@@ -146,7 +146,8 @@ def finetune(model, dm, epochs: int, lr: float, callbacks=(), train_batches: int
 
     pl.seed_everything(seed, workers=True)
     model.train()  # Lightning keeps the submodules' modes: an eval-mode copy would train in eval mode
-    module = DetectionModule(model, num_classes=model.num_classes, lr=lr, warmup_steps=5, final_lr_ratio=0.1)
+    module = DetectionModule(model, num_classes=model.num_classes,
+                             optim=OptimConfig(lr=lr, warmup_steps=5, final_lr_ratio=0.1))
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, limit_train_batches=train_batches,
@@ -240,11 +241,12 @@ def main(argv=None) -> int:
     from detectkit.callbacks import KnowledgeDistillation, StructuredPruning
 
     import detectkit
-    from detectkit.compress.quantize import quantization_sensitivity, quantize_model, select_skip_layers
+    from detectkit.compress.quantize import quantize_model
+    from detectkit.compress.sensitivity import quantization_sensitivity, select_skip_layers
 
     ckpt = args.checkpoint
     if ckpt is None:
-        from detectkit.quickstart import run as quickstart
+        from detectkit.cli.quickstart import run as quickstart
 
         print(f"training the quickstart model ({args.train_epochs} epochs)...", flush=True)
         summary = quickstart(output_dir=run_dir / "quickstart", overrides=["--trainer.max_epochs", str(args.train_epochs)])

@@ -20,12 +20,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
+from detectkit.data import AugmentConfig, LoaderConfig  # noqa: E402
 from detectkit.data.datamodule import DetectionDataModule  # noqa: E402
 from detectkit.data.synthetic import SyntheticConfig, synthetic_dataset  # noqa: E402
 
 CASES = {
     "640 mosaic+affine+mixup+hsv+flip": dict(
-        image_size=640, mosaic_prob=1.0, mixup_prob=0.5, degrees=5.0, shear=2.0, data_size=640
+        image_size=640, augment=AugmentConfig(mosaic_prob=1.0, mixup_prob=0.5, degrees=5.0, shear=2.0), data_size=640
     ),
     "320 quickstart (defaults)": dict(image_size=320, data_size=320),
 }
@@ -35,7 +36,8 @@ def run_case(name: str, opts: dict, workers: int, batches: int, batch_size: int,
     opts = dict(opts)
     data_size = opts.pop("data_size")
     root = synthetic_dataset(SyntheticConfig(train_images=128, val_images=0, size=data_size, seed=11))
-    dm = DetectionDataModule(train=str(root), batch_size=batch_size, num_workers=workers, seed=0, **opts)
+    dm = DetectionDataModule(train=str(root), loader=LoaderConfig(batch_size=batch_size, num_workers=workers),
+                             seed=0, **opts)
     dm.setup("fit")
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(0)

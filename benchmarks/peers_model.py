@@ -83,10 +83,11 @@ def _detectkit_model():
 
 def _detectkit_train(channels_last: bool = False, compile: bool = False):
     def setup(threads: int):
+        from detectkit.models.speed import SpeedConfig
         from detectkit.modules import DetectionModule, param_groups
 
-        module = DetectionModule(_detectkit_model(), channels_last=channels_last,
-                                 compile={"dynamic": False} if compile else False).train()
+        speed = SpeedConfig(channels_last=channels_last, compile={"dynamic": False} if compile else False)
+        module = DetectionModule(_detectkit_model(), speed=speed).train()
         opt = torch.optim.AdamW(param_groups(module.model, 0.05), lr=1e-4)
         x, targets = _images(TRAIN_BATCH, TRAIN_SIZE), _targets(TRAIN_BATCH, TRAIN_SIZE)
 

@@ -52,12 +52,12 @@ class TinyDetector(Detector):
 
 def tiny_datamodule(cache_dir):
     """8 train / 4 val generated 64 px images, no mixup: the callbacks' tests' data."""
-    from detectkit.data import DetectionDataModule
+    from detectkit.data import AugmentConfig, DetectionDataModule, LoaderConfig
     from detectkit.data.synthetic import SyntheticConfig
 
     syn = SyntheticConfig(train_images=8, val_images=4, size=64, num_classes=3)
-    return DetectionDataModule(image_size=64, batch_size=4, num_workers=0, synthetic=syn, cache_dir=str(cache_dir),
-                               mixup_prob=0.0)
+    return DetectionDataModule(image_size=64, loader=LoaderConfig(batch_size=4, num_workers=0), synthetic=syn,
+                               cache_dir=str(cache_dir), augment=AugmentConfig(mixup_prob=0.0))
 
 
 def tiny_trainer(root, callbacks, max_epochs: int, train_batches: int = 2):

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from strict_skips import SHARED_REASON, pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 (hooks)
+from worker_watch import pytest_configure, pytest_runtest_logstart, pytest_testnodedown  # noqa: F401 (hooks)
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -24,5 +26,5 @@ SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 def shared_dir() -> Path:
     """The shared test-data folder; tests that need it skip only when it is absent."""
     if not SHARED_DIR.is_dir():
-        pytest.skip(f"shared test data folder absent: {SHARED_DIR} (expected next to the checkout)")
+        pytest.skip(f"{SHARED_REASON}: {SHARED_DIR} (expected next to the checkout)")
     return SHARED_DIR

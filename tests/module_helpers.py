@@ -7,9 +7,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from detectkit.data import DetectionDataModule, SyntheticConfig
+from detectkit.data import AugmentConfig, DetectionDataModule, LoaderConfig, SyntheticConfig
 
-NO_AUGMENT = dict(mixup_prob=0.0, translate=0.0, scale=(1.0, 1.0), hsv_prob=0.0, flip_prob=0.0)
+NO_AUGMENT = AugmentConfig(mixup_prob=0.0, translate=0.0, scale=(1.0, 1.0), hsv_prob=0.0, flip_prob=0.0)
 
 
 def tiny_data(tmp: Path, size: int = 64, n_train: int = 4, n_val: int = 2, batch_size: int = 2, **kw) -> DetectionDataModule:
@@ -18,8 +18,8 @@ def tiny_data(tmp: Path, size: int = 64, n_train: int = 4, n_val: int = 2, batch
         object_size=(0.3, 0.6), small_fraction=0.0, texture=0.2,
     )
     return DetectionDataModule(
-        image_size=size, batch_size=batch_size, num_workers=0, synthetic=cfg, cache_dir=str(tmp / "data"),
-        **{**NO_AUGMENT, **kw},
+        image_size=size, loader=LoaderConfig(batch_size=batch_size, num_workers=0), synthetic=cfg,
+        cache_dir=str(tmp / "data"), **{"augment": NO_AUGMENT, **kw},
     )
 
 

@@ -15,8 +15,9 @@ from detectkit.callbacks.pruning import count_macs_params
 from detectkit.callbacks.quantization import is_quantized
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from detectkit.data import DetectionDataModule
+from detectkit.data import AugmentConfig, DetectionDataModule, LoaderConfig
 from detectkit.data.synthetic import SyntheticConfig
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 from detectkit.modules.ema import ModelEMA
 
@@ -36,13 +37,15 @@ def test_prune_distill_qat_export_in_one_fit(tmp_path):
     syn = SyntheticConfig(train_images=8, val_images=4, size=64, num_classes=3)
 
     def dm():
-        return DetectionDataModule(image_size=64, batch_size=4, num_workers=0, synthetic=syn,
-                                   cache_dir=str(tmp_path / "data"), mixup_prob=0.0)
+        return DetectionDataModule(image_size=64, loader=LoaderConfig(batch_size=4, num_workers=0),
+                                   synthetic=syn, cache_dir=str(tmp_path / "data"),
+                                   augment=AugmentConfig(mixup_prob=0.0))
 
     torch.manual_seed(1)
     teacher = TinyDetector(num_classes=3, width=16)
     torch.manual_seed(0)
-    module = DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3, lr=1e-3, warmup_steps=1)
+    module = DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3,
+                             optim=OptimConfig(lr=1e-3, warmup_steps=1))
     base_macs = count_macs_params(module.model, 64)[0]
     cbs = _callbacks(teacher, tmp_path)
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=3, limit_train_batches=1, limit_val_batches=1,
@@ -65,7 +68,8 @@ def test_prune_distill_qat_export_in_one_fit(tmp_path):
 
     # resume the composed run into fresh float models: shapes, then quantizers, then adapters
     torch.manual_seed(5)
-    module2 = DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3, lr=1e-3, warmup_steps=1)
+    module2 = DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3,
+                              optim=OptimConfig(lr=1e-3, warmup_steps=1))
     cbs2 = _callbacks(teacher, tmp_path / "resumed")
     trainer2 = pl.Trainer(default_root_dir=tmp_path, max_epochs=4, limit_train_batches=1, limit_val_batches=1,
                           accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,

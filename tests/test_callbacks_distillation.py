@@ -10,6 +10,7 @@ from detectkit.callbacks import KnowledgeDistillation
 from detectkit.callbacks.distillation import distillation_losses
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 
 
@@ -34,7 +35,8 @@ def test_kd_fit_teacher_frozen_adapters_trained_resume(tmp_path, data_dir):
     teacher = TinyDetector(num_classes=3, width=16)  # a wider teacher: adapters map 16/16/32 -> 32/32/64 channels
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     kd = KnowledgeDistillation(teacher=teacher, feat_weight=1.0, temperature=2.0, schedule="linear", final_ratio=0.5)
-    module = DetectionModule(TinyDetector(num_classes=3), num_classes=3, lr=1e-2, warmup_steps=1)
+    module = DetectionModule(TinyDetector(num_classes=3), num_classes=3,
+                             optim=OptimConfig(lr=1e-2, warmup_steps=1))
     logged = []
 
     class Probe(pl.Callback):
@@ -70,7 +72,8 @@ def test_kd_fit_teacher_frozen_adapters_trained_resume(tmp_path, data_dir):
     assert state == {"teacher": "TinyDetector", "teacher_checkpoint": None, "adapters": [[16, 32], [16, 32], [32, 64]]}
     # resume: adapters and their optimizer group come back
     kd2 = KnowledgeDistillation(teacher=teacher, feat_weight=1.0, temperature=2.0, schedule="linear", final_ratio=0.5)
-    module2 = DetectionModule(TinyDetector(num_classes=3), num_classes=3, lr=1e-2, warmup_steps=1)
+    module2 = DetectionModule(TinyDetector(num_classes=3), num_classes=3,
+                              optim=OptimConfig(lr=1e-2, warmup_steps=1))
     trainer2 = tiny_trainer(tmp_path, [kd2], max_epochs=3)
     trainer2.fit(module2, datamodule=tiny_datamodule(data_dir), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer2.global_step == 6 and len(trainer2.optimizers[0].param_groups) == 3

@@ -12,9 +12,10 @@ from compress_helpers import TinyDetector
 from detectkit.callbacks import ExportOnFitEnd
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from detectkit.data import DetectionDataModule
+from detectkit.data import AugmentConfig, DetectionDataModule, LoaderConfig
 from detectkit.data.synthetic import SyntheticConfig
 from detectkit.export.deploy import run_onnx
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 from detectkit.modules.ema import ModelEMA
 
@@ -24,10 +25,11 @@ def test_exports_best_ema_checkpoint_fused_with_artifacts(tmp_path):
     from lightning.pytorch.loggers import MLFlowLogger
 
     syn = SyntheticConfig(train_images=8, val_images=4, size=64, num_classes=3)
-    dm = DetectionDataModule(image_size=64, batch_size=4, num_workers=0, synthetic=syn,
-                             cache_dir=str(tmp_path / "data"), mixup_prob=0.0)
+    dm = DetectionDataModule(image_size=64, loader=LoaderConfig(batch_size=4, num_workers=0), synthetic=syn,
+                             cache_dir=str(tmp_path / "data"), augment=AugmentConfig(mixup_prob=0.0))
     torch.manual_seed(0)
-    module = DetectionModule(TinyDetector(num_classes=3), num_classes=3, lr=1e-2, warmup_steps=1)
+    module = DetectionModule(TinyDetector(num_classes=3), num_classes=3,
+                             optim=OptimConfig(lr=1e-2, warmup_steps=1))
     # best = epoch 0 (lowest epoch number): the export must use it, not the final weights
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="epoch", mode="min", save_top_k=1)
     export = ExportOnFitEnd(dirpath=str(tmp_path / "export"), image_size=64, nms="batch", conf=0.05,

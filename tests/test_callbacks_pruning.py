@@ -12,6 +12,7 @@ from detectkit.callbacks.quantization import partial_fuse
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from detectkit.export.deploy import ExportConfig, export_detector
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 from detectkit.modules.ema import ModelEMA
 
@@ -23,7 +24,8 @@ def data_dir(tmp_path_factory):
 
 def _module(seed: int = 0) -> DetectionModule:
     torch.manual_seed(seed)
-    return DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3, lr=1e-3, warmup_steps=1)
+    return DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3,
+                           optim=OptimConfig(lr=1e-3, warmup_steps=1))
 
 
 def test_iterative_macs_target_fit_resume_export(tmp_path, data_dir):

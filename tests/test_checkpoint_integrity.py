@@ -16,7 +16,8 @@ from test_checkpoint_load import tiny_data
 
 import detectkit
 from detectkit.checkpoint import CheckpointError, DiskFullError, read_checkpoint
-from detectkit.checkpoint_io import AtomicCheckpointIO
+from detectkit.checkpoint.lightning_io import AtomicCheckpointIO
+from detectkit.modules import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _module():
     from detectkit.modules.detector import DetectionModule
 
-    return DetectionModule("tiny_ckpt_detector", num_classes=3, warmup_steps=1)
+    return DetectionModule("tiny_ckpt_detector", num_classes=3, optim=OptimConfig(warmup_steps=1))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_flipped_bytes_through_the_cli(flipped, tmp_path, command, capsys):
     from detectkit.cli import main
 
     args = ["--config", str(ROOT / "experiments" / "quickstart.yaml"), "--model.model=tiny_ckpt_detector",
-            "--data.image_size=64", "--data.num_workers=0", f"--data.cache_dir={tmp_path / 'data'}",
+            "--data.image_size=64", "--data.loader.num_workers=0", f"--data.cache_dir={tmp_path / 'data'}",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.enable_progress_bar=false"]
     # the CLI prints a user error as one line on stderr and exits non-zero (a traceback only with --debug)
@@ -137,7 +138,9 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path):
     io.save_checkpoint({"state_dict": {"w": torch.ones(4)}, "epoch": 1}, path)
     before = path.read_bytes()
     # the next save's temporary file lands on a device that is always full (a real ENOSPC)
-    (tmp_path / "last.ckpt.tmp").symlink_to("/dev/full")
+    from detectkit.utils.files import partial_path
+
+    partial_path(path).symlink_to("/dev/full")
     with pytest.raises(DiskFullError, match=f"no space left on device writing {re.escape(str(path))}") as e:
         io.save_checkpoint({"state_dict": {"w": torch.zeros(1 << 16)}, "epoch": 2}, path)
     assert e.value.errno == 28

@@ -13,6 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import detectkit
 from detectkit.checkpoint import RECORD_KEY, CheckpointError, content_digest, read_checkpoint, save_weights
+from detectkit.data import AugmentConfig, LoaderConfig
+from detectkit.modules import OptimConfig
+from detectkit.ops import PostprocessConfig
 from detectkit.ops.nms import postprocess
 from detectkit.registry import list_models, register_model
 
@@ -33,8 +36,8 @@ def tiny_data(cache_dir, size: int = SIZE):
     from detectkit.data.synthetic import SyntheticConfig
 
     syn = SyntheticConfig(train_images=8, val_images=4, size=size, num_classes=3)
-    return DetectionDataModule(image_size=size, batch_size=4, num_workers=0, synthetic=syn, cache_dir=str(cache_dir),
-                               mixup_prob=0.0)
+    return DetectionDataModule(image_size=size, loader=LoaderConfig(batch_size=4, num_workers=0),
+                               synthetic=syn, cache_dir=str(cache_dir), augment=AugmentConfig(mixup_prob=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +50,9 @@ def trained(tmp_path_factory):
     dm = tiny_data(root / "data")
     # a dataset whose category ids are not label + 1 (COCO's are sparse); a subclass, whatever the base defines
     dm.__class__ = type("SparseIds", (type(dm),), {"category_ids": property(lambda self: [5, 7, 9])})
-    module = DetectionModule("tiny_ckpt_detector", num_classes=3, class_names=dm.class_names, warmup_steps=1,
-                             lr=1e-2, predict_conf=0.05, predict_iou=0.6, predict_max_det=50)
+    module = DetectionModule("tiny_ckpt_detector", num_classes=3, class_names=dm.class_names,
+                             optim=OptimConfig(warmup_steps=1, lr=1e-2),
+                             predict_postprocess=PostprocessConfig(conf=0.05, iou=0.6, max_det=50))
     trainer = tiny_trainer(root, [ModelEMA(decay=0.5), ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], 1)
     trainer.fit(module, dm)
     return module, root / "ckpt" / "last.ckpt"
@@ -137,7 +141,8 @@ def test_pruned_and_quantized_checkpoints_load(tmp_path):
     from detectkit.modules.detector import DetectionModule
 
     torch.manual_seed(0)
-    module = DetectionModule("tiny_ckpt_detector", num_classes=3, model_kwargs={"width": 16}, warmup_steps=1)
+    module = DetectionModule("tiny_ckpt_detector", num_classes=3, model_kwargs={"width": 16},
+                             optim=OptimConfig(warmup_steps=1))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, save_last=True, filename="e{epoch}")
     cbs = [StructuredPruning(target_macs_ratio=None, channel_sparsity=0.25, image_size=64, round_to=4),
            QuantizationAwareTraining(start_epoch=1, calib_batches=1), ckpt]
@@ -171,6 +176,23 @@ def test_super_gradients_pth(shared_dir):
     assert all(torch.equal(own[k], v) for k, v in net.items() if k in own)
 
 
+def test_a_fresh_process_finds_every_family_and_architecture_op(shared_dir):
+    """``checkpoint`` imports no model family and no compress module: the registrations (foreign
+    readers, architecture ops) are discovered on the first lookup, whatever was imported before."""
+    path = shared_dir / "fixtures" / "yolo_nas_s_parity" / "yolo_nas_s_random.pth"
+    code = (
+        "import sys\n"
+        "from detectkit.checkpoint import load\n"
+        "assert 'detectkit.models' not in sys.modules and 'detectkit.compress' not in sys.modules\n"
+        f"model = load({str(path)!r})\n"
+        "from detectkit.checkpoint.hooks import _OPS\n"
+        "print(model.registry_name, sorted(_OPS))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "yolo_nas_s ['prune', 'quantize']"
+
+
 def test_ultralytics_pt(shared_dir, tmp_path):
     from test_yolo_world_weights import _module_tree, _save_pt
 
@@ -196,3 +218,29 @@ def test_content_digest_is_deterministic_and_sensitive():
     assert content_digest(a) != content_digest(b)
     assert content_digest({"w": torch.zeros(6)}) != content_digest({"w": torch.zeros(2, 3)})  # shape counts
     assert content_digest({"w": torch.zeros(6)}) != content_digest({"w": torch.zeros(6, dtype=torch.float64)})
+
+
+def test_checkpoint_with_flat_hyperparameters_still_loads(trained, tmp_path):
+    """A checkpoint written before the grouped configs stores ``lr``, ``val_conf``, ``predict_conf``
+    ... as flat hyper-parameters: ``detectkit.load`` and ``load_from_checkpoint`` still read it, the
+    flat values land in the groups, and the new checkpoint stores plain data (safe loader)."""
+    from detectkit import DetectionModule
+    from detectkit.checkpoint import seal
+
+    _, path = trained
+    raw = read_checkpoint(path)
+    hp = raw["hyper_parameters"]
+    assert hp["optim"]["lr"] == 1e-2 and hp["predict_postprocess"]["conf"] == 0.05  # plain dicts, not classes
+    flat = {k: v for k, v in hp.items() if k not in ("optim", "val_postprocess", "predict_postprocess")}
+    flat.update(lr=1e-2, warmup_steps=1, weight_decay=1e-5, betas=[0.9, 0.999], val_conf=0.02, val_iou=0.6,
+                predict_conf=0.05, predict_iou=0.6, predict_max_det=50)
+    raw["hyper_parameters"] = flat
+    old = tmp_path / "flat.ckpt"
+    torch.save(seal(raw), old)
+    assert detectkit.load(old).inference.postprocess.max_det == 50
+    with pytest.warns(FutureWarning, match=r"DetectionModule: flat arguments are deprecated.*lr -> optim\.lr"):
+        module = DetectionModule.load_from_checkpoint(old, weights_only=True)
+    assert (module.optim.lr, module.optim.warmup_steps, module.optim.betas) == (1e-2, 1, (0.9, 0.999))
+    assert (module.val_postprocess.conf, module.val_postprocess.iou, module.val_postprocess.top_k) == (0.02, 0.6, 1000)
+    assert (module.predict_postprocess.conf, module.predict_postprocess.max_det) == (0.05, 50)
+    assert module.hparams["optim"]["lr"] == 1e-2 and "lr" not in module.hparams

@@ -23,9 +23,9 @@ def test_recipe_parses(name, capsys):
     callbacks = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
     assert "detectkit.modules.ema.ModelEMA" in callbacks
     if name.endswith("_coco"):  # super-gradients' COCO recipe
-        m = cfg["model"]
-        assert (m["lr"], m["weight_decay"], m["warmup_steps"], m["final_lr_ratio"]) == (2e-4, 1e-5, 1000, 0.1)
-        assert (m["val_conf"], m["val_iou"], m["val_top_k"], m["val_max_det"]) == (0.01, 0.7, 1000, 300)
+        o, v = cfg["model"]["optim"], cfg["model"]["val_postprocess"]
+        assert (o["lr"], o["weight_decay"], o["warmup_steps"], o["final_lr_ratio"]) == (2e-4, 1e-5, 1000, 0.1)
+        assert (v["conf"], v["iou"], v["top_k"], v["max_det"]) == (0.01, 0.7, 1000, 300)
         assert cfg["trainer"]["max_epochs"] == 300
         ema = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelEMA"))
         assert ema["init_args"]["decay"] == 0.9997 and ema["init_args"]["decay_type"] == "threshold"
@@ -33,16 +33,69 @@ def test_recipe_parses(name, capsys):
     assert cfg["data"]["class_path"] == "detectkit.data.DetectionDataModule"
     data = cfg["data"]["init_args"]
     if name == "yolo_nas_s_coco":
-        assert data["batch_size"] == 32
+        assert data["loader"]["batch_size"] == 32
     if name == "yolo_nas_s_finetune":
-        assert (cfg["model"]["lr"], cfg["model"]["weight_decay"], cfg["model"]["warmup_epochs"]) == (5e-4, 1e-4, 3)
-        assert cfg["trainer"]["max_epochs"] == 100 and data["batch_size"] == 16
+        o = cfg["model"]["optim"]
+        assert (o["lr"], o["weight_decay"], o["warmup_epochs"]) == (5e-4, 1e-4, 3)
+        assert cfg["trainer"]["max_epochs"] == 100 and data["loader"]["batch_size"] == 16
+
+
+def _shipped_recipes() -> list[Path]:
+    return sorted((ROOT / "experiments").rglob("*.yaml"))
+
+
+def _print_config(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *args, "--print_config"])
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("path", _shipped_recipes(), ids=lambda p: p.stem)
+def test_every_shipped_recipe_parses(path, capsys):
+    """Every recipe under experiments/ goes through the real parser: a recipe (model + data)
+    alone, an overlay on top of quickstart.yaml (as their headers say), a NAS study through the
+    fit arguments of its proxy training. An old flat key (``data.batch_size``) would fail here."""
+    recipe = yaml.safe_load(path.read_text()) or {}
+    quickstart = str(ROOT / "experiments" / "quickstart.yaml")
+    if "proxy" in recipe:  # a NAS study: its proxy recipe plus its overrides
+        proxy = recipe["proxy"]["recipe"]  # a shipped recipe's name or a path from the repo root
+        proxy = proxy if "/" not in proxy and not proxy.endswith(".yaml") else str(ROOT / proxy)
+        args = ["--config", proxy, *recipe["proxy"].get("overrides", [])]
+    elif "model" in recipe:
+        args = ["--config", str(path)]
+    else:
+        args = ["--config", quickstart, "--config", str(path)]
+    cfg = _print_config(args, capsys)
+    assert set(cfg["model"]["optim"]) >= {"lr", "warmup_steps", "warmup_epochs", "warmup_fraction"}
+    assert "batch_size" in cfg["data"]["init_args"]["loader"]
+
+
+@pytest.mark.parametrize("flat, new", [
+    ("--data.batch_size=4", "--data.loader.batch_size"),
+    ("--model.lr=0.1", "--model.optim.lr"),
+    ("--model.val_conf=0.1", "--model.val_postprocess.conf"),
+])
+def test_old_flat_option_names_its_new_place(flat, new, capsys):
+    assert main(["fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"), flat, "--print_config"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"detectkit fit: error: {flat.split('=')[0]} moved to {new} " \
+                  f"(in a recipe: {new.rsplit('.', 1)[1]} under {': '.join(new[2:].split('.')[:-1])}:)"
+
+
+def test_old_flat_recipe_key_names_its_new_place(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  mixup_prob: 0.2\n")
+    assert main(["fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"), "--config", str(old),
+                 "--print_config"]) == 1
+    assert capsys.readouterr().err.strip() == ("detectkit fit: error: --data.mixup_prob moved to "
+                                               "--data.augment.mixup_prob (in a recipe: mixup_prob under data: augment:)")
 
 
 def _tiny(tmp: Path) -> list[str]:
     return [
         "--config", str(ROOT / "experiments" / "quickstart.yaml"),
-        "--data.image_size=64", "--data.batch_size=2", "--data.num_workers=0",
+        "--data.image_size=64", "--data.loader.batch_size=2", "--data.loader.num_workers=0",
         "--data.synthetic.train_images=4", "--data.synthetic.val_images=2", "--data.synthetic.size=64",
         f"--data.cache_dir={tmp / 'data'}",
         f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}",
@@ -62,7 +115,7 @@ def test_fit_validate_predict(tmp_path):
     metrics = sorted(tmp_path.rglob("metrics.csv"))
     assert metrics and any("val/map_50" in p.read_text() for p in metrics)
 
-    assert main(["predict", *_tiny(tmp_path), f"--ckpt_path={ckpts[0]}", "--model.predict_conf=0.0"]) == 0
+    assert main(["predict", *_tiny(tmp_path), f"--ckpt_path={ckpts[0]}", "--model.predict_postprocess.conf=0.0"]) == 0
     results = sorted(tmp_path.rglob("predictions.json"))
     assert results, list(tmp_path.rglob("*"))
     rows = json.loads(results[0].read_text())

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_is_lazy():
     """`import detectkit.cli` (what `detectkit --help` costs) imports neither torch nor lightning."""
-    code = ("import detectkit.cli, detectkit.cli.predict, detectkit.export.commands, sys; "
+    code = ("import detectkit.cli, detectkit.cli.predict, detectkit.cli.export, sys; "
             "heavy = [m for m in ('torch', 'lightning', 'torchvision', 'cv2') if m in sys.modules]; "
             "assert not heavy, heavy; detectkit.cli.main(['--help'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -80,11 +80,11 @@ def test_trainer_defaults_added_unless_configured(tmp_path):
     """Every CLI trainer gets TRAINER_DEFAULTS (what is importable), except a kind the config already has."""
     from lightning.pytorch.plugins import TorchCheckpointIO
 
-    from detectkit.checkpoint_io import AtomicCheckpointIO
+    from detectkit.checkpoint.lightning_io import AtomicCheckpointIO
     from detectkit.cli.lightning import TRAINER_DEFAULTS, DetectkitCLI
 
     assert [d.class_path.rsplit(".", 1)[1] for d in TRAINER_DEFAULTS] == [
-        "AtomicCheckpointIO", "NanGuard", "RunReport", "PlainProgressBar"]
+        "AtomicCheckpointIO", "NanGuard", "RunReport", "StopOnSignal", "LastCheckpoint", "PlainProgressBar"]
     from compress_helpers import TinyDetector
 
     from detectkit.registry import list_models, register_model

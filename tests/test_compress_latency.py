@@ -7,8 +7,8 @@ import torch
 from compress_helpers import TinyDetector
 
 from detectkit.compress.latency import latency_weights, module_path, unit_latency
-from detectkit.compress.prune import layerwise_prune
-from detectkit.compress.sensitivity import budget_weights
+from detectkit.compress.sensitivity import budget_weights, layerwise_prune
+from detectkit.modules import OptimConfig
 
 pytest.importorskip("onnxruntime")
 
@@ -71,7 +71,8 @@ def test_structured_pruning_latency_aware_in_a_fit(tmp_path):
     from detectkit.modules.detector import DetectionModule
 
     torch.manual_seed(0)
-    module = DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3, lr=1e-3, warmup_steps=1)
+    module = DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3,
+                             optim=OptimConfig(lr=1e-3, warmup_steps=1))
     base = count_macs_params(module.model, 64)[0]
     kwargs = dict(target_macs_ratio=0.6, steps=1, image_size=64, round_to=None, layerwise=True, calib_batches=1)
     prune = StructuredPruning(**kwargs, latency_size=64)

@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 from compress_helpers import TinyDetector
 
-from detectkit.compress.prune import count_macs_params, layerwise_prune, prune_to_macs
-from detectkit.compress.sensitivity import budget_weights, pruning_sensitivity, recalibrate_batchnorm
+from detectkit.compress.prune import count_macs_params, prune_to_macs
+from detectkit.compress.sensitivity import (
+    budget_weights,
+    layerwise_prune,
+    pruning_sensitivity,
+    recalibrate_batchnorm,
+)
+from detectkit.modules import OptimConfig
 
 UNITS = ["stem.2", "rep", "down1", "down2"]
 
@@ -66,7 +72,8 @@ def test_structured_pruning_layerwise_in_a_fit(tmp_path):
     from detectkit.modules.detector import DetectionModule
 
     torch.manual_seed(0)
-    module = DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3, lr=1e-3, warmup_steps=1)
+    module = DetectionModule(TinyDetector(num_classes=3, width=16), num_classes=3,
+                             optim=OptimConfig(lr=1e-3, warmup_steps=1))
     base = count_macs_params(module.model, 64)[0]
     prune = StructuredPruning(target_macs_ratio=0.6, steps=1, image_size=64, round_to=None, layerwise=True,
                               calib_batches=1)

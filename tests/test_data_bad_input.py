@@ -16,7 +16,7 @@ import yaml
 from data_helpers import bomb_png, write_coco, write_image
 from PIL import Image
 
-from detectkit.data import DatasetError, DetectionDataModule, convert_dataset, open_dataset
+from detectkit.data import DatasetError, DetectionDataModule, LoaderConfig, convert_dataset, open_dataset
 from detectkit.data.commands import main
 from detectkit.data.formats.voc import voc_class_list
 from detectkit.data.images import ImageReadError, image_size, read_image
@@ -36,7 +36,8 @@ def problems(report: dict, kind: str) -> list[dict]:
 
 
 def setup_fit(root: Path, **kw) -> DetectionDataModule:
-    dm = DetectionDataModule(data_dir=str(root), image_size=64, batch_size=2, num_workers=0, **kw)
+    dm = DetectionDataModule(data_dir=str(root), image_size=64,
+                             loader=LoaderConfig(batch_size=2, num_workers=0), **kw)
     dm.setup("fit")
     return dm
 
@@ -183,21 +184,48 @@ def test_voc_class_list_from_cvat_labelmap_or_argument(tmp_path, capsys):
         voc_class_list(root)
 
 
-def test_voc_without_a_class_list_reports_the_classes_found_and_likely_typos(tmp_path, capsys, caplog):
+def test_voc_without_a_class_list_reports_the_order_source_and_likely_typos(tmp_path, capsys, caplog):
     root = _voc_typo(tmp_path)
     code, report = inspect_json(root, capsys)
     assert code == 0 and report["classes"] == ["cat", "dgo", "dog"]
-    (inferred,) = problems(report, "classes_inferred")
-    assert inferred["split"] is None and "cat: 1, dgo: 1, dog: 3" in inferred["message"]
+    # the order is said, not warned about: sorted names found in the XML files
+    assert report["class_order"]["source"] == "sorted" and "classes.txt" in report["class_order"]["detail"]
+    assert not problems(report, "classes_inferred")
     (typo,) = problems(report, "possible_typo")
     assert typo["file"] == str(root / "Annotations/b.xml") and "'dgo'" in typo["message"]
-    assert "typo of 'dog'" in typo["message"]
+    assert "typo of 'dog'" in typo["message"] and "swapped" in typo["message"]
     text_code = main(["inspect", str(root)])
-    assert text_code == 0 and "possible_typo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert text_code == 0 and "possible_typo" in out and "class order: sorted" in out
 
     with caplog.at_level(logging.WARNING, "detectkit.data"):
         setup_fit(root)
-    assert "classes_inferred: 1" in caplog.text and "possible_typo: 1" in caplog.text
+    assert "classes_inferred" not in caplog.text and "possible_typo: 1" in caplog.text
+
+
+def test_voc_short_distinct_names_are_not_typos(tmp_path, capsys, caplog):
+    """The blood-cell set: RBC, WBC, Platelets; WBC is rare next to RBC, one letter apart, and real."""
+    objects = {f"r{i}": [("RBC", (5, 5, 20, 20))] * 6 for i in range(4)}
+    objects["w"] = [("WBC", (5, 5, 30, 30)), ("Platelets", (2, 2, 9, 9))]
+    root = voc_set(tmp_path, objects, {"train": list(objects)})
+    code, report = inspect_json(root, capsys)
+    assert code == 0 and report["classes"] == ["Platelets", "RBC", "WBC"]
+    assert report["problems"] == []
+    with caplog.at_level(logging.WARNING, "detectkit.data"):
+        setup_fit(root)
+    assert "possible_typo" not in caplog.text and "classes_inferred" not in caplog.text
+
+
+def test_class_order_source_for_each_kind_of_class_list(tmp_path, capsys):
+    root = _voc_typo(tmp_path / "voc")
+    (root / "classes.txt").write_text("dog\ncat\n")
+    _, report = inspect_json(root, capsys)
+    assert report["class_order"] == {"source": "file", "detail": str(root / "classes.txt")}
+    _, report = inspect_json(root, capsys, "--classes", "cat,dog,dgo")
+    assert report["class_order"]["source"] == "given"
+    yolo = yolo_set(tmp_path / "yolo")
+    _, report = inspect_json(yolo, capsys)
+    assert report["class_order"]["source"] == "file" and str(yolo / "data.yaml") in report["class_order"]["detail"]
 
 
 # ---- 3, 4, 8, 10. COCO ------------------------------------------------------------------------
@@ -266,7 +294,9 @@ def test_coco_string_image_ids_are_mapped_and_kept(tmp_path, capsys):
         ],
     )
     code, report = inspect_json(root, capsys)
-    assert code == 0 and report["splits"]["train"] == {"images": 2, "boxes": 3, "per_class": {"cat": 3}}
+    assert code == 0 and report["splits"]["train"] == {"images": 2, "boxes": 3, "per_class": {"cat": 3},
+                                                    "background_images": 0, "empty_label_files": 0,
+                                                    "unlabeled_images": 0}
     (p,) = problems(report, "unknown_image")
     assert "'img-z'" in p["message"]
     recs = setup_fit(root).datasets["train"].records
@@ -306,6 +336,24 @@ def test_yolo_images_without_labels_and_labels_without_images(tmp_path, capsys, 
         dm = setup_fit(root)
     assert "missing_label: 1" in caplog.text and "orphan_label: 1" in caplog.text
     assert len(dm.datasets["train"]) == 3
+
+
+def test_yolo_empty_label_files_and_unlabeled_images_are_reported(tmp_path, capsys):
+    root = yolo_set(tmp_path)
+    for n in ("e1", "e2"):
+        write_image(root / f"train/images/{n}.jpg")
+        (root / f"train/labels/{n}.txt").write_text("" if n == "e1" else "\n  \n")
+    write_image(root / "train/images/nolabel.jpg")
+    code, report = inspect_json(root, capsys)
+    empty = problems(report, "empty_label")
+    assert code == 0 and sorted(p["file"] for p in empty) == [str(root / "train/labels/e1.txt"),
+                                                              str(root / "train/labels/e2.txt")]
+    train = report["splits"]["train"]
+    assert train["images"] == 5 and train["background_images"] == 3
+    assert train["empty_label_files"] == 2 and train["unlabeled_images"] == 1
+    assert report["splits"]["val"]["background_images"] == 0
+    assert main(["inspect", str(root)]) == 0
+    assert "train: 2 empty label file(s), 1 image(s) without a label file" in capsys.readouterr().out
 
 
 def test_yolo_label_file_with_a_bom_keeps_its_first_box(tmp_path, capsys):
@@ -446,4 +494,20 @@ def test_dataset_errors_are_value_errors_with_the_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {bad}: missing the 'images' list of a COCO file"]
     with pytest.raises(DatasetError, match="bad.json: missing the 'images' list"):
-        DetectionDataModule(train=str(bad), val=str(bad), image_size=64, num_workers=0).setup("fit")
+        DetectionDataModule(train=str(bad), val=str(bad), image_size=64, loader=LoaderConfig(num_workers=0)).setup("fit")
+
+
+def test_likely_typos_only_where_a_typo_is_likely():
+    from detectkit.data.classnames import likely_typos
+
+    # same name up to case / spaces / punctuation / plural: flagged whatever the counts
+    found = likely_typos({"person": 50, "Person": 40, "traffic light": 9, "traffic_lights": 9, "Platelets": 3,
+                          "platelet": 300})
+    assert {(n, m) for n, m, _ in found} == {("Person", "person"), ("traffic_lights", "traffic light"),
+                                            ("Platelets", "platelet")}
+    # one edit on long names with one side rare
+    assert [(n, m) for n, m, _ in likely_typos({"helmet": 120, "helmat": 2})] == [("helmat", "helmet")]
+    assert likely_typos({"helmet": 120, "helmat": 60}) == []  # both common: two real classes
+    # short names one letter apart are real classes: never flagged, however rare one is
+    assert likely_typos({"RBC": 4000, "WBC": 370, "cat": 500, "car": 1}) == []
+    assert [n for n, _, _ in likely_typos({"dog": 300, "dgo": 1})] == ["dgo"]  # a swap

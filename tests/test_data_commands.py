@@ -37,13 +37,17 @@ def test_inspect_sharks_json_as_a_subprocess(shared_dir):
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report) == {"format", "classes", "splits", "problems"}
+    assert set(report) == {"format", "classes", "class_order", "splits", "problems"}
     assert report["format"] == "roboflow-coco" and report["classes"] == ["fish", "primary", "shark"]
     assert report["splits"]["valid"] == {
         "images": 2,
         "boxes": 10,
         "per_class": {"fish": 0, "primary": 2, "shark": 8},
+        "background_images": 0,
+        "empty_label_files": 0,
+        "unlabeled_images": 0,
     }
+    assert report["class_order"]["source"] == "file" and "(categories, by id)" in report["class_order"]["detail"]
     assert report["problems"] == []
 
 
@@ -65,7 +69,8 @@ def test_inspect_reports_every_problem_with_its_file(tmp_path, capsys):
         "corrupt.jpg"
     )
     # counts are of usable images and kept boxes: a (1), b (2: clipped + dog), d (crowd kept for eval)
-    assert report["splits"]["train"] == {"images": 3, "boxes": 4, "per_class": {"cat": 2, "dog": 2}}
+    assert report["splits"]["train"] == {"images": 3, "boxes": 4, "per_class": {"cat": 2, "dog": 2},
+                                         "background_images": 0, "empty_label_files": 0, "unlabeled_images": 0}
 
     messy_yolo(tmp_path / "yolo")
     code, report = _inspect_json(tmp_path / "yolo", capsys)

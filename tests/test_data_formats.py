@@ -99,14 +99,15 @@ def test_yolo_quirks(tmp_path):
     train = src.load("train")
     recs = {r.path.name: r for r in train.records}
     assert set(recs) == {"with space 1.jpg", "neg.png", "bad.jpg"}
-    assert recs["neg.png"].num_boxes == 0  # negative image, no problem
+    assert recs["neg.png"].num_boxes == 0  # negative image, reported as an empty label file
     spaced = recs["with space 1.jpg"]
     assert spaced.labels.tolist() == [1, 0]
     np.testing.assert_allclose(spaced.boxes[0], [40, 15, 60, 35], atol=1e-4)
     np.testing.assert_allclose(spaced.boxes[1], [10, 10, 30, 30], atol=1e-4)  # polygon -> its bounds
     assert recs["bad.jpg"].num_boxes == 1
     problems = {p.kind: p for p in train.problems}
-    assert set(problems) == {"unknown_class", "bad_line"}
+    assert set(problems) == {"unknown_class", "bad_line", "empty_label"}
+    assert problems["empty_label"].file.endswith("neg.txt") and problems["empty_label"].severity == "warning"
     assert (
         problems["unknown_class"].file.endswith("bad.txt") and "line 2" in problems["unknown_class"].message
     )

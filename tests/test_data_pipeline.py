@@ -7,6 +7,7 @@ import pytest
 import torch
 from data_helpers import broken_coco, write_image
 
+from detectkit.data import LoaderConfig
 from detectkit.data.collate import collate
 from detectkit.data.datamodule import DetectionDataModule
 from detectkit.data.dataset import DetectionDataset
@@ -130,18 +131,10 @@ def test_mixup_blends_and_keeps_both_box_sets():
 
 
 def test_datamodule_two_workers_close_mosaic_and_worker_count_independence(synth):
-    kw = dict(
-        train=str(synth),
-        val=str(synth),
-        image_size=64,
-        batch_size=8,
-        mosaic_prob=1.0,
-        mixup_prob=0.0,
-        close_mosaic=1,
-        max_epochs=2,
-        seed=5,
-    )
-    dm = DetectionDataModule(num_workers=2, **kw)
+    kw = dict(train=str(synth), val=str(synth), image_size=64, seed=5,
+              augment=AugmentConfig(mosaic_prob=1.0, mixup_prob=0.0, close_mosaic=1))
+    dm = DetectionDataModule(loader=LoaderConfig(batch_size=8, num_workers=2), **kw)
+    dm.max_epochs = 2  # no Trainer here: the run length close_mosaic counts back from
     assert dm.num_classes == 3  # before setup, from the annotation file
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -152,7 +145,8 @@ def test_datamodule_two_workers_close_mosaic_and_worker_count_independence(synth
         epochs.append(list(loader))
     assert all(m["augment"]["mosaic"] for b in epochs[0] for m in b["meta"])
     assert not any(m["augment"]["mosaic"] for b in epochs[1] for m in b["meta"])  # seen by persistent workers
-    dm0 = DetectionDataModule(num_workers=0, **kw)
+    dm0 = DetectionDataModule(loader=LoaderConfig(batch_size=8, num_workers=0), **kw)
+    dm0.max_epochs = 2
     dm0.setup("fit")
     loader0 = dm0.train_dataloader()
     loader0.sampler.set_epoch(0)
@@ -161,9 +155,9 @@ def test_datamodule_two_workers_close_mosaic_and_worker_count_independence(synth
 
 
 def test_datamodule_hooks_state_and_external_sampler(synth):
-    dm = DetectionDataModule(
-        data_dir=str(synth), image_size=64, batch_size=4, num_workers=0, max_epochs=10, close_mosaic=2
-    )
+    dm = DetectionDataModule(data_dir=str(synth), image_size=64, loader=LoaderConfig(batch_size=4, num_workers=0),
+                             augment=AugmentConfig(close_mosaic=2))
+    dm.max_epochs = 10
     dm.setup("fit")
     seen = []
     dm.batch_transform = lambda batch: (seen.append(batch["images"].dtype), batch)[1]
@@ -177,9 +171,9 @@ def test_datamodule_hooks_state_and_external_sampler(synth):
     dm.magnitude = 0.25
     state = dm.state_dict()
     assert state["epoch"] == 9 and state["magnitude"] == 0.25
-    fresh = DetectionDataModule(
-        data_dir=str(synth), image_size=64, batch_size=4, num_workers=0, max_epochs=10, close_mosaic=2
-    )
+    fresh = DetectionDataModule(data_dir=str(synth), image_size=64, loader=LoaderConfig(batch_size=4, num_workers=0),
+                                augment=AugmentConfig(close_mosaic=2))
+    fresh.max_epochs = 10
     fresh.load_state_dict(state)
     fresh.setup("fit")
     assert fresh.train_dataset.epoch == 9 and not fresh.train_dataset.mix_enabled
@@ -191,7 +185,8 @@ def test_datamodule_hooks_state_and_external_sampler(synth):
 def test_synthetic_default_is_cached_and_deterministic(tmp_path):
     cfg = SyntheticConfig(train_images=4, val_images=2, size=64)
     dm = DetectionDataModule(
-        image_size=64, batch_size=2, num_workers=0, synthetic=cfg, cache_dir=str(tmp_path)
+        image_size=64, loader=LoaderConfig(batch_size=2, num_workers=0), synthetic=cfg,
+        cache_dir=str(tmp_path)
     )
     assert dm.class_names == ["rectangle", "ellipse", "triangle"]
     assert not any(tmp_path.iterdir())  # nothing generated just to know the classes
@@ -235,3 +230,17 @@ def test_collate_rejects_mixed_sizes():
         collate([s(32), s(64)])
     empty = collate([s(32), s(32)])
     assert empty["targets"].shape == (0, 6)
+
+
+def test_flat_arguments_land_in_their_groups_with_one_warning(tmp_path):
+    """Python code written before the grouped configs (``batch_size=``, ``mixup_prob=``) keeps
+    working: the values go to ``loader`` / ``augment`` and one FutureWarning names where."""
+    cfg = SyntheticConfig(train_images=4, val_images=2, size=64)
+    with pytest.warns(FutureWarning, match=r"batch_size -> loader\.batch_size.*mixup_prob -> augment\.mixup_prob"):
+        dm = DetectionDataModule(image_size=64, synthetic=cfg, cache_dir=str(tmp_path), batch_size=3, num_workers=0,
+                                 mixup_prob=0.25, scale=[0.8, 1.2])
+    assert (dm.loader.batch_size, dm.loader.num_workers) == (3, 0)
+    assert (dm.augment.mixup_prob, dm.augment.scale) == (0.25, (0.8, 1.2))
+    assert dm.hparams["loader"]["batch_size"] == 3 and "batch_size" not in dm.hparams
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch_sise'"):
+        DetectionDataModule(synthetic=cfg, batch_sise=3)

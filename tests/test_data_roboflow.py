@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from detectkit.data import LoaderConfig
 from detectkit.data.datamodule import RoboflowDataModule
 from detectkit.data.formats import roboflow as rf
 from detectkit.data.records import DatasetError
@@ -33,7 +34,8 @@ def test_cache_hit_needs_no_key(tmp_path, sharks):
     target = tmp_path / ARGS["workspace"] / ARGS["project"] / "774" / "coco"
     shutil.copytree(sharks, target)
     (target / ".detectkit-complete").write_text("x")
-    dm = RoboflowDataModule(**ARGS, cache_dir=str(tmp_path), image_size=64, batch_size=2, num_workers=0)
+    dm = RoboflowDataModule(**ARGS, cache_dir=str(tmp_path), image_size=64,
+                            loader=LoaderConfig(batch_size=2, num_workers=0))
     assert dm.num_classes == 3 and dm.class_names == ["fish", "primary", "shark"]
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 7 and len(dm.datasets["val"]) == 2
@@ -41,13 +43,8 @@ def test_cache_hit_needs_no_key(tmp_path, sharks):
 
 def test_offline_download_falls_back_to_local_export(tmp_path, sharks, caplog):
     dm = RoboflowDataModule(
-        **ARGS,
-        api_key="k",
-        cache_dir=str(tmp_path),
-        local_path=str(sharks),
-        image_size=64,
-        batch_size=2,
-        num_workers=0,
+        **ARGS, api_key="k", cache_dir=str(tmp_path), local_path=str(sharks), image_size=64,
+        loader=LoaderConfig(batch_size=2, num_workers=0),
     )
     assert dm.num_classes == 3
     assert "download failed (ConnectionError: network unreachable); using the local export" in caplog.text
@@ -70,4 +67,4 @@ def test_download_into_cache_then_reuse(tmp_path, sharks, monkeypatch):
 
 def test_no_key_no_cache_no_local_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="no API key.*nothing cached.*no local_path given"):
-        RoboflowDataModule(**ARGS, cache_dir=str(tmp_path), num_workers=0).prepare_data()
+        RoboflowDataModule(**ARGS, cache_dir=str(tmp_path), loader=LoaderConfig(num_workers=0)).prepare_data()

@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from detectkit.data import AugmentConfig, LoaderConfig
 from detectkit.data.curriculum import CurriculumCallback, CurriculumSampler
 from detectkit.data.resizing import ProgressiveResizing
+from detectkit.modules import OptimConfig
 
 WORLD = 2
 N_IMAGES = 22
@@ -217,14 +219,15 @@ def _tiny_module():
         neck=(S(32, 1, 8), S(16, 1, 8), S(32, 1, 8), S(64, 1, 16)),
         head_channels=(16, 32, 64),
     )
-    return DetectionModule(YoloNAS(cfg, num_classes=3), num_classes=3, warmup_steps=2)
+    return DetectionModule(YoloNAS(cfg, num_classes=3), num_classes=3, optim=OptimConfig(warmup_steps=2))
 
 
 def _datamodule_for_fit(root: str):
     from detectkit.data.datamodule import DetectionDataModule
 
     return DetectionDataModule(
-        data_dir=root, image_size=64, batch_size=2, num_workers=0, mosaic_prob=0.0, mixup_prob=0.0, seed=3
+        data_dir=root, image_size=64, loader=LoaderConfig(batch_size=2, num_workers=0),
+        augment=AugmentConfig(mosaic_prob=0.0, mixup_prob=0.0), seed=3
     )
 
 

@@ -112,11 +112,11 @@ def write_config(tmp: Path, name: str) -> Path:
                 {"class_path": "test_distributed.RecordRun", "init_args": {"out": str(tmp / name)}},
             ],
         },
-        "model": {"model": {"class_path": "test_distributed.PlainDetector"}, "lr": 2e-3, "warmup_steps": 1,
-                  "weight_decay": 0.0},
+        "model": {"model": {"class_path": "test_distributed.PlainDetector"},
+                  "optim": {"lr": 2e-3, "warmup_steps": 1, "weight_decay": 0.0}},
         "data": {
-            "image_size": 64, "batch_size": GLOBAL_BATCH, "num_workers": 0, "cache_dir": str(tmp / "data"),
-            "mixup_prob": 0.0, "hsv_prob": 0.0, "flip_prob": 0.0, "translate": 0.0, "scale": [1.0, 1.0],
+            "image_size": 64, "loader": {"batch_size": GLOBAL_BATCH, "num_workers": 0}, "cache_dir": str(tmp / "data"),
+            "augment": {"mixup_prob": 0.0, "hsv_prob": 0.0, "flip_prob": 0.0, "translate": 0.0, "scale": [1.0, 1.0]},
             "synthetic": {"train_images": TRAIN_IMAGES, "val_images": VAL_IMAGES, "size": 64, "num_classes": 3},
         },
     }
@@ -171,7 +171,7 @@ def test_two_nodes_match_one_process_and_resume_on_one(tmp_path: Path) -> None:
 
     assert main(["fit", "--config", str(write_config(tmp_path, "single"))]) == 0
     # same global batch: 2 ranks x 2
-    torchrun_two_nodes(tmp_path, ["--config", str(write_config(tmp_path, "ddp")), "--data.batch_size", "2"])
+    torchrun_two_nodes(tmp_path, ["--config", str(write_config(tmp_path, "ddp")), "--data.loader.batch_size", "2"])
     single, w1 = _load(tmp_path, "single")
     ddp, w2 = _load(tmp_path, "ddp")
 

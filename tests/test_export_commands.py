@@ -13,10 +13,11 @@ from detectkit.callbacks import StructuredPruning
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from detectkit.cli import main as cli_main
-from detectkit.data import DetectionDataModule
+from detectkit.cli.export import load_for_export
+from detectkit.data import AugmentConfig, DetectionDataModule, LoaderConfig
 from detectkit.data.synthetic import SyntheticConfig
-from detectkit.export.commands import load_for_export
 from detectkit.export.deploy import run_onnx
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 from detectkit.registry import _MODELS, register_model
 
@@ -29,9 +30,9 @@ if "tiny_compress_test" not in _MODELS:
 
 def test_export_command_pruned_checkpoint(tmp_path, capsys):
     syn = SyntheticConfig(train_images=8, val_images=4, size=64, num_classes=3)
-    dm = DetectionDataModule(image_size=64, batch_size=4, num_workers=0, synthetic=syn,
-                             cache_dir=str(tmp_path / "data"), mixup_prob=0.0)
-    module = DetectionModule("tiny_compress_test", num_classes=3, lr=1e-3, warmup_steps=1)
+    dm = DetectionDataModule(image_size=64, loader=LoaderConfig(batch_size=4, num_workers=0), synthetic=syn,
+                             cache_dir=str(tmp_path / "data"), augment=AugmentConfig(mixup_prob=0.0))
+    module = DetectionModule("tiny_compress_test", num_classes=3, optim=OptimConfig(lr=1e-3, warmup_steps=1))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1,
                          accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -77,3 +78,39 @@ def test_export_command_pruned_checkpoint(tmp_path, capsys):
     assert summary["backend"] == "onnxruntime" and summary["op_counts"]["QuantizeLinear"] > 5
     boxes, scores = run_onnx(tmp_path / "cpu.onnx", np.random.rand(1, 3, 64, 64).astype(np.float32))
     assert boxes.shape == (1, 84, 4) and scores.shape == (1, 84, 3)
+
+
+def _logged_error(text: str) -> float:
+    """The max_abs_error figure of the export's log line."""
+    (line,) = [ln for ln in text.splitlines() if "max_abs_error" in ln]
+    return float(line.split("max_abs_error ")[1].split()[0])
+
+
+def test_export_default_puts_nms_in_the_graph_and_logs_the_reported_error(tmp_path, capsys, caplog):
+    from detectkit.checkpoint import save_weights
+    from detectkit.registry import create_model
+
+    torch.manual_seed(0)
+    weights = save_weights(create_model("tiny_compress_test", num_classes=3), tmp_path / "tiny.pt")
+    out = tmp_path / "default.onnx"
+    with caplog.at_level("INFO", "detectkit.export.deploy"):
+        rc = cli_main(["export", "--checkpoint", str(weights), "--size", "64", "--conf", "0.01",
+                       "--output", str(out)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the README's promise: NMS inside the graph without asking for it
+    assert summary["output_names"] == ["num_predictions", "pred_boxes", "pred_scores", "pred_classes"]
+    assert [o.name for o in onnx.load(out).graph.output][0] == "num_predictions"
+    assert summary["detections_match"] is True and summary["num_detections"] > 0
+    # one figure: the log line prints exactly the number the JSON report holds
+    assert summary["max_abs_error"] == _logged_error(caplog.text) and summary["max_abs_error"] < 1e-3
+
+    caplog.clear()
+    raw = tmp_path / "raw.onnx"
+    with caplog.at_level("INFO", "detectkit.export.deploy"):
+        rc = cli_main(["export", "--checkpoint", str(weights), "--size", "64", "--nms", "none",
+                       "--output", str(raw)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["output_names"] == ["boxes", "scores"]
+    assert summary["max_abs_error"] == _logged_error(caplog.text)

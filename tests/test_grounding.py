@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from detectkit.data import AugmentConfig, LoaderConfig
 from detectkit.data.formats.detect import open_dataset
 from detectkit.data.grounding import (
     GroundingDataModule,
@@ -21,8 +22,9 @@ from detectkit.data.grounding import (
 from detectkit.data.synthetic import SyntheticConfig, synthetic_dataset
 from detectkit.models.yolo_world.head import MASKED_LOGIT
 from detectkit.models.yolo_world.text import EmbeddingsFileEncoder
+from detectkit.modules import OptimConfig
 
-NO_AUG = dict(mosaic_prob=0.0, mixup_prob=0.0, translate=0.0, scale=(1.0, 1.0), hsv_prob=0.0, flip_prob=0.0)
+NO_AUG = AugmentConfig(mosaic_prob=0.0, mixup_prob=0.0, translate=0.0, scale=(1.0, 1.0), hsv_prob=0.0, flip_prob=0.0)
 PHRASES = {"rectangle": "a red box", "ellipse": "green oval", "triangle": "blue triangle"}
 EXTRA = ["a cat", "the sky", "yellow star", "purple cross"]
 
@@ -88,14 +90,8 @@ def test_negatives_seeded_and_never_positives() -> None:
 
 def test_datamodule_batches(grounding_dir: Path) -> None:
     dm = GroundingDataModule(
-        odvg=str(grounding_dir / "train.jsonl"),
-        image_root="/",
-        num_negatives=2,
-        image_size=96,
-        batch_size=3,
-        num_workers=0,
-        seed=5,
-        **NO_AUG,
+        odvg=str(grounding_dir / "train.jsonl"), image_root="/", num_negatives=2, image_size=96,
+        loader=LoaderConfig(batch_size=3, num_workers=0), seed=5, augment=NO_AUG,
     )
     assert dm.num_classes == len(PHRASES) + len(EXTRA)  # no evaluation data: the phrase pool
     dm.setup("fit")
@@ -128,24 +124,15 @@ def test_masked_prompts_never_matched_and_training_reduces_loss(grounding_dir: P
 
     torch.manual_seed(0)
     dm = GroundingDataModule(
-        odvg=str(grounding_dir / "train.jsonl"),
-        image_root="/",
-        num_negatives=1,
-        val=str(grounding_dir / "root/val"),
-        image_size=96,
-        batch_size=3,
-        num_workers=0,
-        **NO_AUG,
+        odvg=str(grounding_dir / "train.jsonl"), image_root="/", num_negatives=1,
+        val=str(grounding_dir / "root/val"), image_size=96, loader=LoaderConfig(batch_size=3, num_workers=0),
+        augment=NO_AUG,
     )
     assert dm.class_names == list(PHRASES)  # evaluation vocabulary: the val set's class names
     module = DetectionModule(
-        "yolo_world_v2_s",
-        num_classes=dm.num_classes,
-        class_names=dm.class_names,
+        "yolo_world_v2_s", num_classes=dm.num_classes, class_names=dm.class_names,
         text_encoder=str(grounding_dir / "phrases.pt"),
-        lr=2e-3,
-        warmup_steps=0,
-        weight_decay=0.0,
+        optim=OptimConfig(lr=2e-3, warmup_steps=0, weight_decay=0.0),
     )
     module.setup("fit")
     enc = EmbeddingsFileEncoder(grounding_dir / "phrases.pt")

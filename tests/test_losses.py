@@ -21,7 +21,7 @@ from detectkit.ops.boxes import cxcywh_to_xyxy, make_anchors, paired_iou
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 NAS = SHARED / "fixtures" / "yolo_nas_s_parity"
 WORLD = SHARED / "fixtures" / "yolo_world_s_parity"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared test data folder {SHARED} is absent")
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared test data absent: {SHARED}")
 FILES = ["loss.pt", "loss_stress.pt", "loss_synthetic.pt"]
 
 
@@ -318,3 +318,55 @@ def test_normalizer_all_reduce_under_torch_distributed(tmp_path):
         dist.destroy_process_group()
     torch.testing.assert_close(synced, ref)  # world size 1: the average over ranks is the local sum
     torch.testing.assert_close(comp_synced["normalizer"], comp["normalizer"])
+
+
+
+def _rank_slice(rank: int) -> tuple[HeadOutput, torch.Tensor]:
+    """Rank ``rank``'s image of the super-gradients fixture batch (assigned-score sums 7.6 and 15.2),
+    its targets renumbered to image 0."""
+    _, full, targets = nas_case("loss.pt")
+    rows = slice(rank, rank + 1)
+    head = HeadOutput(full.cls_logits.detach()[rows].clone().requires_grad_(True),
+                      full.reg_distri.detach()[rows].clone().requires_grad_(True),
+                      full.anchor_points, full.stride_tensor, full.bins)
+    mine = targets[targets[:, 0] == rank].clone()
+    mine[:, 0] = 0
+    return head, mine
+
+
+def _synced_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        head, targets = _rank_slice(rank)
+        total, comp = PPYoloELoss(80, sync_normalizer=True)(head, targets, 1)
+        total.backward()
+    finally:
+        dist.destroy_process_group()
+    torch.save({"total": total.detach(), "normalizer": comp["normalizer"], "grad_cls": head.cls_logits.grad,
+                "grad_reg": head.reg_distri.grad}, f"{out}.{rank}")
+
+
+@needs_shared
+def test_normalizer_all_reduce_over_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    """DDP on 2 ranks (gloo, CPU), one image each: each rank divides by the ranks' mean assigned-score
+    sum, so the ranks' mean loss and their averaged gradients are one process's on the whole batch."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank"
+    mp.spawn(_synced_rank, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+
+    _, whole, targets = nas_case("loss.pt")
+    total, comp = PPYoloELoss(80)(whole, targets, 2)
+    total.backward()
+    assert ranks[0]["normalizer"] == ranks[1]["normalizer"]  # every rank divides by the same number
+    torch.testing.assert_close(ranks[0]["normalizer"] * 2, comp["normalizer"])
+    torch.testing.assert_close((ranks[0]["total"] + ranks[1]["total"]) / 2, total.detach())
+    for key, grad in (("grad_cls", whole.cls_logits.grad), ("grad_reg", whole.reg_distri.grad)):
+        averaged = torch.cat([ranks[0][key], ranks[1][key]]) / 2  # what DDP's gradient averaging yields
+        torch.testing.assert_close(averaged, grad, rtol=1e-4, atol=1e-7)
+    # without the all-reduce the ranks' normalisers differ (7.6 vs 15.2) and the mean loss would not match
+    local = [PPYoloELoss(80)(*_rank_slice(r), 1) for r in range(2)]
+    assert not torch.allclose((local[0][0] + local[1][0]).detach() / 2, total.detach(), rtol=1e-3)

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from module_helpers import tiny_data, trainer
 
 from detectkit.data import SyntheticConfig, generate_synthetic
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 from detectkit.modules.metrics import build_map_metric, metric_inputs, summarize_map
 
@@ -27,7 +28,8 @@ def test_num_classes_reaches_model_loss_and_metric_names():
 
 
 def test_optimizer_groups_and_schedule_on_the_detector(tmp_path):
-    module = DetectionModule("yolo_nas_s", num_classes=2, lr=1e-3, weight_decay=1e-5, warmup_steps=3)
+    module = DetectionModule("yolo_nas_s", num_classes=2,
+                             optim=OptimConfig(lr=1e-3, weight_decay=1e-5, warmup_steps=3))
     tr = trainer(tmp_path, max_steps=10)
     module.trainer = tr  # estimated_stepping_batches = max_steps
     opt_cfg = module.configure_optimizers()
@@ -77,7 +79,7 @@ def overfit_run(tmp_path_factory):
     root = generate_synthetic(tmp / "data", cfg)
     dm = tiny_data(tmp, size=64, batch_size=4, train=str(root / "train"), val=str(root / "train"))
     module = DetectionModule("yolo_nas_s", num_classes=dm.num_classes, class_names=dm.class_names,
-                             lr=3e-3, warmup_steps=5)
+                             optim=OptimConfig(lr=3e-3, warmup_steps=5))
     # SG's BN momentum (0.03) needs 100+ steps before eval-mode statistics catch up with the
     # weights (measured: map_50 0.05 after 50 steps, 0.53 after 150); 0.3 overfits in ~40 steps.
     for m in module.modules():
@@ -113,7 +115,7 @@ def test_bf16_autocast_training_keeps_the_loss_in_fp32(tmp_path):
             seen["loss"] = outputs["loss"].dtype
             seen["image_losses"] = outputs["image_losses"].shape
 
-    module = DetectionModule("yolo_nas_s", num_classes=2, warmup_steps=0)
+    module = DetectionModule("yolo_nas_s", num_classes=2, optim=OptimConfig(warmup_steps=0))
     tr = trainer(tmp_path, [Probe()], max_steps=1, precision="bf16-mixed", limit_val_batches=0)
     tr.fit(module, tiny_data(tmp_path))
     assert seen["loss"] == torch.float32

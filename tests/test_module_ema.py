@@ -7,6 +7,7 @@ import pytest
 import torch
 from module_helpers import float_state, tiny_data, trainer
 
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 from detectkit.modules.ema import ModelEMA, ema_decay
 
@@ -52,7 +53,8 @@ def _expected_ema(init, raws, decay=0.9997):
 def test_validation_runs_on_ema_weights_and_checkpoint_resumes(tmp_path):
     torch.manual_seed(0)
     dm = tiny_data(tmp_path)
-    module = DetectionModule("yolo_nas_s", num_classes=dm.num_classes, lr=1e-3, warmup_steps=0)
+    module = DetectionModule("yolo_nas_s", num_classes=dm.num_classes,
+                             optim=OptimConfig(lr=1e-3, warmup_steps=0))
     ema, spy = ModelEMA(), Spy()
     ckpt = tmp_path / "ema.ckpt"
 
@@ -82,7 +84,8 @@ def test_validation_runs_on_ema_weights_and_checkpoint_resumes(tmp_path):
 
     # resume: raw weights come back for training, the EMA continues its ramp (step 3, 4)
     torch.manual_seed(1)
-    module2 = DetectionModule("yolo_nas_s", num_classes=dm.num_classes, lr=1e-3, warmup_steps=0)
+    module2 = DetectionModule("yolo_nas_s", num_classes=dm.num_classes,
+                              optim=OptimConfig(lr=1e-3, warmup_steps=0))
     ema2, spy2 = ModelEMA(), Spy()
     tr2 = trainer(tmp_path, [ema2, spy2], max_epochs=2, limit_train_batches=2, limit_val_batches=1)
     tr2.fit(module2, tiny_data(tmp_path), ckpt_path=str(ckpt))

@@ -59,3 +59,25 @@ def test_param_groups_no_decay_on_bias_and_norm():
     assert decay == {id(net[0].weight), id(net[3].weight)}
     assert no_decay == {id(net[0].bias), id(net[1].weight), id(net[1].bias), id(net[3].bias), id(net[4].weight), id(net[4].bias)}
     assert len(decay) + len(no_decay) == len(list(net.parameters()))
+
+
+def test_warmup_fraction_fits_the_run_length(caplog):
+    """``warmup_fraction`` sizes the warm-up to the run: 5 % of 200 steps is 10 steps, of 20 steps 1;
+    a fixed warm-up of half the run or more is reported once."""
+    from detectkit.modules import OptimConfig
+
+    for total, warm in ((200, 10), (20, 1)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = OptimConfig(lr=1.0, warmup_fraction=0.05, warmup_initial_lr=0.0).scheduler(opt, total, total // 4)
+        lrs = []
+        for _ in range(total):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert max(range(total), key=lambda i: lrs[i]) == warm - 1  # the warm-up reaches lr at its last step
+    with caplog.at_level("WARNING", logger="detectkit.modules"):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        OptimConfig(warmup_steps=1000).scheduler(opt, 400, 40)
+    assert "warm-up (1000 steps) is 250% of this run's 400 steps" in caplog.text
+    with pytest.raises(ValueError, match="warmup_epochs or warmup_fraction"):
+        OptimConfig(warmup_epochs=2, warmup_fraction=0.1)

@@ -168,9 +168,9 @@ def test_detectkit_fit_stops_with_one_line(tmp_path: Path, capsys: pytest.Captur
         "fit", "--config", str(root / "experiments" / "quickstart.yaml"),
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--data.cache_dir", str(tmp_path / "data"), "--data.image_size", "64", "--data.synthetic.size", "64",
-        "--data.synthetic.train_images", "4", "--data.synthetic.val_images", "2", "--data.batch_size", "1",
-        "--data.num_workers", "0", "--trainer.max_epochs", "3",
-        "--model.lr", "1e6", "--model.warmup_steps", "3", "--model.warmup_initial_lr", "1e-4",
+        "--data.synthetic.train_images", "4", "--data.synthetic.val_images", "2", "--data.loader.batch_size", "1",
+        "--data.loader.num_workers", "0", "--trainer.max_epochs", "3",
+        "--model.optim.lr", "1e6", "--model.optim.warmup_steps", "3", "--model.optim.warmup_initial_lr", "1e-4",
         "--trainer.callbacks+=detectkit.callbacks.NanGuard", "--trainer.callbacks.max_consecutive", "3",
     ])
     err = capsys.readouterr().err.strip().splitlines()

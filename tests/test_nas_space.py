@@ -9,8 +9,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from module_helpers import tiny_data, trainer
 
 import detectkit
-from detectkit.checkpoint import RECORD_KEY, read_checkpoint
+from detectkit.checkpoint import RECORD_KEY, read_checkpoint, strip_prefix
 from detectkit.models.yolo_nas.configs import CONFIGS, StageCfg, YoloNASConfig
+from detectkit.modules import OptimConfig
 from detectkit.nas.space import SearchSpace
 from detectkit.registry import create_model
 
@@ -89,7 +90,8 @@ def test_custom_checkpoint_loads_after_the_yaml_is_gone(tmp_path):
     path = tmp_path / "arch.yaml"
     TINY.to_yaml(path)
     dm = tiny_data(tmp_path)
-    module = DetectionModule("yolo_nas_custom", num_classes=2, model_kwargs={"arch": str(path)}, warmup_steps=1)
+    module = DetectionModule("yolo_nas_custom", num_classes=2, model_kwargs={"arch": str(path)},
+                             optim=OptimConfig(warmup_steps=1))
     t = trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], enable_checkpointing=True,
                 max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     t.fit(module, dm)
@@ -99,7 +101,15 @@ def test_custom_checkpoint_loads_after_the_yaml_is_gone(tmp_path):
     assert record["model"] == "yolo_nas_custom" and YoloNASConfig.from_dict(record["model_kwargs"]["arch"]) == TINY
     loaded = detectkit.load(ckpt)
     assert loaded.cfg == TINY and loaded.num_classes == 2
+    # by values: the recorded architecture rebuilt and the saved weights in it, not just the right shapes
+    saved = strip_prefix(read_checkpoint(ckpt)["state_dict"], "model.")
+    state = loaded.state_dict()
+    assert list(state) == list(saved)
+    for key, value in saved.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    reference = create_model("yolo_nas_custom", num_classes=2, arch=TINY.to_dict())
+    reference.load_state_dict(saved)
     x = torch.rand(1, 3, 64, 64)
-    module.model.eval()
     with torch.no_grad():
-        assert loaded(x)[1].shape == module.model(x)[1].shape
+        for got, want in zip(loaded.eval()(x), reference.eval()(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

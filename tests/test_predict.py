@@ -23,6 +23,7 @@ from detectkit.data.images import ImageReadError
 from detectkit.models.base import Detector
 from detectkit.ops import postprocess
 from detectkit.predict import ImagePrediction, Predictions, iter_source
+from detectkit.predict.sources import SourceOptions
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "fixtures" / "yolo_nas_s_parity" / "yolo_nas_s_random.pth"
@@ -43,7 +44,7 @@ def _test_image() -> np.ndarray:
 @pytest.fixture(scope="module")
 def model():
     if not WEIGHTS.is_file():
-        pytest.skip(f"shared fixtures not found at {WEIGHTS.parent} (needs ../shared next to the checkout)")
+        pytest.skip(f"shared test data absent: {WEIGHTS} (needs ../shared next to the checkout)")
     from detectkit.models.yolo_nas.weights import load_super_gradients_checkpoint
 
     sd = torch.load(WEIGHTS, map_location="cpu", weights_only=True)["net"]
@@ -239,8 +240,10 @@ def test_source_errors_are_clear(tmp_path):
     bad.write_bytes(b"not an image at all")
     with pytest.raises(ImageReadError, match="broken.jpg"):
         list(iter_source(bad))
-    with pytest.raises(TypeError, match="unsupported source type int"):
-        list(iter_source(42))
+    with pytest.raises(TypeError, match="unsupported source type float"):
+        list(iter_source(4.2))
+    with pytest.raises(ValueError, match="cannot open webcam42"):  # an int is a webcam index; none here
+        list(iter_source(42, SourceOptions(retries=0, timeout=1)))
     with pytest.raises(TypeError, match="uint8"):
         list(iter_source(np.zeros((8, 8, 3), np.float32)))
     with pytest.raises(FileNotFoundError, match="cannot download"):

@@ -16,7 +16,10 @@ from PIL import Image
 
 import detectkit
 from detectkit.cli import main
+from detectkit.data import AugmentConfig, LoaderConfig
 from detectkit.data.images import read_image
+from detectkit.modules import OptimConfig
+from detectkit.ops import PostprocessConfig
 from detectkit.predict import ImagePrediction, iter_source
 from detectkit.predict.draw import draw_boxes
 from detectkit.predict.step import no_detections_hint, suggest_conf
@@ -46,10 +49,11 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict_fit")
     torch.manual_seed(0)
     syn = SyntheticConfig(train_images=4, val_images=3, size=IMAGE, num_classes=3)
-    dm = DetectionDataModule(image_size=SIZE, batch_size=4, num_workers=0, synthetic=syn,
-                             cache_dir=str(root / "data"), mixup_prob=0.0)
-    module = DetectionModule("tiny_predict_detector", num_classes=3, class_names=dm.class_names, warmup_steps=1,
-                             lr=1e-2, predict_conf=0.02, predict_max_det=20)
+    dm = DetectionDataModule(image_size=SIZE, loader=LoaderConfig(batch_size=4, num_workers=0), synthetic=syn,
+                             cache_dir=str(root / "data"), augment=AugmentConfig(mixup_prob=0.0))
+    module = DetectionModule("tiny_predict_detector", num_classes=3, class_names=dm.class_names,
+                             optim=OptimConfig(warmup_steps=1, lr=1e-2),
+                             predict_postprocess=PostprocessConfig(conf=0.02, max_det=20))
     trainer = tiny_trainer(root, [ModelCheckpoint(dirpath=root / "ckpt", save_last=True)], 1, train_batches=1)
     trainer.fit(module, dm)
     images = sorted((root / "data").rglob("val/**/*.jpg")) or sorted((root / "data").rglob("*.jpg"))[-3:]
@@ -62,7 +66,7 @@ def test_predict_uses_the_trained_size_and_equals_predict_step(trained):
     assert model.inference.image_size == (SIZE, SIZE) and model.inference.longest is None
     from detectkit import DetectionModule
 
-    module = DetectionModule(model, num_classes=3, predict_conf=None).eval()
+    module = DetectionModule(model, num_classes=3, predict_postprocess=None).eval()
     assert module.predict_postprocess == model.inference.postprocess  # None = the model's own
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
@@ -234,7 +238,10 @@ def test_prediction_writer_rows_and_empty_hint(trained, tmp_path, caplog):
     paths = []
     for conf, name in ((None, "default"), (0.999, "strict")):
         writer = DetectionWriter(output_dir=str(tmp_path / name), save_images=False)
-        module = DetectionModule(model, num_classes=3, predict_conf=conf)
+        from detectkit.ops.nms import PostprocessConfig
+
+        post = None if conf is None else PostprocessConfig(conf=conf)
+        module = DetectionModule(model, num_classes=3, predict_postprocess=post)
         trainer = tiny_trainer(tmp_path, [writer], 1)
         with caplog.at_level("WARNING", logger="detectkit.predict.writer_callback"):
             trainer.predict(module, dm)
@@ -244,7 +251,7 @@ def test_prediction_writer_rows_and_empty_hint(trained, tmp_path, caplog):
     assert rows and sorted(r["score"] for r in rows) == pytest.approx(want, abs=1e-3)
     assert json.loads(paths[1].read_text()) == []
     hints = [r.getMessage() for r in caplog.records if "0 detections" in r.getMessage()]
-    assert len(hints) == 1 and HINT.match(hints[0]).group(4) == "--model.predict_conf"
+    assert len(hints) == 1 and HINT.match(hints[0]).group(4) == "--model.predict_postprocess.conf"
 
 
 def test_one_video_writer_for_the_cli_and_predictions_save(trained, tmp_path):

@@ -13,6 +13,7 @@ from detectkit.callbacks import PlainProgressBar
 from detectkit.callbacks.progress import format_duration
 from module_helpers import tiny_data
 
+from detectkit.modules import OptimConfig
 from detectkit.modules.detector import DetectionModule
 
 NUM = r"[-+0-9.e]+"
@@ -20,7 +21,8 @@ NUM = r"[-+0-9.e]+"
 
 def test_tiny_fit_prints_plain_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
-    module = DetectionModule(TinyDetector(num_classes=2), class_names=["a", "b"], lr=1e-3, warmup_steps=2)
+    module = DetectionModule(TinyDetector(num_classes=2), class_names=["a", "b"],
+                             optim=OptimConfig(lr=1e-3, warmup_steps=2))
     t = pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_epochs=2, logger=False,
                    enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                    limit_val_batches=1, callbacks=[PlainProgressBar(every_seconds=0, every_steps=1)])
@@ -44,3 +46,25 @@ def test_tiny_fit_prints_plain_lines(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (0, 45.4, 750, 3900, 2 * 86400 + 3 * 3600)] == ["0s", "45s", "12m30s", "1h05m", "2d03h"]
+
+
+def test_validate_test_predict_print_plain_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``detectkit validate|test|predict`` in a log: a start line, a line per batch here (every_seconds
+    ~0), and the result line; before, test and predict said nothing until the end (predict: nothing)."""
+    torch.manual_seed(0)
+    module = DetectionModule(TinyDetector(num_classes=2), class_names=["a", "b"])
+    data = tiny_data(tmp_path, n_train=2, n_val=4, batch_size=2)
+    t = pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, logger=False,
+                   enable_checkpointing=False, enable_model_summary=False,
+                   callbacks=[PlainProgressBar(every_seconds=1e-9)])
+    data.setup("validate")
+    for name, run in (("validate", t.validate), ("test", t.test), ("predict", t.predict)):
+        run(module, dataloaders=data.val_dataloader())
+        out = capsys.readouterr().out
+        assert "\r" not in out and "\x1b" not in out
+        lines = [line for line in out.strip().splitlines() if line.startswith(name)]
+        assert lines[0] == f"{name}: 2 batches", out
+        assert [re.match(rf"^{name} batch (\d)/2 \(\d+s\)$", line)[1] for line in lines[1:3]] == ["1", "2"], out
+        end = (r"^predict: 2 batches \(4 images\) in \d+s$" if name == "predict"
+               else rf"^{name}: 2 batches in \d+s: map {NUM} map_50 {NUM}")
+        assert len(lines) == 4 and re.match(end, lines[3]), out

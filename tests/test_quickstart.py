@@ -1,4 +1,4 @@
-"""``python -m detectkit.quickstart`` end to end on tiny settings: one JSON line with metrics and paths.
+"""``python -m detectkit.cli.quickstart`` end to end on tiny settings: one JSON line with metrics and paths.
 
 The full quickstart (map_50 >= 0.5 in minutes) is run by ``make quickstart``; here the same code
 path runs two training steps.
@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from detectkit.quickstart import DEFAULT_CONFIG, main
+from detectkit.cli.quickstart import DEFAULT_CONFIG, main
 
 
 def test_quickstart_prints_one_json_line(tmp_path, capsys):
     overrides = [
-        "--data.image_size=64", "--data.batch_size=2", "--data.num_workers=0",
+        "--data.image_size=64", "--data.loader.batch_size=2", "--data.loader.num_workers=0",
         "--data.synthetic.train_images=4", "--data.synthetic.val_images=2", "--data.synthetic.size=64",
         "--trainer.max_steps=2", "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
     ]

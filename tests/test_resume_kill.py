@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from detectkit.data import LoaderConfig
+from detectkit.modules import OptimConfig
+
 HERE = Path(__file__).resolve().parent
 TRAIN_IMAGES, BATCH, EPOCHS = 8, 2, 2
 STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
@@ -28,7 +31,7 @@ def train(out: Path, cache: str, kill_at: int | None = None, resume: str | None 
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from test_distributed import PlainDetector
 
-    from detectkit.checkpoint_io import AtomicCheckpointIO
+    from detectkit.checkpoint.lightning_io import AtomicCheckpointIO
     from detectkit.data import DetectionDataModule
     from detectkit.data.synthetic import SyntheticConfig
     from detectkit.modules.detector import DetectionModule
@@ -49,9 +52,9 @@ def train(out: Path, cache: str, kill_at: int | None = None, resume: str | None 
             self.batches.append([int(m["image_id"]) for m in batch["meta"]])
 
     pl.seed_everything(0, workers=True)
-    module = DetectionModule(PlainDetector(), lr=2e-3, warmup_steps=2, weight_decay=1e-4)
+    module = DetectionModule(PlainDetector(), optim=OptimConfig(lr=2e-3, warmup_steps=2, weight_decay=1e-4))
     dm = DetectionDataModule(  # augmentation on: its per-(seed, epoch, index) randomness must resume too
-        image_size=64, batch_size=BATCH, num_workers=0, cache_dir=cache,
+        image_size=64, loader=LoaderConfig(batch_size=BATCH, num_workers=0), cache_dir=cache,
         synthetic=SyntheticConfig(train_images=TRAIN_IMAGES, val_images=2, size=64, num_classes=3))
     order = Order()
     trainer = pl.Trainer(
@@ -100,14 +103,13 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> 
 
 
 def _save_big(path: str, fill: float) -> None:
-    from detectkit.checkpoint_io import AtomicCheckpointIO
+    from detectkit.checkpoint.lightning_io import AtomicCheckpointIO
 
     AtomicCheckpointIO().save_checkpoint({"fill": fill, "w": torch.full((32 * 2**20,), fill)}, path)  # 128 MB
 
 
 def test_kill_during_checkpoint_write_keeps_last_ckpt_whole(tmp_path: Path) -> None:
     last = tmp_path / "last.ckpt"
-    tmp = tmp_path / "last.ckpt.tmp"
     _save_big(str(last), 1.0)
     size = last.stat().st_size
     for _attempt in range(5):
@@ -115,6 +117,8 @@ def test_kill_during_checkpoint_write_keeps_last_ckpt_whole(tmp_path: Path) -> N
         proc = subprocess.Popen([sys.executable, __file__, "worker", "save", str(last), "2.0"], env=env)
         try:
             deadline = time.monotonic() + 120
+            # the writer's partial file: detectkit.utils.files.partial_path (last.ckpt.<pid>.tmp)
+            tmp = tmp_path / f"last.ckpt.{proc.pid}.tmp"
             while not (tmp.exists() and tmp.stat().st_size > 0) and proc.poll() is None:
                 assert time.monotonic() < deadline
                 time.sleep(0.002)

@@ -79,10 +79,9 @@ def test_a_server_that_cannot_start_says_why(tmp_path):
     """A missing checkpoint: the launcher reports the exit and the server's own error naming the file,
     instead of waiting out the start timeout."""
     missing = tmp_path / "nope.ckpt"
-    start = time.monotonic()
-    with pytest.raises(ServerNotReady, match="server exited with") as err:
-        LocalServer(missing, log_path=tmp_path / "server.log", start_timeout=120)
-    assert "nope.ckpt" in str(err.value) and time.monotonic() - start < 60
+    with pytest.raises(ServerNotReady, match="server exited with") as err:  # not "not ready within 60 s"
+        LocalServer(missing, log_path=tmp_path / "server.log", start_timeout=60)
+    assert "nope.ckpt" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------- YOLO-NAS

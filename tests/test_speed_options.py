@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from detectkit.models.base import Detector
 from detectkit.models.outputs import HeadOutput
-from detectkit.models.speed import CompiledForward, compile_options
-from detectkit.modules import DetectionModule
+from detectkit.models.speed import CompiledForward, SpeedConfig, compile_options
+from detectkit.modules import DetectionModule, OptimConfig
 from detectkit.ops.boxes import make_anchors
 
 
@@ -69,7 +69,7 @@ def _pair(name: str, **options) -> tuple[DetectionModule, DetectionModule]:
 
 @pytest.mark.parametrize("name", ["yolo_nas_s", "yolo_world_v2_s"])
 def test_channels_last_matches_contiguous(name):
-    base, fast = _pair(name, channels_last=True)
+    base, fast = _pair(name, speed=SpeedConfig(channels_last=True))
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     targets = _targets(64)
 
@@ -102,7 +102,7 @@ def test_channels_last_follows_weights_replaced_between_epochs():
     """A pruning step swaps a conv's weight for a new (NCHW) tensor in the same module; a replay swaps
     the whole model. Both are back in channels_last when the next epoch starts, and the layout
     bookkeeping never enters the checkpoint."""
-    module = DetectionModule("yolo_nas_s", num_classes=2, channels_last=True)
+    module = DetectionModule("yolo_nas_s", num_classes=2, speed=SpeedConfig(channels_last=True))
     module.run_model(torch.rand(1, 3, 64, 64))
     def a_3x3_conv() -> nn.Conv2d:
         return next(m for m in module.model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 4
@@ -145,9 +145,9 @@ class _TinyDetector(Detector):
 @pytest.mark.slow
 def test_compile_matches_eager_and_keeps_the_module_plain():
     torch.manual_seed(0)
-    base = DetectionModule(_TinyDetector(), warmup_steps=0)
-    fast = DetectionModule(copy.deepcopy(base.model), warmup_steps=0, compile={"dynamic": False},
-                           channels_last=True)
+    base = DetectionModule(_TinyDetector(), optim=OptimConfig(warmup_steps=0))
+    fast = DetectionModule(copy.deepcopy(base.model), optim=OptimConfig(warmup_steps=0),
+                           speed=SpeedConfig(compile={"dynamic": False}, channels_last=True))
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     targets = _targets(64)
 
@@ -164,7 +164,7 @@ def test_a_copy_of_a_compiled_module_runs_its_own_parameters():
     """An EMA-style deep copy compiles its own weights, never calls the original's (dynamo only:
     the wrapper logic does not depend on the inductor backend)."""
     torch.manual_seed(0)
-    fast = DetectionModule(_TinyDetector(), compile={"backend": "eager"}).eval()
+    fast = DetectionModule(_TinyDetector(), speed=SpeedConfig(compile={"backend": "eager"})).eval()
     images = torch.rand(1, 3, 32, 32)
     _, scores = fast.run_model(images)
     twin = copy.deepcopy(fast)
@@ -182,14 +182,15 @@ def test_compile_option_is_checked():
     assert compile_options(True) == {}
     assert compile_options({"mode": "reduce-overhead"}) == {"mode": "reduce-overhead"}
     with pytest.raises(ValueError, match="unknown torch.compile arguments \\['modes'\\]"):
-        DetectionModule(_TinyDetector(), compile={"modes": "max-autotune"})
+        DetectionModule(_TinyDetector(), speed=SpeedConfig(compile={"modes": "max-autotune"}))
     with pytest.raises(TypeError, match="compile must be a bool or a dict"):
         compile_options("yes")
     assert repr(copy.deepcopy(CompiledForward({"dynamic": True}))) == "CompiledForward({'dynamic': True})"
 
 
 def test_recipe_keys_reach_the_module(capsys):
-    """``model.channels_last`` / ``model.compile`` are LightningCLI keys (documented in the recipes)."""
+    """``model.speed.channels_last`` / ``model.speed.compile`` are LightningCLI keys (documented in the
+    recipes); the old flat ``--model.channels_last`` names its new place."""
     from pathlib import Path
 
     import yaml
@@ -198,9 +199,11 @@ def test_recipe_keys_reach_the_module(capsys):
 
     recipe = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(recipe), "--model.channels_last", "true", "--model.compile",
+        main(["fit", "--config", str(recipe), "--model.speed.channels_last", "true", "--model.speed.compile",
               "{dynamic: true, mode: max-autotune}", "--print_config"])
     assert e.value.code in (0, None)
     model = yaml.safe_load(capsys.readouterr().out)["model"]
-    assert model["channels_last"] is True
-    assert model["compile"] == {"dynamic": True, "mode": "max-autotune"}
+    assert model["speed"]["channels_last"] is True
+    assert model["speed"]["compile"] == {"dynamic": True, "mode": "max-autotune"}
+    assert main(["fit", "--config", str(recipe), "--model.channels_last", "true", "--print_config"]) == 1
+    assert "--model.channels_last moved to --model.speed.channels_last" in capsys.readouterr().err

@@ -27,8 +27,8 @@ def test_overlay_parses_on_quickstart(overlay: str) -> None:
     callbacks = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
     assert "lightning.pytorch.callbacks.RichProgressBar" in callbacks
     if overlay == "quickstart_mlflow.yaml":
-        assert cfg["trainer"]["logger"]["class_path"] == "detectkit.tracking.MLFlowLogger"
+        assert cfg["trainer"]["logger"]["class_path"] == "detectkit.integrations.tracking.MLFlowLogger"
         assert {"detectkit.callbacks.TrackRun", "detectkit.callbacks.LogValidationPredictions"} <= set(callbacks)
     if overlay == "quickstart_ddp.yaml":
         assert cfg["trainer"]["strategy"] == "ddp"
-        assert cfg["trainer"]["plugins"][0]["class_path"] == "detectkit.checkpoint_io.AtomicCheckpointIO"
+        assert cfg["trainer"]["plugins"][0]["class_path"] == "detectkit.checkpoint.lightning_io.AtomicCheckpointIO"

@@ -93,7 +93,7 @@ def test_fit_logs_to_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             artifacts.append((rec.artifact.type, [m.path for m in rec.artifact.manifest.contents]))
 
     # parameters: the flattened resolved CLI config, each once (Lightning's hparams not again)
-    from detectkit.tracking import flatten_config
+    from detectkit.integrations.tracking import flatten_config
 
     own_config = next((tmp_path / "run" / "detectkit-test").glob("*/config.yaml"))  # the run's own folder
     expected = {k for k, v in flatten_config(yaml.safe_load(own_config.read_text())).items() if v is not None}

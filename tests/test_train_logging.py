@@ -15,6 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from compress_helpers import TinyDetector, tiny_datamodule  # noqa: E402
 
+from detectkit.modules import OptimConfig
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -33,7 +35,8 @@ def test_fit_logs_lr_and_no_sync_dist_warning_for_train_values(tmp_path: Path, m
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    module = DetectionModule(TinyDetector(num_classes=3, cls_prior=0.2), lr=1e-3, warmup_steps=2)
+    module = DetectionModule(TinyDetector(num_classes=3, cls_prior=0.2),
+                             optim=OptimConfig(lr=1e-3, warmup_steps=2))
     logger = CSVLogger(tmp_path, name="run")
     trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1,
                          accelerator="cpu", devices=1, strategy="ddp", logger=logger, log_every_n_steps=1,

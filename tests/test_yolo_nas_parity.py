@@ -25,7 +25,7 @@ FEATURES = ["c2", "c3", "c4", "c5", "p3", "p4", "p5"]
 def fixture_dir(shared_dir):
     d = shared_dir / "fixtures" / "yolo_nas_s_parity"
     if not d.is_dir():
-        pytest.skip(f"fixture folder absent: {d}")
+        pytest.skip(f"shared test data absent: {d}")
     return d
 
 

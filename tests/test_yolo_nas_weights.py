@@ -18,7 +18,7 @@ PRIOR_BIAS = -math.log(0.99 / 0.01)  # -4.59512
 def ckpt_path(shared_dir):
     path = shared_dir / "fixtures" / "yolo_nas_s_parity" / "yolo_nas_s_random.pth"
     if not path.is_file():
-        pytest.skip(f"fixture absent: {path}")
+        pytest.skip(f"shared test data absent: {path}")
     return path
 
 
@@ -232,7 +232,7 @@ def test_pretrained_argument(ckpt_path, sg_state, tmp_path, monkeypatch):
     _assert_state_equal(model, _without_placeholders(sg_state))
     monkeypatch.setenv("DETECTKIT_WEIGHTS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="yolo_nas_s_coco.pth"):  # tag not cached, no download
-        create_model("yolo_nas_s", pretrained="coco")
+        create_model("yolo_nas_s", pretrained="coco", download=False)
     with pytest.raises(ValueError, match="not both"):
         create_model("yolo_nas_s", checkpoint=ckpt_path, pretrained="coco")
     with pytest.raises(ValueError, match="2 class_names for num_classes=80"):

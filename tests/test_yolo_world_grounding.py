@@ -118,15 +118,14 @@ def test_batch_vocabulary_positives_negatives_mask() -> None:
     assert targets.shape == (4, 6) and targets[:, 1].tolist() == [0, 1, 0, 0] and targets[3, 0] == 1
 
     enc = HashEncoder()
-    emb = small.embeddings(enc)
+    emb = small.embeddings(enc.encode)
     assert emb.shape == (2, 3, 512) and enc.calls == 1
     assert (emb[1, 2] == 0).all()
     torch.testing.assert_close(emb[1, 0], F.normalize(enc._embed(["bus"]), dim=-1)[0])
 
 
 def test_masked_vocabulary_trains_with_v8_loss() -> None:
-    losses = pytest.importorskip("detectkit.losses")
-    from detectkit import create_model
+    from detectkit import create_model, losses
 
     vocab = sample_vocabularies(
         [["dog", "cat"], ["bus"]], ["dog", "cat", "bus", "car"], num_prompts=2, seed=0
@@ -134,7 +133,7 @@ def test_masked_vocabulary_trains_with_v8_loss() -> None:
     assert vocab.mask.tolist() == [[True, True], [True, True]]
     vocab = sample_vocabularies([["dog", "cat", "car"], ["bus"]], ["dog", "cat", "bus", "car"], num_prompts=2)
     model = create_model("yolo_world_v2_s").train()
-    text = vocab.embeddings(HashEncoder())
+    text = vocab.embeddings(HashEncoder().encode)
     head = model(torch.rand(2, 3, 160, 160), text=text, text_mask=vocab.mask)
     targets = vocab.targets(
         [

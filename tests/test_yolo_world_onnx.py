@@ -45,7 +45,7 @@ def images() -> torch.Tensor:
 
 def test_baked_vocabulary_onnx(model, images, tmp_path) -> None:
     from detectkit.export.deploy import ExportConfig
-    from detectkit.models.yolo_world.export import export_baked
+    from detectkit.export.world import export_baked
 
     path = tmp_path / "world_baked.onnx"
     result = export_baked(model, path, ExportConfig(image_size=(160, 160)), sample=images)
@@ -62,7 +62,7 @@ def test_baked_vocabulary_onnx(model, images, tmp_path) -> None:
 
 
 def test_runtime_text_onnx_with_other_vocabulary_sizes(model, images, tmp_path) -> None:
-    from detectkit.models.yolo_world.export import export_runtime_text
+    from detectkit.export.world import export_runtime_text
 
     path = tmp_path / "world_text.onnx"
     result = export_runtime_text(model, path, image_size=160, num_prompts=5)

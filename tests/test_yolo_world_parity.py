@@ -14,7 +14,7 @@ from detectkit.ops.boxes import xyxy_to_cxcywh
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE = SHARED / "fixtures" / "yolo_world_s_parity"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"shared fixture folder absent: {FIXTURE}")
+pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"shared test data absent: {FIXTURE}")
 
 
 def stress_transform(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -133,3 +133,35 @@ def test_state_dict_carries_vocabulary_size() -> None:
     dst.load_state_dict(src.state_dict())
     assert dst.num_classes == 3
     torch.testing.assert_close(dst.txt_feats, src.txt_feats, rtol=0, atol=0)
+
+
+@pytest.mark.slow  # a real `detectkit fit` subprocess (about 25 s on 2 cores)
+def test_fit_without_clip_offline_is_one_line(tmp_path: Path) -> None:
+    """`detectkit fit` of a YOLO-World recipe on a machine without CLIP (offline, empty HF cache):
+    one line naming the model id, the cache folder and HF_HUB_OFFLINE; no traceback, no "internal error"."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DETECTKIT_CLIP", "HF_HUB_CACHE", "TRANSFORMERS_CACHE")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="offline")
+    recipe = Path(__file__).resolve().parents[1] / "experiments" / "yolo_world_finetune.yaml"
+    proc = subprocess.run([sys.executable, "-m", "detectkit", "fit", "--config", str(recipe), "--trainer.max_steps", "1",
+                           "--data.synthetic.train_images", "4", "--data.synthetic.val_images", "4",
+                           "--trainer.default_root_dir", str(tmp_path / "run"), "--data.cache_dir", str(tmp_path / "d")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("detectkit fit: error: ")
+    for part in ("'openai/clip-vit-base-patch32'", str(tmp_path / "hf" / "hub"), "HF_HUB_OFFLINE=1 is set",
+                 "huggingface-cli download openai/clip-vit-base-patch32", "model.text_encoder"):
+        assert part in line, line
+
+
+def test_without_transformers_names_the_text_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from detectkit.errors import UserError
+
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(UserError, match=r"CLIP openai/clip-vit-base-patch32\) needs transformers: pip install 'detectkit\[text\]'"):
+        CLIPTextEncoder()

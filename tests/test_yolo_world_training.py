@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from detectkit.data import AugmentConfig, LoaderConfig
 from detectkit.data.synthetic import SyntheticConfig, synthetic_dataset
 from detectkit.models.yolo_world.text import CLIPTextEncoder, EmbeddingsFileEncoder, TextEncoderUnavailable
 from detectkit.modules.detector import DetectionModule, param_groups
@@ -56,8 +57,9 @@ def batch(syn_root: Path) -> dict:
     """Two generated 96 px images as a training batch of the shared data pipeline."""
     from detectkit.data import DetectionDataModule
 
-    dm = DetectionDataModule(train=f"{syn_root}/train", image_size=96, batch_size=2, num_workers=0, mixup_prob=0.0,
-                             translate=0.0, scale=(1.0, 1.0), hsv_prob=0.0, flip_prob=0.0)  # fmt: skip
+    dm = DetectionDataModule(train=f"{syn_root}/train", image_size=96,
+                             loader=LoaderConfig(batch_size=2, num_workers=0),
+                             augment=AugmentConfig(mixup_prob=0.0, translate=0.0, scale=(1.0, 1.0), hsv_prob=0.0, flip_prob=0.0))  # fmt: skip
     b = next(iter(dm.train_dataloader()))
     b["images"] = b["images"].float() / 255
     return b

@@ -19,7 +19,7 @@ from detectkit.models.yolo_world.head import MASKED_LOGIT
 from detectkit.models.yolo_world.weights import load_ultralytics_state_dict
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "yolo_world_s_parity"
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"shared fixture folder absent: {FIXTURE}")
+pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"shared test data absent: {FIXTURE}")
 
 
 def stressed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from detectkit.models.yolo_world.weights import (
 )
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "yolo_world_s_parity"
-needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"shared fixture folder absent: {FIXTURE}")
+needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"shared test data absent: {FIXTURE}")
 
 # --------------------------------------------------------------------------- ultralytics key layout
 # yolov8-worldv2.yaml read as data: (from, repeats, module, args); scales (depth, width, max_channels)
@@ -227,7 +227,7 @@ def _save_pt(path: Path, payload_fn) -> None:
 @pytest.fixture(scope="module")
 def fixture_state() -> dict[str, torch.Tensor]:
     if not FIXTURE.is_dir():
-        pytest.skip(f"shared fixture folder absent: {FIXTURE}")
+        pytest.skip(f"shared test data absent: {FIXTURE}")
     return torch.load(FIXTURE / "state_dict.pt", weights_only=True)
 
 

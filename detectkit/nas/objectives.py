@@ -296,7 +296,7 @@ def run_proxy(run: ProxyRun, report: Callable[[int, float], None] | None = None)
         "map": metrics.get("map", 0.0),
         "map_50": metrics.get("map_50", 0.0),
         "epochs": trainer.current_epoch,
-        "images": int(trainer.current_epoch * trainer.num_training_batches * run.data.batch_size),
+        "images": int(trainer.current_epoch * trainer.num_training_batches * run.data.loader.batch_size),
         "image_size": run.image_size,
         "seconds": round(time.time() - start, 1),
     }

@@ -45,8 +45,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detectkit.errors import UserError
 from detectkit.nas.objectives import LatencyConfig, ProxyConfig
 from detectkit.nas.space import SearchSpace
+from detectkit.recipes import resolve as resolve_recipe
 
 # Heartbeats and stale-trial retry are what make a killed search resume; Optuna marks both
 # experimental and would warn once per worker and per call.
@@ -114,17 +116,20 @@ class SearchConfig:
         if isinstance(limit, str) and limit not in cfg.space.seeds:
             raise ValueError(f"{source}: max_latency_ms must be a number of ms or one of the seeds "
                              f"{sorted(cfg.space.seeds)}, got {limit!r}")
-        if not Path(cfg.proxy.recipe).is_file():
-            raise ValueError(f"{source}: proxy.recipe {cfg.proxy.recipe!r} not found")
+        try:  # a shipped recipe's name or a file; recorded as the file the trials train with
+            cfg.proxy.recipe = str(resolve_recipe(cfg.proxy.recipe).resolve())
+        except UserError as e:
+            raise ValueError(f"{source}: proxy.recipe {e}") from None
         return cfg
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> SearchConfig:
         import yaml
 
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"{p}: search config not found")
+        try:  # a file, or a shipped recipe's name (nas_quickstart)
+            p = resolve_recipe(path)
+        except UserError as e:
+            raise ValueError(f"search config {e}") from None
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
