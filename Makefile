@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[all]"
 	touch $(STAMP)
 
+# --max-worker-restart=0: a worker that dies fails the run at once, naming its test (tests/worker_watch.py);
+# with restarts, pytest-xdist 3.8's loadfile scheduler can wait forever after a crash (xdist #784, #1378).
 test: setup
-	DETECTKIT_STRICT_SKIPS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	DETECTKIT_STRICT_SKIPS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0
 
 # sdist + wheel into dist/ (the wheel is built from the sdist)
 wheel: setup

@@ -29,6 +29,7 @@ from detectkit.export.deploy import (
     verify_export,
 )
 from detectkit.utils.files import atomic_write
+from detectkit.utils.signal_stack import kept_signal_stack
 
 __all__ = ["F32", "RUNTIME", "export_openvino", "save_openvino", "compile_openvino", "run_openvino",
            "check_openvino"]
@@ -67,7 +68,8 @@ def compile_openvino(path: str | os.PathLike, threads: int | None = None, taps: 
     config: dict[str, object] = dict(F32)
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    return core.compile_model(model, "CPU", config)
+    with kept_signal_stack():  # OpenVINO swaps the thread's signal stack; see detectkit.utils.signal_stack
+        return core.compile_model(model, "CPU", config)
 
 
 def run_openvino(path: Path, images: np.ndarray, taps: tuple[str, ...]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
