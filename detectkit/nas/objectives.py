@@ -226,42 +226,59 @@ class ProxyConfig:
         return asdict(self)
 
 
-def fit_args(proxy: ProxyConfig, arch: YoloNASConfig, root: str | os.PathLike) -> list[str]:
-    """The LightningCLI arguments of one proxy training (the recipe + this architecture + the budget)."""
-    args = ["--config", str(proxy.recipe), *proxy.overrides,
-            "--model.model", "yolo_nas_custom",
-            "--model.model_kwargs", json.dumps({"arch": arch.to_dict()}),
-            "--trainer.max_epochs", str(proxy.epochs),
-            "--trainer.check_val_every_n_epoch", "1",
-            "--trainer.num_sanity_val_steps", "0",
-            "--trainer.default_root_dir", str(root),
-            "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false"]
-    if proxy.train_batches is not None:
-        args += ["--trainer.limit_train_batches", str(proxy.train_batches)]
-    if proxy.val_batches is not None:
-        args += ["--trainer.limit_val_batches", str(proxy.val_batches)]
+def short_fit_args(configs: Sequence[str], overrides: Sequence[str], root: str | os.PathLike,
+                   epochs: int | None = None, train_batches: int | None = None,
+                   val_batches: int | None = None) -> list[str]:
+    """The LightningCLI arguments of a short, throw-away fit of a recipe: validated every epoch,
+    no logger, progress bar or checkpoint folder of its own (``root`` is a temporary folder).
+    ``epochs`` None keeps the recipe's ``trainer.max_epochs`` (after ``overrides``). Shared by the
+    architecture search's proxy training and ``detectkit tune``'s trials."""
+    args = [a for c in configs for a in ("--config", str(c))]
+    args += [*overrides,
+             "--trainer.check_val_every_n_epoch", "1",
+             "--trainer.num_sanity_val_steps", "0",
+             "--trainer.default_root_dir", str(root),
+             "--trainer.logger", "false",
+             "--trainer.enable_progress_bar", "false",
+             "--trainer.enable_model_summary", "false"]
+    if epochs is not None:
+        args += ["--trainer.max_epochs", str(epochs)]
+    if train_batches is not None:
+        args += ["--trainer.limit_train_batches", str(train_batches)]
+    if val_batches is not None:
+        args += ["--trainer.limit_val_batches", str(val_batches)]
     return args
 
 
-class ProxyRun:
-    """One proxy training, built (model at random init, data, trainer) but not yet run: the search
-    measures the very model it will train before spending the training time."""
+def fit_args(proxy: ProxyConfig, arch: YoloNASConfig, root: str | os.PathLike) -> list[str]:
+    """The LightningCLI arguments of one proxy training (the recipe + this architecture + the budget)."""
+    arch_args = ["--model.model", "yolo_nas_custom", "--model.model_kwargs", json.dumps({"arch": arch.to_dict()})]
+    return short_fit_args([proxy.recipe], [*proxy.overrides, *arch_args], root, proxy.epochs, proxy.train_batches,
+                          proxy.val_batches)
 
-    def __init__(self, arch: YoloNASConfig, proxy: ProxyConfig, workdir: str | os.PathLike | None = None) -> None:
+
+class ShortFit:
+    """A short fit through ``detectkit fit``'s LightningCLI, built (model, data, trainer) but not yet
+    run. ``args(root)`` gives its LightningCLI arguments for the temporary folder ``root``."""
+
+    def __init__(self, args: Callable[[str], list[str]], workdir: str | os.PathLike | None = None,
+                 what: str = "recipe") -> None:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         from detectkit.cli import DetectkitCLI
 
         self._tmp = tempfile.TemporaryDirectory(dir=workdir)
+        argv = args(self._tmp.name)
         try:
-            cli = DetectkitCLI(args=fit_args(proxy, arch, self._tmp.name), run=False)
+            cli = DetectkitCLI(args=argv, run=False)
         except SystemExit as e:  # jsonargparse reports a bad recipe/override by exiting
             self._tmp.cleanup()
-            raise ValueError(f"proxy recipe {proxy.recipe} with overrides {proxy.overrides} does not parse (exit {e.code})") from None
+            raise ValueError(f"{what} does not parse (exit {e.code})") from None
+        except BaseException:
+            self._tmp.cleanup()
+            raise
         self.trainer, self.module, self.data = cli.trainer, cli.model, cli.datamodule
-        # a proxy keeps nothing on disk: the recipe's checkpoint callbacks are dropped
+        # a short fit keeps nothing on disk: the recipe's checkpoint callbacks are dropped
         self.trainer.callbacks[:] = [cb for cb in self.trainer.callbacks if not isinstance(cb, ModelCheckpoint)]
         self.image_size = int(self.data.image_size)
 
@@ -269,11 +286,20 @@ class ProxyRun:
         self._tmp.cleanup()
 
 
+class ProxyRun(ShortFit):
+    """One proxy training, built (model at random init, data, trainer) but not yet run: the search
+    measures the very model it will train before spending the training time."""
+
+    def __init__(self, arch: YoloNASConfig, proxy: ProxyConfig, workdir: str | os.PathLike | None = None) -> None:
+        super().__init__(lambda root: fit_args(proxy, arch, root), workdir,
+                         what=f"proxy recipe {proxy.recipe} with overrides {proxy.overrides}")
+
+
 def prepare_proxy(arch: YoloNASConfig, proxy: ProxyConfig, workdir: str | os.PathLike | None = None) -> ProxyRun:
     return ProxyRun(arch, proxy, workdir)
 
 
-def run_proxy(run: ProxyRun, report: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+def run_proxy(run: ShortFit, report: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train briefly; returns ``{"map", "map_50", "epochs", "images", "image_size", "seconds"}``.
 
     ``report(epoch, map)`` runs after every validation (the search's early stop raises from it).
