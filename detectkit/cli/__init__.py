@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recipes": ("list the shipped recipes (detectkit recipes NAME prints one)", "detectkit.recipes"),
     "weights": ("list published pretrained weights, or fetch one: weights list | weights download NAME", "detectkit.cli.weights"),
     "nas": ("search an architecture: nas search --config X.yaml, nas show STUDY, nas export STUDY --trial N", "detectkit.nas.commands"),
+    "tune": ("search hyperparameters (lr, warm-up, augmentation, image size) of a recipe: tune --config quickstart", "detectkit.tune.commands"),
 }
 #: the commands that are not LightningCLI subcommands (kept for callers of the old module)
 EXTRA_COMMANDS: dict[str, str] = {k: v[1] for k, v in COMMANDS.items() if v[1] != "detectkit.cli.lightning"}
