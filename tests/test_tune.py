@@ -110,3 +110,28 @@ def test_bad_input_is_one_line(tmp_path, args, message):
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert message in res.stderr and "secret" not in res.stderr
+
+
+
+
+def test_a_failed_fit_is_a_failed_trial_and_the_search_goes_on(tmp_path, monkeypatch):
+    """Every trial's fit raises after its first epoch: each is FAILED with its error, counts towards
+    n_trials, and the search ends (no endless retry) without a best recipe."""
+    from detectkit.tune.config import TuneConfig
+    from detectkit.tune.study import format_table, run_tune, trial_rows, write_best_recipe
+
+    (tmp_path / "boom_callback.py").write_text(
+        "import lightning as L\n\n\nclass Boom(L.Callback):\n"
+        "    def on_train_epoch_end(self, trainer, pl_module):\n        raise RuntimeError('loss diverged')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cfg = TuneConfig.from_dict({"study_name": "boom", "storage": f"sqlite:///{tmp_path}/studies.db", "n_trials": 2,
+                                "default_space": False, "space": {"warmup_steps": [0, 1]}})
+    lines: list[str] = []
+    overrides = [*tiny(tmp_path), "--trainer.callbacks+=boom_callback.Boom"]
+    study = run_tune(cfg, [str(ROOT / "experiments" / "quickstart.yaml")], overrides, log=lines.append)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all("loss diverged" in t.user_attrs["error"] for t in study.trials)
+    assert sum("-> failed: RuntimeError: loss diverged" in line for line in lines) == 2
+    assert "failed (RuntimeError: loss diverged)" in format_table(trial_rows(study))
+    assert write_best_recipe(study, cfg, [], []) is None

@@ -10,9 +10,12 @@ whether the trial stops there (PRUNED). The trial's value is the last epoch's va
 Several processes (machines, SLURM array tasks) share one study through its RDB storage (sqlite by
 default, PostgreSQL/MySQL for a cluster), opened by :func:`detectkit.nas.search.open_storage`
 (heartbeats: a killed worker's trial is marked FAILED and its parameters retried). ``n_trials`` is
-the study's total: complete, pruned and running trials of all workers. A trial started while the
-total is already taken by lower-numbered trials (two workers asking at once) ends at once as
-FAILED with ``user_attrs["surplus"]`` and is not shown or counted.
+the study's total: complete, pruned, running and failed-in-training trials of all workers. A trial
+whose fit fails (a diverging lr stopped by NanGuard, out of memory at a large image size) is FAILED
+with ``user_attrs["error"]`` and the search goes on; a bad recipe or override (a UserError) stops
+it. A trial started while the total is already taken by lower-numbered trials (two workers asking
+at once) ends at once as FAILED with ``user_attrs["surplus"]`` and is not shown or counted. A
+killed worker's trial (FAILED by the heartbeat check, no ``error``) does not count: it is retried.
 """
 
 from __future__ import annotations
@@ -158,16 +161,22 @@ def open_study(cfg: TuneConfig, space: Mapping[str, Range], worker: int = 0):
 
 
 def counted(study, below: int | None = None) -> int:
-    """Trials that count towards ``n_trials``: complete, pruned and running (``below``: numbered lower)."""
+    """Trials that count towards ``n_trials``: complete, pruned, running and failed in training
+    (``below``: numbered lower)."""
     from optuna.trial import TrialState
 
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
     return sum(1 for t in study.get_trials(deepcopy=False, states=states)
-               if "surplus" not in t.user_attrs and (below is None or t.number < below))
+               if "surplus" not in t.user_attrs and (t.state != TrialState.FAIL or "error" in t.user_attrs)
+               and (below is None or t.number < below))
 
 
 class Surplus(Exception):
     """This trial was started after ``n_trials`` were already taken (a race between workers)."""
+
+
+class TrialFailed(Exception):
+    """This trial's fit failed (it counts, as FAILED; the search goes on)."""
 
 
 def should_stop(trial, epoch: int, value: float, last_epoch: int) -> bool:
@@ -230,9 +239,13 @@ class Objective:
             self.log(f"{head} -> pruned after epoch {len(epochs) - 1}, map {epochs[-1]:.4f} "
                      f"({time.time() - start:.0f} s)")
             raise
+        except UserError:
+            raise  # the recipe or an override: every trial would fail the same way
         except Exception as e:
-            self.log(f"{head} -> failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
-            raise
+            error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            trial.set_user_attr("error", error)
+            self.log(f"{head} -> failed: {error} ({time.time() - start:.0f} s)")
+            raise TrialFailed(error) from e
         finally:
             run.close()
         if not epochs:
@@ -270,7 +283,7 @@ def run_tune(cfg: TuneConfig, configs: Sequence[str], overrides: Sequence[str] =
             study.stop()
 
     study.optimize(Objective(cfg, space, configs, overrides, log), n_trials=None, timeout=cfg.timeout,
-                   callbacks=[stop_at_total], catch=(Surplus,), gc_after_trial=True)
+                   callbacks=[stop_at_total], catch=(Surplus, TrialFailed), gc_after_trial=True)
     return study
 
 
@@ -287,6 +300,8 @@ def trial_rows(study) -> list[dict[str, Any]]:
         state = t.state.name.lower()
         if t.state == TrialState.PRUNED and steps:
             state = f"pruned (epoch {max(steps)})"
+        elif t.state == TrialState.FAIL:
+            state = f"failed ({t.user_attrs['error'][:80]})" if "error" in t.user_attrs else "failed (worker lost: retried)"
         rows.append({"trial": t.number, "params": dict(t.params), "map": value, "state": state})
     return rows
 
