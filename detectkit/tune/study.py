@@ -220,7 +220,11 @@ class Objective:
         def args(root: str) -> list[str]:
             return short_fit_args(self.configs, [*self.overrides, *extra], root, None, cfg.train_batches, cfg.val_batches)
 
-        run = ShortFit(args, what=f"recipe {' + '.join(self.configs)} with {' '.join([*self.overrides, *extra])}")
+        try:
+            run = ShortFit(args, what=f"recipe {' + '.join(self.configs)} with {' '.join([*self.overrides, *extra])}")
+        except Exception as e:  # the recipe or an override does not parse: the search stops (not counted)
+            trial.set_user_attr("setup_error", f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+            raise
         # a trial reports one line: no end-of-run report (table, run folder) from each fit
         run.trainer.callbacks[:] = [cb for cb in run.trainer.callbacks if type(cb).__name__ != "RunReport"]
         last = int(run.trainer.max_epochs or 1) - 1
@@ -301,7 +305,8 @@ def trial_rows(study) -> list[dict[str, Any]]:
         if t.state == TrialState.PRUNED and steps:
             state = f"pruned (epoch {max(steps)})"
         elif t.state == TrialState.FAIL:
-            state = f"failed ({t.user_attrs['error'][:80]})" if "error" in t.user_attrs else "failed (worker lost: retried)"
+            why = t.user_attrs.get("error") or t.user_attrs.get("setup_error")
+            state = f"failed ({why[:80]})" if why else "failed (worker lost: retried)"
         rows.append({"trial": t.number, "params": dict(t.params), "map": value, "state": state})
     return rows
 
