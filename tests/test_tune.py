@@ -135,3 +135,17 @@ def test_a_failed_fit_is_a_failed_trial_and_the_search_goes_on(tmp_path, monkeyp
     assert sum("-> failed: RuntimeError: loss diverged" in line for line in lines) == 2
     assert "failed (RuntimeError: loss diverged)" in format_table(trial_rows(study))
     assert write_best_recipe(study, cfg, [], []) is None
+
+
+def test_readme_tune_yaml_is_a_valid_config(tmp_path):
+    import re
+
+    from detectkit.tune.config import TuneConfig
+
+    section = (ROOT / "README.md").read_text().split("## Tune hyperparameters", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    (tmp_path / "tune.yaml").write_text(block)
+    cfg = TuneConfig.from_yaml(tmp_path / "tune.yaml")
+    space = cfg.resolved_space(128)
+    assert "scale" not in space and space["image_size"].choices == (96, 128) and space["lr"].log
+    assert cfg.n_trials == 24 and cfg.pruner.warmup_epochs == 1 and cfg.train_batches == 16

@@ -272,7 +272,8 @@ def run_tune(cfg: TuneConfig, configs: Sequence[str], overrides: Sequence[str] =
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)  # one line per trial, not Lightning's banner each time
     recipe = load_recipe(configs, overrides)
-    space = cfg.resolved_space(get_key(recipe, "data.image_size"))
+    size = get_key(recipe, "data.image_size")
+    space = cfg.resolved_space(size if isinstance(size, int) and not isinstance(size, bool) else None)
     study = open_study(cfg, space, worker)
     optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAILED, its parameters retried
     done = counted(study)
