@@ -23,9 +23,10 @@ def _epilog() -> str:
         default = f" [{p.default}]" if p.default is not None else (" [recipe size x0.75/1/1.25]" if name == "image_size" else "")
         star = "*" if p.default is not None or name == "image_size" else " "
         lines.append(f"  {star}{name:<{width}}  {p.key}: {p.help}{default}")
-    lines += ["", "Any --model.X / --data.X / --trainer.X option is passed to every trial's fit, as for detectkit fit",
-              "(epochs: --trainer.max_epochs). Several processes, machines or SLURM array tasks given the same",
-              "--storage and --study-name work on one study; --n-trials is the study's total."]
+    lines += ["", "recipe overrides: any option of the --model, --data or --trainer sections (--data.image_size=64,",
+              "--trainer.max_epochs 3: a trial's epochs) goes to every trial's fit, as for detectkit fit, and into",
+              "best.yaml. Several processes, machines or SLURM array tasks given the same --storage and",
+              "--study-name work on one study; --n-trials is the study's total."]
     return "\n".join(lines)
 
 
