@@ -33,3 +33,13 @@ def test_a_body_field_wins_over_the_query_and_unknown_query_fields_are_refused()
     assert asyncio.run(canonical_request(ctype, body, "conf=0.1"))[1] == {"conf": 0.5}
     with pytest.raises(RequestError, match="unknown form field"):
         asyncio.run(canonical_request(ctype, body, "confidence=0.1"))
+
+
+def test_an_upload_that_is_no_image_is_a_400_without_internal_details():
+    from detectkit.serve.preprocess import decode_upload
+
+    for junk in (b"not an image", bytes(range(256)) * 40):
+        with pytest.raises(RequestError) as e:
+            decode_upload(junk)
+        assert e.value.status == 400
+        assert str(e.value).startswith("not a readable image") and "0x" not in str(e.value) and "BytesIO" not in str(e.value)

@@ -49,7 +49,9 @@ def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
             w, h = header.size
     except Image.DecompressionBombError as e:
         raise RequestError(413, f"image too large to decode safely: {e}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:  # Pillow's text names our in-memory buffer object: no help to a client
+        raise RequestError(400, "not a readable image (not a format Pillow recognises: JPEG, PNG, BMP, WebP, ...)") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise RequestError(400, f"not a readable image ({e.__class__.__name__}: {e})") from None
     if w * h > max_pixels:
         raise RequestError(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} "
