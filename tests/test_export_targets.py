@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from model_helpers import spread_untrained_head  # noqa: E402
 
 from detectkit import create_model
 from detectkit.checkpoint import save_weights
@@ -32,12 +33,7 @@ SIZE = 64
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("yolo_nas_s", num_classes=3).eval()
-    with torch.no_grad():  # spread the untrained head so detections differ in score, class and box
-        for name, p in model.named_parameters():
-            if name.endswith("cls_pred.bias"):
-                p.normal_(-3.0, 1.5)
-            elif name.endswith("reg_pred.weight"):
-                p.mul_(0.1)
+    spread_untrained_head(model)
     model.class_names = ["cat", "dog", "bird"]
     model.inference = InferenceDefaults(image_size=(SIZE, SIZE), longest=None,
                                         postprocess=PostprocessConfig(conf=0.2, iou=0.6, max_det=50))

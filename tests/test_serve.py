@@ -28,6 +28,8 @@ from PIL import Image
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("litserve")
 
+from model_helpers import spread_untrained_head  # noqa: E402
+
 from detectkit import create_model  # noqa: E402
 from detectkit.checkpoint import save_weights  # noqa: E402
 from detectkit.models.base import InferenceDefaults  # noqa: E402
@@ -89,12 +91,7 @@ def test_a_server_that_cannot_start_says_why(tmp_path):
 def nas_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("yolo_nas_s", num_classes=3).eval()
-    with torch.no_grad():  # spread the untrained head so detections differ in score, class and box
-        for name, p in model.named_parameters():
-            if name.endswith("cls_pred.bias"):
-                p.normal_(-3.0, 1.5)
-            elif name.endswith("reg_pred.weight"):
-                p.mul_(0.1)
+    spread_untrained_head(model)
     model.class_names = ["cat", "dog", "bird"]
     model.category_ids = [3, 7, 11]
     model.inference = InferenceDefaults(image_size=(96, 96), longest=None,
