@@ -50,7 +50,11 @@ def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, to
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any) -> None:
-    """``load_state_dict(strict=True)`` whose error lists missing, unexpected and mis-shaped keys."""
+    """``load_state_dict(strict=True)`` whose error lists missing, unexpected and mis-shaped keys.
+    A model may first fit its optional buffers to the weights (``prepare_load(state)``)."""
+    prepare = getattr(model, "prepare_load", None)
+    if callable(prepare):
+        prepare(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -8,6 +8,13 @@ Vocabulary without text: a freshly built model holds ``num_classes`` placeholder
 ``txt_feats [K, 512]``. ``set_classes`` / ``set_text_embeddings`` replace it; loading a state
 dict with another K resizes it. Per-image vocabularies go through
 ``forward(x, text=[B,K,512], text_mask=[B,K])``.
+
+Fixed neck guide: ``set_neck_guide(emb [G,512])`` makes a fixed set of prompts (a base
+vocabulary) the only text that gates the neck, whatever prompts the head scores. The image
+features then no longer depend on the queried vocabulary, so a class's boxes and scores are
+the same whichever other classes are asked for (what k-shot new classes rely on: the base
+classes answer exactly as before). It is the persistent buffer ``guide_feats`` (absent = the
+scored prompts guide the neck, as in YOLO-World).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ class YoloWorld(Detector):
         self.neck = WorldPAN(scale, self.backbone.out_channels, text_dim)
         self.head = WorldDetectHead(self.neck.out_channels, num_classes, text_dim, BINS)
         self.register_buffer("txt_feats", placeholder_embeddings(num_classes, text_dim))
+        # fixed prompts that guide the neck (None: the scored prompts do); see set_neck_guide
+        self.register_buffer("guide_feats", None)
         self.reparameterized = False
 
     # ----------------------------------------------------------------- vocabulary
@@ -73,6 +82,19 @@ class YoloWorld(Detector):
         self.class_names = list(names) if names is not None else [str(i) for i in range(self.num_classes)]
         return self
 
+    def set_neck_guide(self, embeddings: torch.Tensor | None) -> YoloWorld:
+        """Gate the neck with the fixed prompts ``embeddings [G, 512]`` only (``None``: the scored
+        prompts guide it again). Scores of any vocabulary then use the same image features."""
+        if self.reparameterized:
+            raise RuntimeError("the vocabulary is baked in (reparameterize); build a new model to change it")
+        if embeddings is None:
+            self.guide_feats = None
+            return self
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.text_dim or embeddings.shape[0] < 1:
+            raise ValueError(f"neck guide embeddings must be [G>=1, {self.text_dim}], got {tuple(embeddings.shape)}")
+        self.guide_feats = embeddings.detach().to(self.txt_feats.device, self.txt_feats.dtype).clone()
+        return self
+
     def set_classes(self, names: Sequence[str], encoder: Any = None) -> YoloWorld:
         """Encode ``names`` with a :class:`TextEncoder` (default: local CLIP ViT-B/32) and install them."""
         from detectkit.models.yolo_world.text import default_text_encoder, encode_cached
@@ -88,11 +110,24 @@ class YoloWorld(Detector):
         if self.reparameterized:
             return self
         text = self.txt_feats
+        guide = text if self.guide_feats is None else self.guide_feats
         for layer in self.neck.attn_layers():
-            layer.attn.bake(text)
+            layer.attn.bake(guide)
         self.head.bake(text)
         self.reparameterized = True
         return self
+
+    def prepare_load(self, state_dict: Any, prefix: str = "") -> None:
+        """Give the optional ``guide_feats`` buffer the presence and shape the weights have (a
+        k-shot model carries its fixed neck guide, a plain one none), so a strict load fits."""
+        if self.reparameterized:
+            return
+        guide = state_dict.get(prefix + "guide_feats")
+        if isinstance(guide, torch.Tensor):
+            if self.guide_feats is None or self.guide_feats.shape != guide.shape:
+                self.guide_feats = torch.empty_like(guide, device=self.txt_feats.device, dtype=self.txt_feats.dtype)
+        elif self.guide_feats is not None:
+            self.guide_feats = None  # weights without a guide: the scored prompts guide the neck
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # a checkpoint trained on another vocabulary size carries its own txt_feats: adopt its K
@@ -109,6 +144,7 @@ class YoloWorld(Detector):
                 )
                 self.num_classes = incoming.shape[0]
                 self.class_names = [str(i) for i in range(self.num_classes)]
+        self.prepare_load(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     # ----------------------------------------------------------------- forward
@@ -153,8 +189,18 @@ class YoloWorld(Detector):
         """Backbone (P3, P4, P5) and neck outputs, for inspection and distillation."""
         text, text_mask = self._text_inputs(x.shape[0], text, text_mask)
         backbone = self.backbone(x)
-        neck = self.neck(backbone, text, text_mask)
+        neck = self.neck(backbone, *self._neck_text(x.shape[0], text, text_mask))
         return {"backbone": backbone, "neck": neck}
+
+    def _neck_text(
+        self, batch: int, text: torch.Tensor | None, text_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The prompts that gate the neck: the fixed guide when one is set, else the scored ones."""
+        if self.guide_feats is None or self.reparameterized:
+            return text, text_mask
+        return self.guide_feats.to(text.dtype if text is not None else self.guide_feats.dtype).unsqueeze(0).expand(
+            batch, -1, -1
+        ), None
 
     def head_forward(
         self, x: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None
@@ -162,7 +208,7 @@ class YoloWorld(Detector):
         if not torch.jit.is_tracing():  # an export trace would freeze these checks as constants
             self._check_images(x)
         text, text_mask = self._text_inputs(x.shape[0], text, text_mask)
-        feats = self.neck(self.backbone(x), text, text_mask)
+        feats = self.neck(self.backbone(x), *self._neck_text(x.shape[0], text, text_mask))
         cls_logits, reg_distri = self.head(feats, text, text_mask)
         anchors, strides = make_anchors(
             [f.shape[2:] for f in feats], self.strides, device=x.device, dtype=cls_logits.dtype
