@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 #: DetectionModule arguments that a checkpoint's weights depend on (see DetectkitCLI._parse_ckpt_path)
 ARCHITECTURE_HPARAMS = ("model", "num_classes", "class_names", "model_kwargs", "loss", "loss_kwargs", "text_encoder",
-                        "prompt_tuning")
+                        "prompt_tuning", "new_classes")
 
 
 @dataclass(frozen=True)

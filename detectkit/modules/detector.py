@@ -101,7 +101,8 @@ def param_groups(
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            decay = not (isinstance(mod, NORM_TYPES) or name == "bias")
+            # a parameter may opt out (``p.no_weight_decay = True``: YOLO-World's fixed base vocabulary)
+            decay = not (isinstance(mod, NORM_TYPES) or name == "bias" or getattr(p, "no_weight_decay", False))
             key, mult = lr_multiplier(f"{mod_name}.{name}" if mod_name else name, lr_mult or {})
             group = groups.get((key, decay))
             if group is None:
@@ -140,6 +141,10 @@ class DetectionModule(pl.LightningModule):
             encoder that turns ``class_names`` into prompts at setup (CLIP folder/hub id in the
             local cache, ``.pt`` embeddings file; default ``$DETECTKIT_CLIP`` / HF cache), and
             learning only the prompt embeddings with the detector frozen.
+        new_classes: YOLO-World k-shot: names appended as learnable embeddings to the vocabulary
+            of ``checkpoint`` (trained on the base classes), which stays fixed with the whole
+            detector, so the base classes' outputs do not change; ``class_names`` (the data) are
+            the base names then these, ``num_classes`` counts both.
         speed: :class:`~detectkit.models.speed.SpeedConfig`. ``speed.channels_last`` runs the
             detector in NHWC memory format (parameters and images); results equal the default
             within float tolerance. Faster where the convolution library prefers it (cuDNN tensor
@@ -168,6 +173,7 @@ class DetectionModule(pl.LightningModule):
         predict_postprocess: PostprocessConfig | None = None,
         text_encoder: str | None = None,
         prompt_tuning: bool = False,
+        new_classes: Sequence[str] | None = None,
         speed: SpeedConfig | None = None,
         freeze: Sequence[str] | None = None,
         **legacy: Any,
@@ -195,7 +201,8 @@ class DetectionModule(pl.LightningModule):
 
             kw = dict(model_kwargs or {})
             if num_classes is not None:
-                kw["num_classes"] = num_classes
+                # k-shot: the data counts base + new classes, the base checkpoint only the base ones
+                kw["num_classes"] = num_classes - len(new_classes or [])
             self.model = create_model(model, checkpoint=checkpoint, **kw)
         else:
             if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
@@ -205,7 +212,8 @@ class DetectionModule(pl.LightningModule):
 
         # YOLO-World: K follows class_names, prompts encoded at setup, grounding batches (else None)
         self.world = attach_world(
-            self.model, class_names, text_encoder, prompt_tuning, loss or getattr(self.model, "default_loss", "v8"), loss_kwargs
+            self.model, class_names, text_encoder, prompt_tuning, loss or getattr(self.model, "default_loss", "v8"), loss_kwargs,
+            new_classes,
         )
         #: ``model.freeze`` patterns, applied now and again each time the optimizer is built
         self.freeze = [str(p) for p in (freeze or [])]
@@ -263,7 +271,7 @@ class DetectionModule(pl.LightningModule):
             self.class_names = list(self.model.class_names)
 
     def on_fit_end(self) -> None:
-        if self.world is not None and self.world.prompt_tuning:
+        if self.world is not None and (self.world.prompt_tuning or self.world.new_classes):
             self.world.finish_prompt_tuning()
 
     # ------------------------------------------------------------------ steps

@@ -11,6 +11,13 @@ The detector only sees text embeddings; this module decides which ones:
   parameter (initialised from the encoder), everything else is frozen with BatchNorm kept in
   eval mode. The tuned embeddings stay in ``model.txt_feats``, so checkpoints, EMA,
   ``reparameterize`` and export see them like any vocabulary.
+* **New classes, k-shot** (``new_classes=[...]``): the model's vocabulary (a checkpoint trained
+  on the base classes) stays as it is and the new names are appended as learnable embeddings
+  (initialised from the encoder); everything else is frozen with BatchNorm in eval mode, the
+  base rows get no gradient and no weight decay, and the base vocabulary becomes the model's
+  fixed neck guide (``YoloWorld.set_neck_guide``). So the base classes' boxes and scores stay
+  what they were, to float tolerance, whether the base or the base + new vocabulary is asked.
+  The data's class names must be the base names followed by the new ones.
 * **Grounding batches** (``texts`` + ``text_mask`` from
   :class:`~detectkit.data.grounding.GroundingDataModule`): each image's prompts are encoded
   (per-phrase LRU cache), the model runs with ``text [B,K,512]`` + ``text_mask`` and the loss
@@ -110,6 +117,7 @@ class WorldTraining(nn.Module):
         prompt_tuning: bool = False,
         loss: str = "v8",
         loss_kwargs: dict[str, Any] | None = None,
+        new_classes: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self._model = [model]  # a plain list: the model is the LightningModule's child, not ours
@@ -125,6 +133,14 @@ class WorldTraining(nn.Module):
             raise ValueError(
                 "this YOLO-World model has its vocabulary baked in (reparameterize); train an unbaked one"
             )
+        if new_classes is not None and not list(new_classes):
+            raise ValueError("new_classes is empty: name the classes to add (model.new_classes: [name, ...])")
+        self.new_classes = list(new_classes) if new_classes is not None else None
+        #: k-shot: how many leading vocabulary rows are the fixed base classes (0: not k-shot)
+        self.num_base = 0
+        if self.new_classes is not None:
+            self._append_new_classes()
+            return
         # the names the installed embeddings encode (None: placeholder vectors, nothing encoded)
         self.vocabulary: list[str] | None = None if self._is_placeholder() else list(model.class_names)
         if self.class_names is not None and len(self.class_names) != model.num_classes:
@@ -167,6 +183,9 @@ class WorldTraining(nn.Module):
     # ------------------------------------------------------------- vocabulary
     def setup(self) -> None:
         """Encode the class names and install them, unless the vocabulary already encodes them."""
+        if self.new_classes is not None:
+            self._setup_new_classes()
+            return
         if self.class_names is None:
             if self.vocabulary is None:
                 raise ValueError(
@@ -213,9 +232,75 @@ class WorldTraining(nn.Module):
             del model._parameters["txt_feats"]
             model.register_buffer("txt_feats", feats)
 
+    # ------------------------------------------------------ new classes (k-shot)
+    def _append_new_classes(self) -> None:
+        model, new = self.model, list(self.new_classes or [])
+        if self.prompt_tuning:
+            raise ValueError("new_classes and prompt_tuning are two modes; choose one")
+        if not all(isinstance(n, str) and n for n in new) or len(set(new)) != len(new):
+            raise ValueError(f"new_classes must be distinct non-empty names, got {new!r}")
+        if model.guide_feats is not None:
+            raise ValueError("this model already learned new classes (it has a fixed neck guide); "
+                             "start k-shot from the base model")
+        if self._is_placeholder():
+            raise ValueError(
+                "new_classes appends to the base vocabulary of a trained model; this one holds placeholder "
+                "prompts (give model.checkpoint: the detector trained on the base classes)"
+            )
+        base = list(model.class_names)
+        if set(base) & set(new):
+            raise ValueError(f"new_classes {sorted(set(base) & set(new))} are already in the base vocabulary")
+        names = base + new
+        if self.class_names is not None and list(self.class_names) != names:
+            raise ValueError(
+                f"k-shot data must name the base classes then the new ones, {names}; it names {self.class_names}"
+            )
+        self.class_names = names
+        self.num_base = len(base)
+        base_feats = model.txt_feats.detach().clone()
+        model.set_neck_guide(base_feats)  # the base prompts alone gate the neck, as they did in training
+        # the new rows are encoded at setup; until then placeholders (a restored state overwrites them)
+        model.set_text_embeddings(
+            torch.cat([base_feats, placeholder_embeddings(len(new), model.text_dim).to(base_feats)]), names
+        )
+        self.vocabulary = base  # only the base rows encode their names so far
+        self._make_prompts_trainable()
+        num_base = self.num_base
+        feats = model.txt_feats
+
+        def _only_new_rows(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad[:num_base] = 0
+            return grad
+
+        feats.register_hook(_only_new_rows)
+        feats.no_weight_decay = True  # param_groups: the base rows must not decay towards zero
+
+    def _setup_new_classes(self) -> None:
+        names = self.class_names or []
+        if self.vocabulary == names:
+            return
+        new = names[self.num_base :]
+        feats = self.model.txt_feats
+        placeholder = placeholder_embeddings(len(new), feats.shape[1]).to(feats.device, feats.dtype)
+        if not torch.equal(feats[self.num_base :].detach(), placeholder):
+            # a restored state dict (resume; an EMA copy made before setup) already holds them
+            self.model.class_names = list(names)
+            self.vocabulary = list(names)
+            return
+        with torch.no_grad():
+            feats[self.num_base :].copy_(self.encoder.encode(new).to(feats.device, feats.dtype))
+        self.model.class_names = list(names)
+        self.vocabulary = list(names)
+
+    @property
+    def base_classes(self) -> list[str]:
+        """The fixed base vocabulary of a k-shot run (``[]`` otherwise)."""
+        return list((self.class_names or [])[: self.num_base])
+
     def train(self, mode: bool = True) -> WorldTraining:
         super().train(mode)
-        if self.prompt_tuning and mode:
+        if (self.prompt_tuning or self.new_classes) and mode:
             for m in self.model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
@@ -227,8 +312,10 @@ class WorldTraining(nn.Module):
         texts = batch.get("texts") if isinstance(batch, dict) else None
         if texts is None:
             return {}
-        if self.prompt_tuning:
-            raise ValueError("prompt tuning learns one fixed vocabulary; it does not take grounding batches")
+        if self.prompt_tuning or self.new_classes:
+            raise ValueError(
+                "prompt tuning and new classes learn one fixed vocabulary; they do not take grounding batches"
+            )
         mask = batch["text_mask"].to(device=device, dtype=torch.bool)
         if mask.shape[0] != len(texts) or any(int(m.sum()) != len(t) for m, t in zip(mask, texts)):
             raise ValueError("text_mask must mark exactly the first len(texts[b]) prompts of each image")
@@ -255,13 +342,15 @@ def attach_world(
     prompt_tuning: bool = False,
     loss: str = "v8",
     loss_kwargs: dict[str, Any] | None = None,
+    new_classes: Sequence[str] | None = None,
 ) -> WorldTraining | None:
     """A :class:`WorldTraining` for a YOLO-World model, ``None`` for other detectors (which
     must not be given text options)."""
     if not isinstance(model, YoloWorld):
-        if text_encoder is not None or prompt_tuning:
+        if text_encoder is not None or prompt_tuning or new_classes:
             raise ValueError(
-                f"text_encoder / prompt_tuning are YOLO-World options; {type(model).__name__} takes no prompts"
+                f"text_encoder / prompt_tuning / new_classes are YOLO-World options; "
+                f"{type(model).__name__} takes no prompts"
             )
         return None
-    return WorldTraining(model, class_names, text_encoder, prompt_tuning, loss, loss_kwargs)
+    return WorldTraining(model, class_names, text_encoder, prompt_tuning, loss, loss_kwargs, new_classes)
