@@ -223,6 +223,13 @@ class WorldTraining(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         model.txt_feats.requires_grad_(True)
+        # now, not only in train(): Lightning keeps the mode a module has when fit starts
+        self._freeze_norms()
+
+    def _freeze_norms(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
     def finish_prompt_tuning(self) -> None:
         """Turn the tuned Parameter back into the ordinary vocabulary buffer (``set_classes`` works again)."""
@@ -301,9 +308,7 @@ class WorldTraining(nn.Module):
     def train(self, mode: bool = True) -> WorldTraining:
         super().train(mode)
         if (self.prompt_tuning or self.new_classes) and mode:
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            self._freeze_norms()
         return self
 
     # --------------------------------------------------------------- batches
