@@ -17,7 +17,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-__all__ = ["likely_typos", "LONG_NAME"]
+from detectkit.data.records import Problem
+
+__all__ = ["likely_typos", "typo_problems", "LONG_NAME"]
 
 #: names this long (letters and digits) may be one edit from another and still be a typo
 LONG_NAME = 6
@@ -83,3 +85,17 @@ def likely_typos(counts: Mapping[str, int]) -> list[tuple[str, str, str]]:
             found.append((name, common, why))
             flagged.add(name)
     return found
+
+
+def typo_problems(counts: Mapping[str, int], first: Mapping[str, object], noun: str, fix: str) -> list[Problem]:
+    """One ``possible_typo`` problem per :func:`likely_typos` pair, naming the first file that spells
+    it; ``noun`` is what the format calls a name ("label", "class"), ``fix`` what the user can do."""
+    return [
+        Problem(
+            "possible_typo",
+            str(first[name]),
+            f"{noun} {name!r} names {counts[name]} object(s) and looks like a typo of {meant!r} "
+            f"({counts[meant]} objects; {why}); {fix}",
+        )
+        for name, meant, why in likely_typos(counts)
+    ]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detectkit.data.classnames import likely_typos
+from detectkit.data.classnames import typo_problems
 from detectkit.data.images import ImageReadError, image_size
 from detectkit.data.records import (
     DatasetError,
@@ -54,15 +54,7 @@ def createml_labels(paths: list[Path]) -> list[str]:
 def createml_typos(paths: list[Path]) -> list[Problem]:
     """Likely typos among the labels (see :func:`detectkit.data.classnames.likely_typos`)."""
     counts, first = createml_label_counts(paths)
-    return [
-        Problem(
-            "possible_typo",
-            str(first[name]),
-            f"label {name!r} names {counts[name]} object(s) and looks like a typo of {meant!r} "
-            f"({counts[meant]} objects; {why}); fix the label or pass the class list",
-        )
-        for name, meant, why in likely_typos(counts)
-    ]
+    return typo_problems(counts, first, "label", "fix the label or pass the class list")
 
 
 def load_createml(path: str | Path, split: str, class_names: list[str], start_id: int = 0) -> DetectionSplit:

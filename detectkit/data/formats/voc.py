@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from detectkit.data.classnames import likely_typos
+from detectkit.data.classnames import typo_problems
 from detectkit.data.images import IMAGE_EXTENSIONS, ImageReadError, image_size
 from detectkit.data.records import (
     DatasetError,
@@ -169,16 +169,7 @@ def voc_classes(root: Path, class_names: list[str] | None = None) -> tuple[list[
     if listed is not None:
         return listed[0], []
     counts, first = _object_names(root)
-    problems = [
-        Problem(
-            "possible_typo",
-            str(first[name]),
-            f"class {name!r} names {counts[name]} object(s) and looks like a typo of {meant!r} "
-            f"({counts[meant]} objects; {why}); fix the name or add a classes.txt",
-        )
-        for name, meant, why in likely_typos(counts)
-    ]
-    return sorted(counts), problems
+    return sorted(counts), typo_problems(counts, first, "class", "fix the name or add a classes.txt")
 
 
 def voc_class_order(root: Path, class_names: list[str] | None = None) -> dict[str, str]:
