@@ -96,7 +96,8 @@ def test_reparameterized_equals_prompt_path(model, x) -> None:
     ref_head = model.head_forward(x)
     ref = model.decode(ref_head)
     baked = copy.deepcopy(model).reparameterize()
-    assert isinstance(baked.head.cv4[0], torch.nn.Conv2d) and baked.head.cv4[0].out_channels == 5
+    # the scorer is composed into the embedding conv: one c_cls -> K conv, no 512-channel map
+    assert baked.head.cv3[0][-1].out_channels == 5 and isinstance(baked.head.cv4[0], torch.nn.Identity)
     assert all(layer.attn.guide.shape[0] == 5 for layer in baked.neck.attn_layers())
     baked.txt_feats.normal_()  # the baked model must not read the vocabulary any more
     head = baked.head_forward(x)

@@ -72,6 +72,28 @@ def conv_bn_kernel(
     return kernel, shift + (b - bn.running_mean) * scale
 
 
+def compose_1x1(first: nn.Conv2d, second: nn.Conv2d) -> nn.Conv2d:
+    """One conv equal to ``second(first(x))`` when ``second`` is a plain 1x1 conv (no groups,
+    stride, padding or dilation): two linear maps with nothing between them are one. Computed in
+    float64 so the composed weights round once."""
+    if second.kernel_size != (1, 1) or second.groups != 1 or second.stride != (1, 1) or second.padding != (0, 0):
+        raise ValueError(f"compose_1x1 needs a plain 1x1 second conv, got {second}")
+    if second.in_channels != first.out_channels:
+        raise ValueError(f"channel mismatch: {first.out_channels} out, {second.in_channels} in")
+    w2 = second.weight.detach().double().flatten(1)  # [C2, C1]
+    w1 = first.weight.detach().double()  # [C1, Cin, k, k]
+    b1 = first.bias.detach().double() if first.bias is not None else torch.zeros(w1.shape[0], dtype=torch.float64)
+    b2 = second.bias.detach().double() if second.bias is not None else torch.zeros(w2.shape[0], dtype=torch.float64)
+    out = nn.Conv2d(
+        first.in_channels, second.out_channels, first.kernel_size, first.stride, first.padding,
+        first.dilation, first.groups, bias=True, padding_mode=first.padding_mode,
+    ).to(first.weight.device, first.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.einsum("oc,cikl->oikl", w2, w1))
+        out.bias.copy_(w2 @ b1 + b2)
+    return out
+
+
 def fuse_conv_bn_act(module: nn.Module) -> nn.Module:
     """Fold every ConvBNAct's BN into its conv, in place; returns the module."""
     for m in module.modules():
