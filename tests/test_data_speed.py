@@ -213,6 +213,28 @@ def test_hsv_keeps_grey_grey_and_is_a_pure_function_of_the_seed():
     assert np.array_equal(random_hsv(colour, cfg, 0.0, np.random.default_rng(3)), colour)
 
 
+def test_hsv_gain_mode_follows_the_ultralytics_gains():
+    """``hsv_mode: gain`` reads hsv_h/s/v as ultralytics does: hue shifted by u_h * h * 180,
+    saturation and value multiplied by 1 + u * gain (u uniform in [-1, 1], the same draw)."""
+    import cv2
+
+    from detectkit.data.transforms import random_hsv
+
+    cfg = AugmentConfig(hsv_prob=1.0, hsv_mode="gain", hsv_h=0.015, hsv_s=0.7, hsv_v=0.4)
+    hsv = np.zeros((4, 4, 3), np.uint8)
+    hsv[..., 0], hsv[..., 1], hsv[..., 2] = 60, 100, 120  # green, mid saturation and value
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        rng.random()  # the probability draw
+        uh, us, uv = rng.uniform(-1, 1, 3)
+        out = cv2.cvtColor(random_hsv(rgb, cfg, 1.0, np.random.default_rng(seed)), cv2.COLOR_RGB2HSV)
+        want = (np.mod(60 + np.trunc(uh * 0.015 * 180), 180), 100 * (1 + us * 0.7), 120 * (1 + uv * 0.4))
+        np.testing.assert_allclose(out[0, 0].astype(float), want, atol=2)  # HSV<->RGB rounding
+    with pytest.raises(ValueError, match="hsv_mode"):
+        AugmentConfig(hsv_mode="multiply")
+
+
 def test_ram_cache_leaves_bad_images_to_the_counted_skip(tmp_path):
     """An unreadable image is not cached: reading it counts and logs the skip as without the cache."""
     root = generate_synthetic(tmp_path / "d", SyntheticConfig(train_images=4, val_images=0, size=64, seed=1))

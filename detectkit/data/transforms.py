@@ -48,6 +48,12 @@ class AugmentConfig:
     hsv_h: float = 18.0
     hsv_s: float = 30.0
     hsv_v: float = 30.0
+    #: how ``hsv_h``/``hsv_s``/``hsv_v`` are read. ``"add"``: OpenCV units added to hue (0-180),
+    #: saturation and value (0-255), the super-gradients / albumentations recipe (defaults 18/30/30).
+    #: ``"gain"``: fractions as in ultralytics / YOLOv5 recipes (``hsv_h: 0.015, hsv_s: 0.7, hsv_v:
+    #: 0.4``): hue shifted by up to ``hsv_h * 180``, saturation and value multiplied by ``1 +- gain``.
+    #: Both run through the same one lookup table, so the choice costs nothing.
+    hsv_mode: str = "add"
     flip_prob: float = 0.5
     min_box_size: float = 2.0
     min_visibility: float = 0.1
@@ -83,6 +89,8 @@ class AugmentConfig:
             raise ValueError(f"mix_pool must be 'batch' or 'dataset', got {self.mix_pool!r}")
         if not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
+        if self.hsv_mode not in ("add", "gain"):
+            raise ValueError(f"hsv_mode must be 'add' or 'gain', got {self.hsv_mode!r}")
         if self.extra_mode not in ("after", "replace"):
             raise ValueError(f"extra_mode must be 'after' or 'replace', got {self.extra_mode!r}")
         if self.extra:  # named errors (unknown transform, bad argument) when the recipe is read
@@ -232,8 +240,9 @@ def _scale_translate(
 
 
 def random_hsv(image: np.ndarray, cfg: AugmentConfig, magnitude: float, rng: np.random.Generator) -> np.ndarray:
-    """Additive HSV jitter in OpenCV units (hue wraps at 180; saturation 0 stays 0, so grey stays
-    grey) with probability ``hsv_prob``, through one lookup table."""
+    """HSV jitter (``cfg.hsv_mode``: additive OpenCV units or ultralytics-style gains; hue wraps at
+    180; saturation 0 stays 0, so grey stays grey) with probability ``hsv_prob``, through one
+    lookup table on the uint8 HSV image."""
     m = float(np.clip(magnitude, 0.0, 1.0))
     if rng.random() >= cfg.hsv_prob:
         return image
@@ -242,10 +251,15 @@ def random_hsv(image: np.ndarray, cfg: AugmentConfig, magnitude: float, rng: np.
         return image
     x = np.arange(256, dtype=np.float64)
     lut = np.empty((256, 1, 3), np.uint8)
-    lut[:, 0, 0] = np.mod(x + np.trunc(dh), 180).astype(np.uint8)
-    lut[:, 0, 1] = np.clip(np.rint(x + ds), 0, 255)
+    if cfg.hsv_mode == "gain":
+        lut[:, 0, 0] = np.mod(x + np.trunc(dh * 180), 180).astype(np.uint8)
+        lut[:, 0, 1] = np.clip(np.rint(x * (1 + ds)), 0, 255)
+        lut[:, 0, 2] = np.clip(np.rint(x * (1 + dv)), 0, 255)
+    else:
+        lut[:, 0, 0] = np.mod(x + np.trunc(dh), 180).astype(np.uint8)
+        lut[:, 0, 1] = np.clip(np.rint(x + ds), 0, 255)
+        lut[:, 0, 2] = np.clip(np.rint(x + dv), 0, 255)
     lut[0, 0, 1] = 0
-    lut[:, 0, 2] = np.clip(np.rint(x + dv), 0, 255)
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
     return cv2.cvtColor(cv2.LUT(hsv, lut, dst=hsv), cv2.COLOR_HSV2RGB)
 
