@@ -40,6 +40,11 @@ class Case:
     warmup: calls per side before timing (loader start-up, first-call allocations, compile).
     note: one line shown under the table (what exactly is compared, e.g. "eager, fused").
     min_runs: the harness never times fewer calls per side than this, whatever ``--runs`` says.
+    peer: who the other side is ("ultralytics", or "detectkit eager" where the peer cannot run here).
+    detectkit_ran / peer_ran: what each side ran, one short phrase each (shown in every row).
+    compare: ``compare(detectkit_output, peer_output) -> {name: value}`` on one call of each side
+        after the warm-up, e.g. the largest box and score difference; it raises ``AssertionError``
+        when the outputs differ beyond the case's tolerance (the row then reports the error).
     """
 
     name: str
@@ -52,6 +57,10 @@ class Case:
     note: str = ""
     min_runs: int = 1
     extra: dict = field(default_factory=dict)
+    peer: str = "ultralytics"
+    detectkit_ran: str = ""
+    peer_ran: str = ""
+    compare: Callable[[object, object], dict] | None = None
 
 
 @dataclass

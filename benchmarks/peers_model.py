@@ -1,27 +1,28 @@
-"""Model cases for bench_peers.py: YOLO-World-S v2 train step and inference, detectkit vs ultralytics.
+"""Model cases for bench_peers.py: YOLO-World-S v2 and YOLO-NAS-S, detectkit vs the peer's best path.
 
 Same graph, same weights on both sides: the random-init ultralytics ``yolov8s-worldv2`` state dict
 of the parity fixture (``../shared/fixtures/yolo_world_s_parity/state_dict.pt``) is loaded into
 ultralytics' ``WorldModel`` and into detectkit's ``yolo_world_v2_s``; both get the same 80
 L2-normalised "text" embeddings (no CLIP: ultralytics takes them as ``txt_feats``).
 
-* ``world_train*``: batch 8, 320 px, one step = forward + each side's own loss and assigner
-  (detectkit ``V8DetectionLoss``, ultralytics ``v8DetectionLoss``) on identical targets +
-  backward + AdamW step (identical param groups: no decay on norms and biases).
-  detectkit runs through ``DetectionModule.run_model`` / ``compute_loss`` with the speed options
-  named in the case (eager contiguous = the default; ``channels_last``; ``compile``).
-* ``world_infer_<size>*``: batch 1, 80 prompts, eval forward with box decoding, no NMS. Both sides
-  Conv+BN fused. detectkit additionally bakes the (unchanging) prompts into 1x1 convs
-  (``reparameterize``), the inference path it deploys; ultralytics runs its text path with the
-  given ``txt_feats``. ``_compiled``: detectkit under ``torch.compile`` (inductor, frozen weights);
-  ``_cl``: detectkit weights in channels_last (``detectkit.models.speed.set_channels_last``);
-  compile time is printed on stderr at setup and excluded from the timing.
-  ``_ort``: detectkit's deployment path: the same fused, prompt-baked model exported by
-  ``detectkit.export.deploy.export_detector`` (raw boxes/scores graph, checked against PyTorch)
-  and run by the server's ``OnnxRuntimeBackend`` with the case's thread count; ultralytics eager
-  (its default ``predict`` path). Export time is printed on stderr, not timed.
+* ``world_onnx_<size>[_b8]``: deployment inference at equal runtime: each side's OWN ONNX export in the
+  same onnxruntime, same thread count, same input. detectkit: ``export_detector`` of the deploy model
+  (vocabulary folded into the weights by ``reparameterize``: neck guides and the class branch become
+  plain convs, Conv+BN fused), raw boxes/scores, run in detectkit's ``ort_session``. ultralytics:
+  ``YOLO.export(format="onnx")`` with its defaults (onnxslim on, static shape, the text embeddings
+  constant in the graph), run in a plain ``InferenceSession`` as its ``AutoBackend`` creates it (thread
+  count set to the case's). Outputs are compared before timing (boxes in pixels, scores).
+* ``world_compiled_320``: each side's model under ``torch.compile`` (inductor with frozen weights for
+  both; ultralytics' fused model, detectkit's deploy model in channels_last).
+* ``nas_onnx_<size>``: YOLO-NAS-S, detectkit's ONNX in onnxruntime against detectkit's own eager fused
+  PyTorch: super-gradients (the peer) cannot be installed beside this stack (3.7.1 pins onnxruntime
+  1.15, onnx 1.15, numpy <= 1.23 and torchmetrics 0.8), so its export cannot run here.
+* ``world_train``: batch 8, 320 px, one step = forward + each side's own loss and assigner
+  (detectkit ``V8DetectionLoss``, ultralytics ``v8DetectionLoss``) on identical targets + backward +
+  AdamW step (identical param groups: no decay on norms and biases), both eager.
 
-ultralytics is imported only inside the ``setup_ultralytics`` functions.
+Exported files are cached in the temp folder (export time is printed on stderr, never timed).
+ultralytics is imported only inside the peer's setup functions.
 """
 
 from __future__ import annotations
@@ -107,24 +108,95 @@ def _detectkit_train(channels_last: bool = False, compile: bool = False):
     return setup
 
 
-def _detectkit_infer(size: int, compile: bool = False, channels_last: bool = False):
+def _onnx_cache() -> Path:
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "detectkit_peers_onnx_v2"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _timed_export(label: str, path: Path, export) -> Path:
+    if not path.exists():
+        t0 = time.perf_counter()
+        tmp = path.with_suffix(".tmp.onnx")
+        export(tmp)
+        tmp.replace(path)
+        print(f"  {label} ONNX export ({path.name}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return path
+
+
+def _world_detectkit_onnx(size: int) -> Path:
+    def export(tmp: Path) -> None:
+        from detectkit.export.deploy import ExportConfig, export_detector
+
+        export_detector(_detectkit_model().reparameterize().fuse().eval(), tmp, ExportConfig(image_size=size))
+
+    return _timed_export("detectkit", _onnx_cache() / f"world_s_detectkit_{size}.onnx", export)
+
+
+def _peer_session(path: Path, threads: int):
+    """An ``InferenceSession`` as ultralytics' AutoBackend makes one (default options), with the
+    case's thread count."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _world_onnx_detectkit(size: int, batch: int):
     def setup(threads: int):
+        from detectkit.export.onnx import ort_session
+
+        session = ort_session(_world_detectkit_onnx(size), threads)
+        feed = {"images": _images(batch, size).numpy()}
+        return lambda: session.run(None, feed)
+
+    return setup
+
+
+def _world_onnx_ultralytics(size: int, batch: int):
+    def setup(threads: int):
+        path = _world_ultralytics_onnx(size, batch)
+        session = _peer_session(path, threads)
+        feed = {session.get_inputs()[0].name: _images(batch, size).numpy()}
+        return lambda: session.run(None, feed)
+
+    return setup
+
+
+def compare_world(detectkit_out, peer_out) -> dict:
+    """detectkit ``(boxes xyxy [B,A,4], scores [B,A,K])`` against ultralytics ``[B, 4+K, A]``
+    (boxes as centre, size): equal within float tolerance, or AssertionError."""
+    import numpy as np
+
+    boxes, scores = detectkit_out[0], detectkit_out[1]
+    ref = np.asarray(peer_out[0]).transpose(0, 2, 1)
+    cxcy, wh = ref[..., :2], ref[..., 2:4]
+    ref_boxes = np.concatenate([cxcy - wh / 2, cxcy + wh / 2], -1)
+    box_err = float(np.abs(boxes - ref_boxes).max())
+    score_err = float(np.abs(scores - ref[..., 4:]).max())
+    if box_err > 0.05 or score_err > 1e-4:
+        raise AssertionError(f"boxes differ by {box_err:.3g} px, scores by {score_err:.3g}")
+    return {"max box diff px": box_err, "max score diff": score_err}
+
+
+def _world_compiled_detectkit(size: int):
+    def setup(threads: int):
+        import torch._inductor.config as inductor_config
+
         from detectkit.models.speed import set_channels_last
 
+        inductor_config.freezing = True  # weights become constants: folded, pre-packed for oneDNN
         model = _detectkit_model().reparameterize().fuse().eval()
-        if channels_last:
-            set_channels_last(model)
+        set_channels_last(model)
+        run = torch.compile(model, dynamic=False)
         x = _images(1, size)
-        run = model
-        if compile:
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True  # weights become constants: folded, pre-packed for oneDNN
-            run = torch.compile(model, dynamic=False)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                run(x)
-            print(f"  detectkit compile (inference {size}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            run(x)
+        print(f"  detectkit compile ({size}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
         def forward():
             with torch.no_grad():
@@ -135,27 +207,81 @@ def _detectkit_infer(size: int, compile: bool = False, channels_last: bool = Fal
     return setup
 
 
-def _detectkit_infer_ort(size: int):
+def _world_compiled_ultralytics(size: int):
     def setup(threads: int):
-        import tempfile
+        import torch._inductor.config as inductor_config
 
-        from detectkit.export.deploy import ExportConfig, export_detector
-        from detectkit.serve.backends import OnnxRuntimeBackend
-
-        model = _detectkit_model().reparameterize().fuse().eval()
-        path = Path(tempfile.mkdtemp(prefix="peers_ort_")) / f"world_s_{size}.onnx"
-        t0 = time.perf_counter()
-        export_detector(model, path, ExportConfig(image_size=size))
-        print(f"  detectkit ONNX export + check ({size}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        backend = OnnxRuntimeBackend(path, torch.device("cpu"), threads=threads)
+        inductor_config.freezing = True
+        model = _ultralytics_model().eval().fuse(verbose=False)
+        run = torch.compile(model, dynamic=False)
         x = _images(1, size)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            run(x)
+        print(f"  ultralytics compile ({size}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
         def forward():
-            return backend(x)
+            with torch.no_grad():
+                return run(x)
 
         return forward
 
     return setup
+
+
+def compare_world_torch(detectkit_out, peer_out) -> dict:
+
+    dk = [t.detach().float().numpy() for t in detectkit_out]
+    ul = peer_out[0] if isinstance(peer_out, (tuple, list)) else peer_out
+    return compare_world(dk, [ul.detach().float().numpy()])
+
+
+@functools.lru_cache(maxsize=1)
+def _nas_model():
+    from detectkit import create_model
+
+    torch.manual_seed(0)
+    return create_model("yolo_nas_s", num_classes=80).eval().fuse().eval()
+
+
+def _nas_onnx(size: int):
+    def export(tmp: Path) -> None:
+        from detectkit.export.deploy import ExportConfig, export_detector
+
+        export_detector(_nas_model(), tmp, ExportConfig(image_size=size))
+
+    def setup(threads: int):
+        from detectkit.export.onnx import ort_session
+
+        path = _timed_export("detectkit", _onnx_cache() / f"nas_s_detectkit_{size}.onnx", export)
+        session = ort_session(path, threads)
+        feed = {"images": _images(1, size).numpy()}
+        return lambda: session.run(None, feed)
+
+    return setup
+
+
+def _nas_eager(size: int):
+    def setup(threads: int):
+        model, x = _nas_model(), _images(1, size)
+
+        def forward():
+            with torch.no_grad():
+                return [t.numpy() for t in model(x)]
+
+        return forward
+
+    return setup
+
+
+def compare_same_layout(detectkit_out, peer_out) -> dict:
+    import numpy as np
+
+    box_err = float(np.abs(np.asarray(detectkit_out[0]) - np.asarray(peer_out[0])).max())
+    score_err = float(np.abs(np.asarray(detectkit_out[1]) - np.asarray(peer_out[1])).max())
+    if box_err > 0.05 or score_err > 1e-4:
+        raise AssertionError(f"boxes differ by {box_err:.3g} px, scores by {score_err:.3g}")
+    return {"max box diff px": box_err, "max score diff": score_err}
 
 
 # -------------------------------------------------------------------------------- ultralytics
@@ -192,48 +318,64 @@ def _ultralytics_train(threads: int):
     return step
 
 
-def _ultralytics_infer(size: int):
-    def setup(threads: int):
-        model = _ultralytics_model().eval()
-        model = model.fuse(verbose=False)
-        x = _images(1, size)
+def _world_ultralytics_onnx(size: int, batch: int) -> Path:
+    def export(tmp: Path) -> None:
+        import os
+        import shutil
+        import tempfile
 
-        def forward():
-            with torch.no_grad():
-                return model(x)
+        from ultralytics import YOLO
+        from ultralytics.cfg import get_cfg
 
-        return forward
+        yolo = YOLO("yolov8s-worldv2.yaml", verbose=False)
+        yolo.model = _ultralytics_model().eval()
+        yolo.model.names = {i: str(i) for i in range(NUM_PROMPTS)}
+        yolo.model.task, yolo.model.yaml_file = "detect", "yolov8s-worldv2.yaml"
+        yolo.model.args = {**vars(get_cfg()), "imgsz": size, "task": "detect", "data": None}
+        cwd = os.getcwd()
+        work = tempfile.mkdtemp(prefix="peers_ul_export_")
+        try:  # ultralytics writes next to the (virtual) weights file: keep it out of the checkout
+            os.chdir(work)
+            out = yolo.export(format="onnx", imgsz=size, batch=batch, verbose=False)
+            shutil.move(out, tmp)
+        finally:
+            os.chdir(cwd)
+            shutil.rmtree(work, ignore_errors=True)
 
-    return setup
+    return _timed_export("ultralytics", _onnx_cache() / f"world_s_ultralytics_{size}_b{batch}.onnx", export)
 
 
 def cases() -> list[Case]:
-    train_note = (f"YOLO-World-S v2 train step, batch {TRAIN_BATCH}, {TRAIN_SIZE} px: forward + own loss/assigner "
-                  "+ backward + AdamW")
     out = [
         Case("world_train", "world_train", "images", TRAIN_BATCH, _detectkit_train(), _ultralytics_train,
-             warmup=1, note=train_note + "; detectkit eager, contiguous (default)"),
-        Case("world_train_cl", "world_train", "images", TRAIN_BATCH, _detectkit_train(channels_last=True),
-             _ultralytics_train, warmup=1, note=train_note + "; detectkit eager, channels_last"),
-        Case("world_train_compiled", "world_train_compiled", "images", TRAIN_BATCH, _detectkit_train(compile=True),
-             _ultralytics_train, warmup=1, note=train_note + "; detectkit torch.compile (inductor)"),
+             warmup=1, min_runs=5,
+             detectkit_ran=f"YOLO-World-S train step, batch {TRAIN_BATCH}, {TRAIN_SIZE} px, eager, own loss",
+             peer_ran="the same step in its own WorldModel + v8DetectionLoss, eager",
+             note="forward + loss/assigner + backward + AdamW; both on the same oneDNN kernels"),
     ]
+    for size, batch in ((320, 1), (640, 1), (320, 8)):
+        name = f"world_onnx_{size}" + (f"_b{batch}" if batch > 1 else "")
+        out.append(Case(
+            name, "world_onnx", "images", batch, _world_onnx_detectkit(size, batch),
+            _world_onnx_ultralytics(size, batch), warmup=2, min_runs=10 if batch == 1 else 5,
+            compare=compare_world,
+            detectkit_ran=f"YOLO-World-S ONNX, {size} px, batch {batch}, 80-word vocabulary folded into "
+                          "the weights, onnxruntime",
+            peer_ran=f"its own ONNX export (onnxslim, text constant in the graph), {size} px, batch {batch}, "
+                     "onnxruntime",
+            note="raw decoded boxes and scores, no NMS, same input"))
+    out.append(Case(
+        "world_compiled_320", "world_compiled", "images", 1, _world_compiled_detectkit(320),
+        _world_compiled_ultralytics(320), warmup=3, min_runs=10, compare=compare_world_torch,
+        detectkit_ran="YOLO-World-S deploy model, 320 px, channels_last, torch.compile (inductor, frozen)",
+        peer_ran="its fused model, 320 px, torch.compile (inductor, frozen)",
+        note="compile time excluded (stderr)"))
     for size in (320, 640):
-        note = (f"YOLO-World-S v2 inference, batch 1, {size} px, {NUM_PROMPTS} prompts, decode, no NMS; both "
-                "Conv+BN fused; detectkit prompts baked")
-        out.append(Case(f"world_infer_{size}", "world_infer", "images", 1, _detectkit_infer(size),
-                        _ultralytics_infer(size), warmup=3, min_runs=10, note=note + ", eager"))
-        out.append(Case(f"world_infer_{size}_compiled", "world_infer_compiled", "images", 1,
-                        _detectkit_infer(size, compile=True), _ultralytics_infer(size), warmup=3, min_runs=10,
-                        note=note + "; detectkit torch.compile (inductor, frozen), ultralytics eager"))
-        out.append(Case(f"world_infer_{size}_cl", "world_infer_cl", "images", 1,
-                        _detectkit_infer(size, channels_last=True), _ultralytics_infer(size), warmup=3,
-                        min_runs=10, note=note + "; detectkit eager channels_last, ultralytics eager"))
-        out.append(Case(f"world_infer_{size}_cl_compiled", "world_infer_cl_compiled", "images", 1,
-                        _detectkit_infer(size, compile=True, channels_last=True), _ultralytics_infer(size),
-                        warmup=3, min_runs=10,
-                        note=note + "; detectkit channels_last + torch.compile (inductor, frozen), ultralytics eager"))
-        out.append(Case(f"world_infer_{size}_ort", "world_infer_ort", "images", 1, _detectkit_infer_ort(size),
-                        _ultralytics_infer(size), warmup=3, min_runs=10,
-                        note=note + "; detectkit ONNX in onnxruntime (its deploy/serve path), ultralytics eager"))
+        out.append(Case(
+            f"nas_onnx_{size}", "nas_onnx", "images", 1, _nas_onnx(size), _nas_eager(size), warmup=2,
+            min_runs=10, peer="detectkit eager", compare=compare_same_layout,
+            detectkit_ran=f"YOLO-NAS-S ONNX (RepVGG and Conv+BN fused), {size} px, onnxruntime",
+            peer_ran=f"the same fused model in eager PyTorch, {size} px (super-gradients cannot be "
+                     "installed beside this stack)",
+            note="raw boxes and scores, no NMS"))
     return out
