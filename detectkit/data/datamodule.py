@@ -34,6 +34,7 @@ from detectkit.data.formats.roboflow import fetch_roboflow
 from detectkit.data.records import DatasetError, DetectionSplit, log_problems
 from detectkit.data.synthetic import SyntheticConfig, synthetic_class_names, synthetic_dataset
 from detectkit.data.transforms import AugmentConfig
+from detectkit.utils.malloc import keep_freed_memory
 
 __all__ = ["DetectionDataModule", "LoaderConfig", "RoboflowDataModule", "EpochRelaySampler", "SeededRandomSampler"]
 
@@ -142,6 +143,7 @@ def _worker_init(worker_id: int) -> None:
     # (OpenCV is single-threaded already, set in detectkit.data before any fork: calling
     # cv2.setNumThreads here, in a forked child, is what can deadlock.)
     torch.set_num_threads(1)
+    keep_freed_memory()  # image-sized buffers stay mapped between samples (detectkit.utils.malloc)
     # Ctrl-C and a scheduler's SIGTERM reach the whole process group: a worker that died of it would
     # fail the main process's next fetch ("DataLoader worker is killed by signal") before it could
     # finish its step and save. The main process decides when to stop and shuts its workers down

@@ -24,6 +24,7 @@ from detectkit.data.images import ImageReadError, check_images, read_image_reduc
 from detectkit.data.mosaic import _resize_longest, mixup, mosaic4
 from detectkit.data.records import DatasetError, DetectionSplit, ImageRecord, log_problems
 from detectkit.data.transforms import AugmentConfig, letterbox_sample, random_affine, random_hsv
+from detectkit.utils.malloc import keep_freed_memory
 
 __all__ = ["DetectionDataset", "check_images"]
 
@@ -254,6 +255,8 @@ class DetectionDataset(Dataset):
         samples share decoded images and draw mosaic/mixup partners from the batch."""
         if not self.train or len(indices) < MIN_BATCH_POOL:
             return [self[int(i)] for i in indices]
+        if torch.utils.data.get_worker_info() is not None:  # a fresh worker: stop re-faulting its buffers
+            keep_freed_memory()
         self._batch = (np.asarray(indices, np.int64), {})
         try:
             return [self[int(i)] for i in indices]  # through the subclass's __getitem__
