@@ -341,7 +341,7 @@ def main() -> None:
     started = time.time()
     for case in cases:
         for t in threads:
-            cores = args.core if t == 1 else args.cores2
+            cores = args.core if t == 1 and case.cores == 1 else args.cores2
             print(f"running {case.name} threads={t} cores={cores} ...", file=sys.stderr, flush=True)
             row = summarize(case, run_pinned(case, t, args.runs, cores, args.timeout))
             if args.memory_calls and "error" not in row:
@@ -357,7 +357,8 @@ def main() -> None:
         minutes = (time.time() - started) / 60
         header = (
             f"`make bench-peers` ({info['machine']}, {info['cpus']} CPUs, torch {info['torch']}, ultralytics "
-            f"{info['ultralytics']}, onnxruntime {info.get('onnxruntime', '?')}; cases pinned to core {args.core}, "
+            f"{info['ultralytics']}, onnxruntime {info.get('onnxruntime', '?')}; cases pinned to core {args.core} "
+            f"(loader rows with workers to cores {args.cores2}), "
             f"{args.runs} interleaved calls per side, {minutes:.0f} min in all; load average at the end "
             f"{', '.join(f'{x:.2f}' for x in info['loadavg'] or ())}):"
         )

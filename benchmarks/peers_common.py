@@ -42,6 +42,8 @@ class Case:
     min_runs: the harness never times fewer calls per side than this, whatever ``--runs`` says.
     peer: who the other side is ("ultralytics", or "detectkit eager" where the peer cannot run here).
     detectkit_ran / peer_ran: what each side ran, one short phrase each (shown in every row).
+    cores: how many cores the case's subprocess is pinned to (``--core`` for 1, ``--cores2`` for 2),
+        e.g. 2 for data loading with workers; more torch threads than 1 also get ``--cores2``.
     compare: ``compare(detectkit_output, peer_output) -> {name: value}`` on one call of each side
         after the warm-up, e.g. the largest box and score difference; it raises ``AssertionError``
         when the outputs differ beyond the case's tolerance (the row then reports the error).
@@ -58,6 +60,7 @@ class Case:
     min_runs: int = 1
     extra: dict = field(default_factory=dict)
     peer: str = "ultralytics"
+    cores: int = 1
     detectkit_ran: str = ""
     peer_ran: str = ""
     compare: Callable[[object, object], dict] | None = None

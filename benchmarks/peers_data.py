@@ -2,7 +2,11 @@
 JPEGs, the same augmentations, the same batch size.
 
 Work: 640 px, batch 16, mosaic (p=1) + random affine (translate 0.1, scale 0.5-1.5, no rotation or
-shear, as ultralytics' defaults) + HSV + horizontal flip (p=0.5), mixup off, output uint8 batches.
+shear, as ultralytics' defaults) + HSV (ultralytics' gains 0.015 / 0.7 / 0.4 on both sides: detectkit
+with ``hsv_mode: gain``, which reads them as ultralytics does) + horizontal flip (p=0.5), mixup off,
+output uint8 batches. ultralytics' extra albumentations step (Blur, MedianBlur, ToGray, CLAHE at
+p=0.01 each, applied when albumentations is installed) is switched off: detectkit runs none of them,
+so the two sides do the same set of augmentations.
 Images: the generated dataset rendered at 640 x 480 and written as JPEG (quality 92) in the YOLO layout
 (``images/`` + ``labels/`` + ``data.yaml``), which both libraries read. Made once per machine in the temp
 dir. The ultralytics side is its own ``YOLODataset`` built by ``build_yolo_dataset`` with the same
@@ -16,9 +20,10 @@ JPEG after the first pass, i.e. measured a RAM cache. With 512 it decodes about 
 (as it does on any real dataset above the buffer), as detectkit does (one decode per sample, mosaic
 partners from the batch).
 
-With 0 workers one call loads one batch. With N workers one call is one fresh pass of ``PASS_BATCHES``
-batches, worker start included, for both sides: persistent workers of the side not being timed would
-otherwise fill their prefetch queue on the same core while the other side is timed.
+With 0 workers one call loads one batch, on one core. With N workers one call is one fresh pass over
+the whole set (an epoch: ``PASS_BATCHES`` batches, worker start and shutdown included) for both sides,
+on two cores (the main process and its workers, as a 2-core machine trains): persistent workers of
+the side not being timed would otherwise fill their prefetch queue while the other side is timed.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from peers_common import Case, Work
 SIZE = 640
 BATCH = 16
 IMAGES = 512
-PASS_BATCHES = 8  # batches per call when workers > 0: one fresh pass of 128 images, worker start included
+PASS_BATCHES = IMAGES // BATCH  # batches per call when workers > 0: one epoch, worker start included
 SEED = 0
 # shared augmentation settings (ultralytics names -> detectkit names)
 AUG = dict(
@@ -146,6 +151,10 @@ def _detectkit(workers: int, cache: str | None) -> Work:
         scale=(1 - AUG["scale"], 1 + AUG["scale"]),
         shear=AUG["shear"],
         hsv_prob=1.0,
+        hsv_mode="gain",
+        hsv_h=AUG["hsv_h"],
+        hsv_s=AUG["hsv_s"],
+        hsv_v=AUG["hsv_v"],
         flip_prob=AUG["fliplr"],
     )
     kwargs = {"cache": cache} if cache else {}
@@ -178,6 +187,13 @@ def _ultralytics(workers: int, cache: str | None) -> Work:
         )
     )
     ds = build_yolo_dataset(cfg, data["train"], BATCH, data, mode="train", rect=False, stride=32)
+    switched_off = 0
+    for t in getattr(ds.transforms, "transforms", []):  # the extras detectkit does not run: off
+        if type(t).__name__ == "Albumentations":
+            t.transform = None
+            switched_off += 1
+    if not switched_off:
+        raise RuntimeError("ultralytics' Albumentations step was not found: the cases would not be like for like")
     loader = _loader(ds, ds.collate_fn, workers)
     return _passes(loader) if workers else _cycle(loader)
 
@@ -199,8 +215,14 @@ def cases() -> list[Case]:
                     warmup=1 if workers else 2,
                     note=f"640 mosaic+affine+hsv+flip, batch {BATCH}, {workers} workers"
                     + (", RAM cache on both" if cache else ", no cache")
-                    + (f", one call = a fresh pass of {PASS_BATCHES} batches" if workers else ""),
+                    + (f", one call = a fresh epoch of {PASS_BATCHES} batches on 2 cores" if workers else ", 1 core"),
                     min_runs=3,
+                    cores=2 if workers else 1,
+                    detectkit_ran=f"DetectionDataset + DataLoader, {IMAGES} JPEGs 640x480, {SIZE} px, batch {BATCH}, "
+                    f"mosaic 1.0, translate 0.1, scale 0.5-1.5, HSV gains 0.015/0.7/0.4, flip 0.5, {workers} workers"
+                    + (", RAM cache" if cache else ""),
+                    peer_ran="its YOLODataset (build_yolo_dataset) with the same settings and collate, its "
+                    "albumentations extras off" + (", RAM cache" if cache else ""),
                 )
             )
     return out
