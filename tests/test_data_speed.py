@@ -213,6 +213,29 @@ def test_hsv_keeps_grey_grey_and_is_a_pure_function_of_the_seed():
     assert np.array_equal(random_hsv(colour, cfg, 0.0, np.random.default_rng(3)), colour)
 
 
+@pytest.mark.parametrize("scale", [0.5, 1.4])
+def test_colour_inside_the_warp_touches_the_image_not_the_padding(scale):
+    """The HSV jitter runs inside the axis-aligned warp (on the smaller of crop and patch): the
+    image part gets it, the padding keeps pad_value (as the letterbox padding at inference)."""
+    from detectkit.data.transforms import random_affine
+
+    cfg = AugmentConfig(translate=0.0, scale=(scale, scale), flip_prob=0.0)
+    img = np.full((64, 64, 3), 40, np.uint8)
+    calls = []
+
+    def colour(x):
+        calls.append(x.shape)
+        return 255 - x
+
+    out, _, _ = random_affine(img, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), cfg, 1.0,
+                              np.random.default_rng(0), colour=colour)
+    assert len(calls) == 1 and calls[0][0] * calls[0][1] <= 64 * 64 * min(scale, 1 / scale) ** 2 + 2 * 64
+    inside = out[16:48, 16:48] if scale < 1 else out
+    assert (inside == 215).all()
+    if scale < 1:  # a 32 px image centred in 64: the rest is padding, untouched
+        assert (out[:10] == cfg.pad_value).all() and (out[:, -10:] == cfg.pad_value).all()
+
+
 def test_hsv_gain_mode_follows_the_ultralytics_gains():
     """``hsv_mode: gain`` reads hsv_h/s/v as ultralytics does: hue shifted by u_h * h * 180,
     saturation and value multiplied by 1 + u * gain (u uniform in [-1, 1], the same draw)."""

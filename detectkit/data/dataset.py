@@ -304,13 +304,16 @@ class DetectionDataset(Dataset):
             img, boxes, labels, used, info = single(index)
         # the flip is decided first and folded into each warp (it commutes with the blend and HSV)
         flip = bool(rng.random() < cfg.flip_prob)
-        img, boxes, labels = random_affine(img, boxes, labels, cfg, magnitude, rng, flip)
-        if mix and rng.random() < cfg.mixup_prob:
+        blend = mix and rng.random() < cfg.mixup_prob
+        # without a blend the HSV jitter runs inside the warp, on the image part only (not the padding)
+        colour = None if blend else (lambda im: random_hsv(im, cfg, magnitude, rng))
+        img, boxes, labels = random_affine(img, boxes, labels, cfg, magnitude, rng, flip, colour)
+        if blend:
             o_img, o_boxes, o_labels, _, _ = single(self._partners(rng, 1)[0])
             o = random_affine(o_img, o_boxes, o_labels, cfg, magnitude, rng, flip)
             img, boxes, labels = mixup((img, boxes, labels), o)
             applied["mixup"] = True
-        img = random_hsv(img, cfg, magnitude, rng)
+            img = random_hsv(img, cfg, magnitude, rng)
         if cfg.extra:
             img, boxes, labels = self._user_pipeline(img, boxes, labels, rng)
         return img, boxes, labels, used, info, applied

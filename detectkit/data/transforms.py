@@ -13,6 +13,7 @@ Validation: :func:`detectkit.data.letterbox.letterbox` (the one letterbox), cent
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -181,14 +182,20 @@ def random_affine(
     magnitude: float,
     rng: np.random.Generator,
     flip: bool = False,
+    colour: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random affine (+ optional flip) of a square image in one warp; boxes follow and are filtered."""
+    """Random affine (+ optional flip) of a square image in one warp; boxes follow and are filtered.
+
+    ``colour`` is a per-pixel colour transform (the HSV jitter) done inside the warp: for an
+    axis-aligned warp on whichever is smaller, the visible source crop (zoomed in) or the resized
+    patch (zoomed out), so it never runs on the padding, which keeps ``pad_value`` as the
+    letterbox padding at inference does; after a general warp, on the whole output."""
     size = image.shape[0]
     if image.shape[1] != size:
         raise ValueError(f"random_affine needs a square image, got {image.shape[:2]}")
     mat = sample_affine(cfg, magnitude, rng, size, flip)
     if mat[0, 1] == 0 and mat[1, 0] == 0:  # no rotation or shear (the default recipe)
-        return _scale_translate(image, boxes, labels, mat, cfg)
+        return _scale_translate(image, boxes, labels, mat, cfg, colour)
     # cv2 maps pixel centres; the matrix maps pixel edges: shift by half a pixel on both sides
     half = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
     centres = (np.linalg.inv(half) @ np.vstack([mat, [0, 0, 1]]) @ half)[:2]
@@ -200,12 +207,19 @@ def random_affine(
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=(cfg.pad_value,) * 3,
     )
+    if colour is not None:
+        out = colour(out)
     b, lab = filter_boxes(warp_boxes(boxes, mat), labels, size, cfg)
     return out, b, lab
 
 
 def _scale_translate(
-    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, mat: np.ndarray, cfg: AugmentConfig
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    mat: np.ndarray,
+    cfg: AugmentConfig,
+    colour: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An axis-aligned affine (scale, translation, flip) as ONE resize of the visible source crop
     pasted into the padded output: a separable resize costs a fraction of a general warpAffine.
@@ -225,7 +239,15 @@ def _scale_translate(
         s1 = min(size, int(np.ceil((d1 - shift) / scale)))
         spans.append((d0, d1, s0, max(s1, s0 + 1)))
     (dx0, dx1, sx0, sx1), (dy0, dy1, sy0, sy1) = spans
-    patch = cv2.resize(image[sy0:sy1, sx0:sx1], (dx1 - dx0, dy1 - dy0), interpolation=cv2.INTER_LINEAR)
+    crop = image[sy0:sy1, sx0:sx1]
+    # colour on the smaller of the source crop and the patch: same pixels up to the interpolation
+    # order, and on average ~40% fewer of them at scales 0.5-1.5 than on the whole output
+    early = colour is not None and (sx1 - sx0) * (sy1 - sy0) <= (dx1 - dx0) * (dy1 - dy0)
+    if early:
+        crop = colour(crop)
+    patch = cv2.resize(crop, (dx1 - dx0, dy1 - dy0), interpolation=cv2.INTER_LINEAR)
+    if colour is not None and not early:
+        patch = colour(patch)
     if flip:
         out[dy0:dy1, size - dx1 : size - dx0] = cv2.flip(patch, 1)
     else:
