@@ -16,7 +16,7 @@ PEERS_BIN := $(PEERS)/bin
 PEERS_STAMP := $(PEERS)/.installed
 PEERS_ARGS ?=
 
-.PHONY: setup test wheel wheel-check quickstart bench bench-peers bench-recipe lint clean
+.PHONY: setup test wheel wheel-check quickstart bench bench-peers bench-recipe bench-gpu lint clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,13 @@ bench-peers: $(PEERS_STAMP)
 RECIPE_ARGS ?=
 bench-recipe: setup $(PEERS_STAMP)
 	YOLO_OFFLINE=1 $(BIN)/python benchmarks/bench_recipe.py $(RECIPE_ARGS)
+
+# One lent GPU in one call (about 10 minutes at most): train step img/s + MFU, TensorRT FP16/INT8
+# latency, serve throughput; a table and one JSON line (results in benchmarks/gpu_results).
+# Check it on a CPU first in under a minute: make bench-gpu GPU_ARGS=--dry-run
+GPU_ARGS ?=
+bench-gpu: setup
+	PYTHON=$(BIN)/python bash benchmarks/gpu_suite.sh $(GPU_ARGS)
 
 # ruff, then the layer contracts of docs/architecture.md ([tool.importlinter] in pyproject.toml)
 lint: setup
