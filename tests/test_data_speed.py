@@ -72,6 +72,11 @@ def test_mosaic_window_equals_cropped_canvas():
         img, _, _ = mosaic4(samples, size, np.random.default_rng(trial))
         ref_img, _ = _mosaic_reference(samples, size, np.random.default_rng(trial))
         np.testing.assert_array_equal(img, ref_img, err_msg=f"trial {trial}")
+        # built in a reused scratch buffer full of the last sample's pixels: every pixel is rewritten
+        scratch = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        again, _, _ = mosaic4(samples, size, np.random.default_rng(trial), out=scratch)
+        assert again is scratch
+        np.testing.assert_array_equal(again, ref_img, err_msg=f"trial {trial}, reused buffer")
 
 
 def test_mosaic_box_lands_on_its_pixels():

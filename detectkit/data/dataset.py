@@ -298,7 +298,11 @@ class DetectionDataset(Dataset):
             others = self._partners(rng, 3)
             parts = [self._load_train(int(j)) for j in (index, *others)]
             used, info = parts[0][0], None
-            img, boxes, labels = mosaic4([p[1:4] for p in parts], size, rng, cfg.pad_value, cfg.min_visibility)
+            # the window is built in this process's scratch buffer: random_affine below always writes a
+            # new image from it (nothing returned or kept refers to it), so no canvas per sample
+            img, boxes, labels = mosaic4([p[1:4] for p in parts], size, rng, cfg.pad_value, cfg.min_visibility,
+                                         out=getattr(self, "_mosaic_buf", None))
+            self._mosaic_buf = img
             applied["mosaic"] = True
         else:
             img, boxes, labels, used, info = single(index)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from detectkit.data.transforms import pad_outside
+
 __all__ = ["mosaic4", "mixup"]
 
 
@@ -25,9 +27,14 @@ def mosaic4(
     rng: np.random.Generator,
     pad_value: int = 114,
     min_visibility: float = 0.1,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Four (image, boxes xyxy, labels) around a random centre of a 2S canvas, then the S x S
-    window around that centre: every tile shows, objects keep their scale (YOLOX-style)."""
+    window around that centre: every tile shows, objects keep their scale (YOLOX-style).
+
+    ``out``: an S x S x 3 uint8 buffer to build the window in (and return), e.g. one scratch
+    buffer reused for every sample of a worker when the next step copies out of it anyway; only
+    the parts no tile covers are padded."""
     if len(samples) != 4:
         raise ValueError(f"mosaic4 needs 4 samples, got {len(samples)}")
     s = size
@@ -35,7 +42,10 @@ def mosaic4(
     ox, oy = xc - s // 2, yc - s // 2  # the S x S output window inside the (virtual) 2S canvas
     # Tiles are copied straight into the window: no 2S x 2S canvas is filled and cropped (4x the
     # memory traffic); the pixels are the same as cropping that canvas.
-    out = np.full((s, s, 3), pad_value, np.uint8)
+    if out is None or out.shape != (s, s, 3) or out.dtype != np.uint8:
+        out = np.empty((s, s, 3), np.uint8)
+    cx, cy = xc - ox, yc - oy  # the centre in window coordinates; tile k fills part of quadrant k
+    quadrants = ((0, 0, cx, cy), (cx, 0, s, cy), (0, cy, cx, s), (cx, cy, s, s))
     all_boxes, all_labels = [], []
     for k, (img, boxes, labels) in enumerate(samples):
         img, r = _resize_longest(img, s)
@@ -55,6 +65,7 @@ def mosaic4(
             sx1, sy1 = 0, 0
         # the part of the tile inside the window
         vx1, vy1, vx2, vy2 = max(x1, ox), max(y1, oy), min(x2, ox + s), min(y2, oy + s)
+        pad_outside(out, quadrants[k], (vx1 - ox, vy1 - oy, vx2 - ox, vy2 - oy), pad_value)
         if vx2 > vx1 and vy2 > vy1:
             out[vy1 - oy : vy2 - oy, vx1 - ox : vx2 - ox] = img[
                 sy1 + vy1 - y1 : sy1 + vy2 - y1, sx1 + vx1 - x1 : sx1 + vx2 - x1

@@ -32,6 +32,7 @@ __all__ = [
     "random_affine",
     "random_hsv",
     "letterbox_sample",
+    "pad_outside",
 ]
 
 
@@ -119,6 +120,21 @@ class AugmentConfig:
 # box filtering rules (min size, min visibility, max aspect ratio, clipping) and the HSV semantics
 # (OpenCV units, hue wraps at 180, grey pixels keep saturation 0) are albumentations' as configured
 # before; tests check boxes land where the matrix says and the pixels follow.
+
+
+def pad_outside(out: np.ndarray, area: tuple[int, int, int, int], keep: tuple[int, int, int, int], value: int) -> None:
+    """Fill ``area`` (x1, y1, x2, y2) of ``out`` with ``value`` except the rectangle ``keep`` inside
+    it (empty allowed), in at most four strips: padding written once, never under pixels that the
+    caller writes anyway."""
+    ax1, ay1, ax2, ay2 = area
+    kx1, ky1, kx2, ky2 = keep
+    if kx2 <= kx1 or ky2 <= ky1:
+        out[ay1:ay2, ax1:ax2] = value
+        return
+    out[ay1:ky1, ax1:ax2] = value
+    out[ky2:ay2, ax1:ax2] = value
+    out[ky1:ky2, ax1:kx1] = value
+    out[ky1:ky2, kx2:ax2] = value
 
 
 def sample_affine(
@@ -226,7 +242,7 @@ def _scale_translate(
     The crop and paste are snapped to whole pixels, so the applied map differs from ``mat`` by
     under a pixel; boxes go through the map actually applied, so they stay exact."""
     size = image.shape[0]
-    out = np.full((size, size, 3), cfg.pad_value, np.uint8)
+    out = np.empty((size, size, 3), np.uint8)
     sx, tx, sy, ty = mat[0, 0], mat[0, 2], mat[1, 1], mat[1, 2]
     flip = sx < 0
     spans = []
@@ -234,6 +250,7 @@ def _scale_translate(
         # unflipped: dst = scale * src + shift; visible dst part, then the src part that fills it
         d0, d1 = max(0, round(shift)), min(size, round(scale * size + shift))
         if d1 - d0 < 1:
+            out.fill(cfg.pad_value)
             return out, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
         s0 = max(0, int(np.floor((d0 - shift) / scale)))
         s1 = min(size, int(np.ceil((d1 - shift) / scale)))
@@ -248,8 +265,10 @@ def _scale_translate(
     patch = cv2.resize(crop, (dx1 - dx0, dy1 - dy0), interpolation=cv2.INTER_LINEAR)
     if colour is not None and not early:
         patch = colour(patch)
+    x0 = size - dx1 if flip else dx0
+    pad_outside(out, (0, 0, size, size), (x0, dy0, x0 + dx1 - dx0, dy1), cfg.pad_value)
     if flip:
-        out[dy0:dy1, size - dx1 : size - dx0] = cv2.flip(patch, 1)
+        out[dy0:dy1, x0 : x0 + dx1 - dx0] = cv2.flip(patch, 1)
     else:
         out[dy0:dy1, dx0:dx1] = patch
     # the map applied: edge x -> dx0 + (x - sx0) * kx (then mirrored when flipped)
