@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 PEERS     := .venv-peers
 PEERS_BIN := $(PEERS)/bin
 PEERS_STAMP := $(PEERS)/.installed
-PEERS_ARGS ?=
+PEERS_ARGS ?= --readme README.md
 
 .PHONY: setup test wheel wheel-check quickstart bench bench-peers bench-recipe bench-gpu lint clean
 
@@ -48,12 +48,13 @@ bench: setup
 $(PEERS_STAMP): pyproject.toml setup.py constraints.txt
 	$(PY) -m venv $(PEERS)
 	$(PEERS_BIN)/pip install -q --upgrade setuptools wheel -c constraints.txt
-	$(PEERS_BIN)/pip install -q -c constraints.txt -e ".[all]" ultralytics
+	$(PEERS_BIN)/pip install -q -c constraints.txt -e ".[all]" ultralytics onnxslim
 	touch $(PEERS_STAMP)
 
 $(PEERS): $(PEERS_STAMP)
 
-# Side by side, interleaved, pinned: make bench-peers PEERS_ARGS="--only data --runs 10"
+# Side by side, interleaved, pinned; rewrites the README table: make bench-peers
+# (a subset, README untouched: make bench-peers PEERS_ARGS="--only data --runs 10")
 bench-peers: $(PEERS_STAMP)
 	YOLO_OFFLINE=1 $(PEERS_BIN)/python benchmarks/bench_peers.py $(PEERS_ARGS)
 
