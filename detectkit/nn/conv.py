@@ -78,6 +78,8 @@ def compose_1x1(first: nn.Conv2d, second: nn.Conv2d) -> nn.Conv2d:
     float64 so the composed weights round once."""
     if second.kernel_size != (1, 1) or second.groups != 1 or second.stride != (1, 1) or second.padding != (0, 0):
         raise ValueError(f"compose_1x1 needs a plain 1x1 second conv, got {second}")
+    if first.groups != 1:  # the composition mixes every group's channels: no longer a grouped conv
+        raise ValueError(f"compose_1x1 needs an ungrouped first conv, got groups={first.groups}")
     if second.in_channels != first.out_channels:
         raise ValueError(f"channel mismatch: {first.out_channels} out, {second.in_channels} in")
     w2 = second.weight.detach().double().flatten(1)  # [C2, C1]
