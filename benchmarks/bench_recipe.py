@@ -92,14 +92,14 @@ def _read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def detectkit_curve(results_csv: str | os.PathLike) -> Curve:
-    """detectkit's results.csv (0-based ``epoch``, per-epoch ``epoch_time`` seconds, ``val/map*``)."""
+    """detectkit's results.csv (1-based ``epoch``, per-epoch ``epoch_time`` seconds, ``val/map*``)."""
     out: Curve = []
     wall = 0.0
     for row in _read_csv(results_csv):
         if not row.get("val/map"):
             continue
         wall += float(row.get("epoch_time") or 0.0)
-        out.append({"epoch": int(row["epoch"]) + 1, "wall_s": wall, "map_50": float(row["val/map_50"]),
+        out.append({"epoch": int(row["epoch"]), "wall_s": wall, "map_50": float(row["val/map_50"]),
                     "map": float(row["val/map"])})
     return out
 
