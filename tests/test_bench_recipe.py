@@ -84,8 +84,9 @@ def test_the_scorer_gives_perfect_shifted_and_missing_predictions_their_map(conv
 
 def test_both_tools_curves_are_read_one_based_with_cumulative_time(tmp_path):
     dk = tmp_path / "dk.csv"
-    dk.write_text("epoch,step,train/loss,val/map,val/map_50,epoch_time\n0,20,3.1,0.01,0.05,100\n"
-                  "1,40,2.9,,,\n1,40,2.8,0.02,0.10,110\n")
+    # detectkit's results.csv numbers epochs from 1, as its progress lines do (both tools agree)
+    dk.write_text("epoch,step,train/loss,val/map,val/map_50,epoch_time\n1,20,3.1,0.01,0.05,100\n"
+                  "2,40,2.9,,,\n2,40,2.8,0.02,0.10,110\n")
     ul = tmp_path / "ul.csv"
     ul.write_text("epoch,time,metrics/mAP50(B),metrics/mAP50-95(B)\n1,90.5,0.2,0.07\n2,185,0.3,0.12\n")
     dk_curve = bench_recipe.detectkit_curve(dk)
