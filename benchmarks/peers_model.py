@@ -182,55 +182,45 @@ def compare_world(detectkit_out, peer_out) -> dict:
     return {"max box diff px": box_err, "max score diff": score_err}
 
 
+def _compiled_forward(label: str, model: torch.nn.Module, size: int):
+    """``model`` under torch.compile (inductor, weights frozen as constants: folded and pre-packed for
+    oneDNN), compiled on the first call (printed, untimed); returns the timed forward."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    run = torch.compile(model, dynamic=False)
+    x = _images(1, size)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        run(x)
+    print(f"  {label} compile ({size}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    def forward():
+        with torch.no_grad():
+            return run(x)
+
+    return forward
+
+
 def _world_compiled_detectkit(size: int):
     def setup(threads: int):
-        import torch._inductor.config as inductor_config
-
         from detectkit.models.speed import set_channels_last
 
-        inductor_config.freezing = True  # weights become constants: folded, pre-packed for oneDNN
         model = _detectkit_model().reparameterize().fuse().eval()
         set_channels_last(model)
-        run = torch.compile(model, dynamic=False)
-        x = _images(1, size)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            run(x)
-        print(f"  detectkit compile ({size}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-        def forward():
-            with torch.no_grad():
-                return run(x)
-
-        return forward
+        return _compiled_forward("detectkit", model, size)
 
     return setup
 
 
 def _world_compiled_ultralytics(size: int):
     def setup(threads: int):
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
-        model = _ultralytics_model().eval().fuse(verbose=False)
-        run = torch.compile(model, dynamic=False)
-        x = _images(1, size)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            run(x)
-        print(f"  ultralytics compile ({size}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-        def forward():
-            with torch.no_grad():
-                return run(x)
-
-        return forward
+        return _compiled_forward("ultralytics", _ultralytics_model().eval().fuse(verbose=False), size)
 
     return setup
 
 
 def compare_world_torch(detectkit_out, peer_out) -> dict:
-
     dk = [t.detach().float().numpy() for t in detectkit_out]
     ul = peer_out[0] if isinstance(peer_out, (tuple, list)) else peer_out
     return compare_world(dk, [ul.detach().float().numpy()])
