@@ -23,13 +23,15 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_yolo_world import _time  # noqa: E402  (the one timing loop of these scripts)
 
 
 def conv_flops(model: torch.nn.Module, size: int) -> float:
@@ -76,7 +78,6 @@ def ort_profile(path: Path, size: int, runs: int) -> tuple[dict[str, float], flo
 
 def gemm_gflops(n: int = 2048, runs: int = 5) -> dict[str, float]:
     """FP32 n x n x n matrix multiply rate, 1 thread: onnxruntime's MatMul (MLAS) and torch."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -92,18 +93,11 @@ def gemm_gflops(n: int = 2048, runs: int = 5) -> dict[str, float]:
     opts.intra_op_num_threads = 1
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del onnx
     flops = 2.0 * n**3
     out = {}
     for name, fn in (("onnxruntime", lambda: session.run(None, {"a": a, "b": b})),
                      ("torch", lambda ta=torch.from_numpy(a), tb=torch.from_numpy(b): ta @ tb)):
-        fn()
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        out[name] = flops / min(times) / 1e9
+        out[name] = flops / min(_time(fn, warmup=1, runs=runs)) / 1e9
     return out
 
 

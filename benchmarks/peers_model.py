@@ -166,20 +166,26 @@ def _world_onnx_ultralytics(size: int, batch: int):
     return setup
 
 
-def compare_world(detectkit_out, peer_out) -> dict:
-    """detectkit ``(boxes xyxy [B,A,4], scores [B,A,K])`` against ultralytics ``[B, 4+K, A]``
-    (boxes as centre, size): equal within float tolerance, or AssertionError."""
+def compare_same_layout(detectkit_out, peer_out) -> dict:
+    """Both sides as ``(boxes xyxy [B,A,4], scores [B,A,K])``: equal within float tolerance (0.05 px,
+    1e-4), or AssertionError."""
     import numpy as np
 
-    boxes, scores = detectkit_out[0], detectkit_out[1]
-    ref = np.asarray(peer_out[0]).transpose(0, 2, 1)
-    cxcy, wh = ref[..., :2], ref[..., 2:4]
-    ref_boxes = np.concatenate([cxcy - wh / 2, cxcy + wh / 2], -1)
-    box_err = float(np.abs(boxes - ref_boxes).max())
-    score_err = float(np.abs(scores - ref[..., 4:]).max())
+    box_err = float(np.abs(np.asarray(detectkit_out[0]) - np.asarray(peer_out[0])).max())
+    score_err = float(np.abs(np.asarray(detectkit_out[1]) - np.asarray(peer_out[1])).max())
     if box_err > 0.05 or score_err > 1e-4:
         raise AssertionError(f"boxes differ by {box_err:.3g} px, scores by {score_err:.3g}")
     return {"max box diff px": box_err, "max score diff": score_err}
+
+
+def compare_world(detectkit_out, peer_out) -> dict:
+    """detectkit ``(boxes xyxy [B,A,4], scores [B,A,K])`` against ultralytics ``[B, 4+K, A]``
+    (boxes as centre, size), through :func:`compare_same_layout`."""
+    import numpy as np
+
+    ref = np.asarray(peer_out[0]).transpose(0, 2, 1)
+    cxcy, wh = ref[..., :2], ref[..., 2:4]
+    return compare_same_layout(detectkit_out, [np.concatenate([cxcy - wh / 2, cxcy + wh / 2], -1), ref[..., 4:]])
 
 
 def _compiled_forward(label: str, model: torch.nn.Module, size: int):
@@ -262,16 +268,6 @@ def _nas_eager(size: int):
         return forward
 
     return setup
-
-
-def compare_same_layout(detectkit_out, peer_out) -> dict:
-    import numpy as np
-
-    box_err = float(np.abs(np.asarray(detectkit_out[0]) - np.asarray(peer_out[0])).max())
-    score_err = float(np.abs(np.asarray(detectkit_out[1]) - np.asarray(peer_out[1])).max())
-    if box_err > 0.05 or score_err > 1e-4:
-        raise AssertionError(f"boxes differ by {box_err:.3g} px, scores by {score_err:.3g}")
-    return {"max box diff px": box_err, "max score diff": score_err}
 
 
 # -------------------------------------------------------------------------------- ultralytics

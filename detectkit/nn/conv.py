@@ -84,8 +84,8 @@ def compose_1x1(first: nn.Conv2d, second: nn.Conv2d) -> nn.Conv2d:
         raise ValueError(f"channel mismatch: {first.out_channels} out, {second.in_channels} in")
     w2 = second.weight.detach().double().flatten(1)  # [C2, C1]
     w1 = first.weight.detach().double()  # [C1, Cin, k, k]
-    b1 = first.bias.detach().double() if first.bias is not None else torch.zeros(w1.shape[0], dtype=torch.float64)
-    b2 = second.bias.detach().double() if second.bias is not None else torch.zeros(w2.shape[0], dtype=torch.float64)
+    b1 = first.bias.detach().double() if first.bias is not None else w1.new_zeros(w1.shape[0])
+    b2 = second.bias.detach().double() if second.bias is not None else w2.new_zeros(w2.shape[0])
     out = nn.Conv2d(
         first.in_channels, second.out_channels, first.kernel_size, first.stride, first.padding,
         first.dilation, first.groups, bias=True, padding_mode=first.padding_mode,
